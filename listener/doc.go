@@ -1,0 +1,4 @@
+// Package listener owns accepting TCP connections: accept loops with backoff,
+// a connection cap, and recovery of the original destination of a
+// redirected connection (SO_ORIGINAL_DST). It imports nothing else of ferry.
+package listener
