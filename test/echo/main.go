@@ -1,0 +1,174 @@
+// Command echo is the test app of ferry's end-to-end tests, demo and bench:
+// a server that echoes (half-close aware) and a client that sends a known
+// byte stream, half-closes, and verifies what comes back by SHA-256.
+//
+//	echo server -addr :8080
+//	echo client -addr 240.0.0.1:80 -bytes 1048576 [-conns 10] [-hold 5s]
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "echo:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	if len(args) == 0 {
+		return errors.New("usage: echo server|client [flags]")
+	}
+	switch args[0] {
+	case "server":
+		return server(args[1:])
+	case "client":
+		return client(args[1:])
+	}
+	return fmt.Errorf("unknown mode %q", args[0])
+}
+
+func server(args []string) error {
+	fs := flag.NewFlagSet("server", flag.ContinueOnError)
+	addr := fs.String("addr", ":8080", "listen address")
+	quiet := fs.Bool("quiet", false, "do not print a line per connection")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	go func() { <-ctx.Done(); ln.Close() }()
+	fmt.Printf("ready %s\n", ln.Addr())
+	var n atomic.Int64
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		k := n.Add(1)
+		if !*quiet {
+			fmt.Printf("accept %d %s\n", k, c.RemoteAddr())
+		}
+		go func() {
+			defer c.Close()
+			// Echo until the client half-closes, then half-close back so
+			// the client sees EOF after the last byte.
+			io.Copy(c, c)
+			c.(*net.TCPConn).CloseWrite()
+		}()
+	}
+}
+
+func client(args []string) error {
+	fs := flag.NewFlagSet("client", flag.ContinueOnError)
+	addr := fs.String("addr", "", "server address host:port")
+	size := fs.Int64("bytes", 1<<20, "bytes to send on each connection")
+	conns := fs.Int("conns", 1, "concurrent connections")
+	hold := fs.Duration("hold", 0, "after connecting, wait this long before sending")
+	timeout := fs.Duration("timeout", 60*time.Second, "deadline for each connection")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, *conns)
+	start := time.Now()
+	for i := range *conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := roundTrip(*addr, uint64(i), *size, *hold, *timeout); err != nil {
+				errs <- fmt.Errorf("conn %d: %w", i, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	failed := 0
+	for err := range errs {
+		failed++
+		if failed <= 5 {
+			fmt.Fprintln(os.Stderr, "echo:", err)
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d connections failed", failed, *conns)
+	}
+	el := time.Since(start)
+	fmt.Printf("ok conns=%d bytes=%d elapsed=%s\n", *conns, *size, el.Round(time.Millisecond))
+	return nil
+}
+
+// roundTrip sends size pseudo-random bytes (seeded by id), half-closes, and
+// checks that exactly the same bytes come back before EOF.
+func roundTrip(addr string, id uint64, size int64, hold, timeout time.Duration) error {
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if hold > 0 {
+		time.Sleep(hold)
+	}
+	c.SetDeadline(time.Now().Add(timeout))
+	sent := sha256.New()
+	werr := make(chan error, 1)
+	go func() {
+		src := io.LimitReader(&prng{r: rand.New(rand.NewPCG(id, 42))}, size)
+		_, err := io.Copy(io.MultiWriter(c, sent), src)
+		if err == nil {
+			err = c.(*net.TCPConn).CloseWrite()
+		}
+		werr <- err
+	}()
+	got := sha256.New()
+	n, rerr := io.Copy(got, c)
+	if err := <-werr; err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	if rerr != nil {
+		return fmt.Errorf("receive after %d bytes: %w", n, rerr)
+	}
+	if n != size {
+		return fmt.Errorf("received %d bytes, sent %d", n, size)
+	}
+	if s, g := hex.EncodeToString(sent.Sum(nil)), hex.EncodeToString(got.Sum(nil)); s != g {
+		return fmt.Errorf("checksum mismatch: sent %s received %s", s, g)
+	}
+	return nil
+}
+
+// prng is an io.Reader of deterministic pseudo-random bytes.
+type prng struct{ r *rand.Rand }
+
+func (p *prng) Read(b []byte) (int, error) {
+	for i := 0; i < len(b); i += 8 {
+		v := p.r.Uint64()
+		for j := 0; j < 8 && i+j < len(b); j++ {
+			b[i+j] = byte(v >> (8 * j))
+		}
+	}
+	return len(b), nil
+}

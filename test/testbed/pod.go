@@ -1,0 +1,97 @@
+package testbed
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+)
+
+// Pod is a network namespace attached to the testbed bridge: lo up, eth0 with
+// an address in the testbed's /24, and a default route into an ifb sink, so
+// the only addresses it can reach are the bridge's. Its resolv.conf names
+// 127.0.0.1, as in a consul-k8s pod with DNS redirection.
+type Pod struct {
+	Name string
+	// NS is the netns name (for `ip netns exec`); NSPath its file.
+	NS, NSPath string
+	IP         netip.Addr
+	env        []string
+}
+
+// AddPod creates a pod; it is torn down with the testbed.
+func (tb *Testbed) AddPod(t testing.TB, name string) *Pod {
+	t.Helper()
+	p, err := tb.NewPod(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// NewPod is AddPod for callers without a testing.TB.
+func (tb *Testbed) NewPod(name string) (*Pod, error) {
+	tb.mu.Lock()
+	host := tb.nextHost
+	tb.nextHost++
+	tb.mu.Unlock()
+	if host > 254 {
+		return nil, fmt.Errorf("testbed: out of pod addresses")
+	}
+	a := tb.Subnet.Addr().As4()
+	a[3] = byte(host)
+	p := &Pod{
+		Name: name,
+		NS:   nsPrefix(tb.Name) + name,
+		IP:   netip.AddrFrom4(a),
+	}
+	p.NSPath = filepath.Join("/var/run/netns", p.NS)
+	if tb.Consul != nil {
+		p.env = tb.Consul.Env()
+	}
+	if err := ip("netns", "add", p.NS); err != nil {
+		return nil, err
+	}
+	tb.addTeardown(func() { deleteNetns(p.NS) })
+	veth := "fv" + tb.Name + strconv.Itoa(host)
+	steps := [][]string{
+		{"-n", p.NS, "link", "set", "lo", "up"},
+		{"link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", p.NS},
+		{"-n", p.NS, "addr", "add", netip.PrefixFrom(p.IP, 24).String(), "dev", "eth0"},
+		{"-n", p.NS, "link", "set", "eth0", "up"},
+		// The sink gives every other destination a route (so connect to a
+		// virtual IP reaches the nat OUTPUT hook instead of failing with
+		// ENETUNREACH) while guaranteeing nothing leaves the test network.
+		{"-n", p.NS, "link", "add", "sink0", "type", "ifb"},
+		{"-n", p.NS, "link", "set", "sink0", "up"},
+		{"-n", p.NS, "route", "add", "default", "dev", "sink0"},
+	}
+	for i, s := range steps {
+		if err := ip(s...); err != nil {
+			return nil, err
+		}
+		if i == 1 {
+			// Deleting the namespace destroys the pair too, but only once
+			// the kernel has released the namespace; delete it explicitly
+			// so nothing is visible after teardown.
+			tb.addTeardown(func() { exec.Command("ip", "link", "del", veth).Run() })
+			if err := ip("link", "set", veth, "master", bridgeName(tb.Name), "up"); err != nil {
+				return nil, err
+			}
+		}
+	}
+	dir := filepath.Join("/etc/netns", p.NS)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte("nameserver 127.0.0.1\n"), 0o644); err != nil {
+		return nil, err
+	}
+	tb.mu.Lock()
+	tb.pods = append(tb.pods, p)
+	tb.mu.Unlock()
+	return p, nil
+}
