@@ -1,0 +1,73 @@
+package catalog
+
+import (
+	"context"
+	"math/rand/v2"
+	"time"
+)
+
+// blockingLoop runs fetch as a blocking query until ctx ends. fetch receives
+// the last index and returns the new one. It follows Consul's client hygiene:
+// reset the index when it goes backwards, never send 0 in a tight loop, back
+// off (with jitter) on errors, and rate-limit calls that return at once.
+func blockingLoop(ctx context.Context, o *Options, name string, fetch func(ctx context.Context, index uint64) (uint64, error)) {
+	var index uint64
+	failures := 0
+	for ctx.Err() == nil {
+		start := time.Now()
+		next, err := fetch(ctx, index)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			failures++
+			d := backoff(o.RetryMin, o.RetryMax, failures)
+			if failures == 1 || failures%10 == 0 {
+				o.Logger.Warn("watch failed; retrying", "watch", name, "error", err, "retry_in", d, "failures", failures)
+			}
+			sleep(ctx, d)
+			continue
+		}
+		if failures > 0 {
+			o.Logger.Info("watch recovered", "watch", name, "failures", failures)
+			failures = 0
+		}
+		switch {
+		case next < index:
+			index = 0 // index went backwards (e.g. snapshot restore): start over
+		case next == 0:
+			index = 1
+		default:
+			index = next
+		}
+		// A blocking query that returns immediately with no change would
+		// otherwise spin; one that returned a change is not delayed much.
+		if el := time.Since(start); el < o.MinInterval {
+			sleep(ctx, o.MinInterval-el)
+		}
+	}
+}
+
+func backoff(min, max time.Duration, failures int) time.Duration {
+	d := min
+	for i := 1; i < failures && d < max; i++ {
+		d *= 2
+	}
+	if d > max {
+		d = max
+	}
+	// Full jitter on the upper half keeps many sidecars from retrying in step.
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
