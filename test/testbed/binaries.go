@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -103,12 +104,15 @@ func Ferry() (string, error) { return buildTool("ferry", "./cmd/ferry") }
 // EchoBinary returns the test echo app (test/echo).
 func EchoBinary(t testing.TB) string {
 	t.Helper()
-	p, err := buildTool("echo", "./test/echo")
+	p, err := Echo()
 	if err != nil {
 		t.Fatal(err)
 	}
 	return p
 }
+
+// Echo is EchoBinary for callers without a testing.TB.
+func Echo() (string, error) { return buildTool("echo", "./test/echo") }
 
 func buildTool(name, pkg string) (string, error) {
 	root, err := RepoRoot()
@@ -118,7 +122,9 @@ func buildTool(name, pkg string) (string, error) {
 	return built.get(name, func() (string, error) {
 		// Per-process output: a parallel test process rebuilding the same
 		// path must not replace a binary that this one is about to exec.
-		out := filepath.Join(root, ".cache", "bin", fmt.Sprintf("%s-%d", name, os.Getpid()))
+		dir := filepath.Join(root, ".cache", "bin")
+		removeOrphans(dir, name)
+		out := filepath.Join(dir, fmt.Sprintf("%s-%d", name, os.Getpid()))
 		cmd := exec.Command("go", "build", "-trimpath", "-o", out, pkg)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -169,4 +175,18 @@ func buildLocked(root, out, stamp string, argv []string) error {
 		return fmt.Errorf("testbed: %s: %w\n%s", strings.Join(argv, " "), err, b)
 	}
 	return os.WriteFile(out+".stamp", []byte(stamp+"\n"), 0o644)
+}
+
+// removeOrphans deletes name-<pid> binaries whose process has exited.
+func removeOrphans(dir, name string) {
+	matches, _ := filepath.Glob(filepath.Join(dir, name+"-*"))
+	for _, m := range matches {
+		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(m), name+"-"))
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if unix.Kill(pid, 0) == unix.ESRCH {
+			os.Remove(m)
+		}
+	}
 }

@@ -1,0 +1,50 @@
+# ferry — see README.md. Everything here works as root on a fresh Linux
+# machine with Go installed; missing system packages are installed first.
+
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# The release build: static, reproducible paths. Dockerfile and the static
+# binary test use the same flags.
+LDFLAGS := -s -w -X main.version=$(VERSION)
+BENCH   ?= full
+
+UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/test/')
+
+.PHONY: all build test unit e2e vet deps consul demo bench fmt clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ferry ./cmd/ferry
+
+deps:
+	@test/scripts/deps.sh
+
+# consul builds the test agent (Consul v1.14.11) once; tests reuse it.
+consul:
+	@$(GO) run ./test/cmd/buildconsul
+
+vet:
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+unit:
+	$(GO) test -race $(UNIT_PKGS)
+
+e2e: deps consul
+	$(GO) test -count=1 -timeout 40m ./test/...
+
+test: deps vet unit e2e
+
+demo: deps consul
+	$(GO) run ./test/demo
+
+bench: deps consul
+	WITH_BENCH=1 test/scripts/deps.sh
+	@echo "bench: not yet (issue 9)"; exit 2
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+clean:
+	rm -rf bin .cache
