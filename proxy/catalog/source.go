@@ -100,7 +100,7 @@ type dumpService struct {
 		DestinationServiceName string
 		TransparentProxy       *struct{ DialedDirectly bool }
 	}
-	Connect *struct{ Native bool }
+	Connect     *struct{ Native bool }
 	Namespace   string
 	Partition   string
 	PeerName    string
