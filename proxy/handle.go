@@ -1,0 +1,154 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"time"
+
+	"github.com/ferrymesh/ferry/listener"
+)
+
+// handleOutbound serves one connection redirected to the outbound listener.
+func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
+	const dir = "outbound"
+	start := time.Now()
+	src := addrPortOf(c.RemoteAddr())
+	local := addrPortOf(c.LocalAddr())
+	dst, err := listener.OriginalDst(c)
+	if err == nil && dst.Addr().Unmap() == local.Addr().Unmap() && dst.Port() == local.Port() {
+		err = errors.New("original destination is the outbound listener itself")
+	}
+	if err != nil {
+		// Dialing "the original destination" now would connect back to
+		// this listener, forever. Refuse instead.
+		p.log.Warn("refusing outbound connection that was not redirected", "src", src, "listener", local, "error", err)
+		p.m.Connections.With(dir, "loop").Inc()
+		reset(c)
+		return
+	}
+
+	route := p.cfg.Router.RouteOutbound(p.base, dst)
+	var dial DialFunc
+	switch route.Action {
+	case Passthrough:
+		dial = p.dialTCP(dst.String())
+	case Dial:
+		if route.Dial == nil {
+			p.log.Error("router returned Dial without a DialFunc", "dst", dst, "upstream", route.Upstream)
+			p.m.Connections.With(dir, "error").Inc()
+			reset(c)
+			return
+		}
+		dial = route.Dial
+	default:
+		p.log.Info("outbound connection rejected", "src", src, "dst", dst, "upstream", route.Upstream, "reason", route.Reason)
+		p.m.Connections.With(dir, "rejected").Inc()
+		reset(c)
+		return
+	}
+
+	info := ConnInfo{Direction: Outbound, Source: src, Destination: dst, Upstream: route.Upstream, Keys: route.Keys, Started: start}
+	p.connect(c, dial, info, start)
+}
+
+// handleInbound serves one connection redirected to the inbound listener.
+func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
+	const dir = "inbound"
+	start := time.Now()
+	src := addrPortOf(c.RemoteAddr())
+	in, err := p.cfg.Acceptor.AcceptInbound(p.base, c)
+	if err == nil && in.Conn == nil {
+		err = errors.New("acceptor returned no connection")
+	}
+	if err != nil {
+		outcome := "handshake_error"
+		var rf *Refused
+		if errors.As(err, &rf) {
+			outcome = rf.Outcome
+			if rf.Reset {
+				_ = c.SetLinger(0)
+			}
+		}
+		// The acceptor logs the specifics (it knows the peer); this
+		// layer only knows an inbound connection ended here.
+		p.log.Debug("inbound connection refused", "src", src, "outcome", outcome, "error", err)
+		p.m.Connections.With(dir, outcome).Inc()
+		if in.Conn != nil {
+			in.Conn.Close()
+		}
+		c.Close()
+		return
+	}
+	dial := in.Dial
+	if dial == nil {
+		dial = p.dialTCP(*p.localApp.Load())
+	}
+	info := ConnInfo{Direction: Inbound, Source: src, Destination: addrPortOf(c.LocalAddr()), Peer: in.Peer, Keys: in.Keys, Started: start}
+	p.connect(in.Conn, dial, info, start)
+}
+
+// connect dials the upstream leg, then pumps until both sides are done.
+func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.Time) {
+	dir := info.Direction.String()
+	ctx, cancel := context.WithCancelCause(p.base)
+	defer cancel(nil)
+
+	dctx, dcancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	up, err := dial(dctx)
+	dcancel()
+	if err != nil {
+		p.log.Warn("dial failed", "direction", dir, "src", info.Source, "dst", info.Destination,
+			"upstream", info.Upstream, "error", err)
+		p.m.DialErrors.With(dir).Inc()
+		p.m.Connections.With(dir, "dial_error").Inc()
+		// The app's connect already succeeded (the proxy accepted it); a
+		// reset is the closest thing to "connection refused" it can get.
+		reset(down)
+		return
+	}
+
+	_, untrack := p.reg.track(info, cancel)
+	active := p.m.Active.With(dir)
+	active.Add(1)
+	idle := p.cfg.IdleTimeout
+	if idle < 0 {
+		idle = 0
+	}
+	st := Pump(ctx, down, up, idle)
+	active.Add(-1)
+	untrack()
+
+	p.m.SentBytes.With(dir).Add(st.Sent)
+	p.m.ReceivedBytes.With(dir).Add(st.Received)
+	p.m.Duration.With(dir).Observe(time.Since(start))
+	outcome := "ok"
+	switch {
+	case st.Err == nil:
+	case errors.Is(st.Err, ErrIdle):
+		outcome = "idle_timeout"
+	case context.Cause(ctx) != nil && errors.Is(st.Err, context.Cause(ctx)):
+		outcome = "closed" // revoked through the registry, or shutdown
+	default:
+		outcome = "error"
+	}
+	p.m.Connections.With(dir, outcome).Inc()
+	if st.Err != nil {
+		p.log.Debug("connection ended", "direction", dir, "src", info.Source, "dst", info.Destination,
+			"peer", info.Peer, "upstream", info.Upstream, "sent", st.Sent, "received", st.Received,
+			"outcome", outcome, "error", st.Err)
+	}
+}
+
+func (p *Proxy) dialTCP(addr string) DialFunc {
+	return func(ctx context.Context) (net.Conn, error) {
+		return p.cfg.Dialer.DialContext(ctx, "tcp", addr)
+	}
+}
+
+// reset closes c with RST where possible.
+func reset(c net.Conn) {
+	setLinger0(c)
+	c.Close()
+}
+

@@ -1,0 +1,282 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ferrymesh/ferry/listener"
+	"github.com/hashicorp/go-hclog"
+)
+
+// Defaults for Config's zero values.
+const (
+	DefaultConnectTimeout = 5 * time.Second // Consul's local_connect_timeout_ms / connect_timeout_ms
+	DefaultIdleTimeout    = time.Hour       // Envoy tcp_proxy's default idle_timeout
+)
+
+// ErrShutdown is the cause recorded for connections cut at the end of a drain.
+var ErrShutdown = errors.New("proxy shutting down")
+
+// Endpoints are the addresses the proxy serves, derived from the proxy's
+// registration (see EndpointsFromService) and flag overrides.
+type Endpoints struct {
+	Inbound  string // listen address for inbound (redirected) traffic, e.g. 0.0.0.0:20000
+	Outbound string // listen address for outbound (redirected) traffic, e.g. 127.0.0.1:15001
+	LocalApp string // where inbound traffic goes, e.g. 127.0.0.1:8080
+}
+
+// Config configures a Proxy. Zero values get defaults.
+type Config struct {
+	Logger         hclog.Logger
+	Metrics        *Metrics
+	Registry       *Registry
+	ConnectTimeout time.Duration
+	IdleTimeout    time.Duration // < 0 disables
+	// MaxConnections caps connections per listener; 0 means no cap.
+	MaxConnections int
+	Router         Router   // nil: PassthroughRouter
+	Acceptor       Acceptor // nil: PlainAcceptor
+	// Dialer dials passthrough destinations and the local app. Nil: a
+	// net.Dialer. Tests and the redirect rules rely on it dialing from the
+	// proxy's own UID (excluded from redirection).
+	Dialer interface {
+		DialContext(ctx context.Context, network, addr string) (net.Conn, error)
+	}
+}
+
+// Proxy is the sidecar data path: an inbound and an outbound listener, the
+// per-connection handlers, the live-connection registry and readiness.
+type Proxy struct {
+	cfg  Config
+	log  hclog.Logger
+	m    *Metrics
+	reg  *Registry
+	base context.Context // cancelled on hard close: aborts dials, handshakes, pumps
+	kill context.CancelCauseFunc
+
+	mu        sync.Mutex
+	endpoints *Endpoints
+	inbound   *listener.Listener
+	outbound  *listener.Listener
+	all       []*listener.Listener // every listener ever started (drain waits for all)
+	serveWG   sync.WaitGroup
+	checks    []namedCheck
+	draining  bool
+
+	localApp atomic.Pointer[string]
+}
+
+type namedCheck struct {
+	name string
+	fn   ReadyCheck
+}
+
+// New returns a proxy that serves nothing until Apply gives it endpoints.
+func New(cfg Config) *Proxy {
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics()
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = NewRegistry()
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
+	if cfg.Router == nil {
+		cfg.Router = PassthroughRouter{}
+	}
+	if cfg.Acceptor == nil {
+		cfg.Acceptor = PlainAcceptor{}
+	}
+	if cfg.Dialer == nil {
+		cfg.Dialer = &net.Dialer{}
+	}
+	base, kill := context.WithCancelCause(context.Background())
+	return &Proxy{cfg: cfg, log: cfg.Logger, m: cfg.Metrics, reg: cfg.Registry, base: base, kill: kill}
+}
+
+// Metrics returns the proxy's metrics (to serve or extend).
+func (p *Proxy) Metrics() *Metrics { return p.m }
+
+// Registry returns the live-connection registry.
+func (p *Proxy) Registry() *Registry { return p.reg }
+
+// AddReadyCheck adds a readiness condition, e.g. "identity loaded".
+func (p *Proxy) AddReadyCheck(name string, fn ReadyCheck) {
+	p.mu.Lock()
+	p.checks = append(p.checks, namedCheck{name, fn})
+	p.mu.Unlock()
+}
+
+// Ready returns nil when the proxy serves traffic, else the reason it does not.
+func (p *Proxy) Ready() error {
+	p.mu.Lock()
+	draining, eps, in, out := p.draining, p.endpoints, p.inbound, p.outbound
+	checks := p.checks
+	p.mu.Unlock()
+	switch {
+	case draining:
+		return errors.New("draining")
+	case eps == nil:
+		return errors.New("proxy configuration not loaded")
+	case in == nil || out == nil:
+		return errors.New("listeners not up")
+	}
+	for _, c := range checks {
+		if err := c.fn(); err != nil {
+			return fmt.Errorf("%s: %w", c.name, err)
+		}
+	}
+	return nil
+}
+
+// Addrs returns the bound inbound and outbound addresses (nil before Apply).
+func (p *Proxy) Addrs() (inbound, outbound net.Addr) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.inbound != nil {
+		inbound = p.inbound.Addr()
+	}
+	if p.outbound != nil {
+		outbound = p.outbound.Addr()
+	}
+	return inbound, outbound
+}
+
+// Apply (re)configures the proxy. The first call binds both listeners; later
+// calls rebind only a listener whose address changed (its established
+// connections keep flowing) and switch the local app for new connections.
+// On error the previous configuration stays in force.
+func (p *Proxy) Apply(e Endpoints) error {
+	if _, _, err := net.SplitHostPort(e.LocalApp); err != nil {
+		return fmt.Errorf("apply: local app address %q: %w", e.LocalApp, err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.draining {
+		return errors.New("apply: proxy is shutting down")
+	}
+	var newIn, newOut *listener.Listener
+	var err error
+	if p.endpoints == nil || p.endpoints.Inbound != e.Inbound {
+		if newIn, err = p.listen(e.Inbound, Inbound); err != nil {
+			return err
+		}
+	}
+	if p.endpoints == nil || p.endpoints.Outbound != e.Outbound {
+		if newOut, err = p.listen(e.Outbound, Outbound); err != nil {
+			if newIn != nil {
+				newIn.Close()
+			}
+			return err
+		}
+	}
+	app := e.LocalApp
+	p.localApp.Store(&app)
+	if newIn != nil {
+		p.swap(&p.inbound, newIn, p.handleInbound)
+	}
+	if newOut != nil {
+		p.swap(&p.outbound, newOut, p.handleOutbound)
+	}
+	old := p.endpoints
+	p.endpoints = &e
+	if old == nil || *old != e {
+		p.log.Info("serving", "inbound", p.inbound.Addr(), "outbound", p.outbound.Addr(), "local_app", e.LocalApp)
+	}
+	return nil
+}
+
+// swap starts serving on ln and closes the listener it replaces. Caller holds p.mu.
+func (p *Proxy) swap(slot **listener.Listener, ln *listener.Listener, h func(*listener.Listener, *net.TCPConn)) {
+	if *slot != nil {
+		(*slot).Close()
+	}
+	*slot = ln
+	p.all = append(p.all, ln)
+	p.serveWG.Add(1)
+	go func() {
+		defer p.serveWG.Done()
+		_ = ln.Serve(func(c *net.TCPConn) { h(ln, c) })
+	}()
+}
+
+func (p *Proxy) listen(addr string, d Direction) (*listener.Listener, error) {
+	var lc net.ListenConfig
+	l, err := lc.Listen(p.base, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s listener: %w", d, err)
+	}
+	dir := d.String()
+	return listener.New(l.(*net.TCPListener), listener.Options{
+		Name:          dir,
+		MaxConns:      p.cfg.MaxConnections,
+		Logger:        p.log,
+		OnOverLimit:   func() { p.m.Connections.With(dir, "over_limit").Inc() },
+		OnAcceptError: func(error) { p.m.AcceptErrors.With(dir).Inc() },
+	}), nil
+}
+
+// Shutdown stops accepting (and turns Ready to "draining"), lets established
+// connections finish until ctx is done, then closes whatever is left and
+// waits for the handlers to return. It is idempotent; calling it again with
+// an already-cancelled ctx cuts a running drain short.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.draining = true
+	lns := append([]*listener.Listener(nil), p.all...)
+	p.mu.Unlock()
+	for _, ln := range lns {
+		ln.Close()
+	}
+	p.serveWG.Wait() // accept loops are gone: no new handlers can start
+
+	drained := true
+	for _, ln := range lns {
+		if !ln.Wait(ctx.Done()) {
+			drained = false
+			break
+		}
+	}
+	if drained {
+		p.kill(ErrShutdown)
+		return nil
+	}
+	n := p.reg.Len()
+	p.kill(ErrShutdown) // aborts pumps, dials and handshakes alike
+	for _, ln := range lns {
+		ln.Wait(nil)
+	}
+	p.log.Warn("drain deadline reached, closed remaining connections", "connections", n)
+	return fmt.Errorf("drain: %w", context.Cause(ctx))
+}
+
+// Close shuts down without draining.
+func (p *Proxy) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err := p.Shutdown(ctx)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort()
+	}
+	return netip.AddrPort{}
+}

@@ -1,0 +1,216 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// bufSize matches io.Copy's default; a TLS record is at most 16 KiB, so a
+// read from a *tls.Conn never needs more.
+const bufSize = 32 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// ErrIdle is the cause recorded when the idle timeout closes a connection.
+var ErrIdle = errors.New("idle timeout")
+
+// PumpStats describes a finished pump.
+type PumpStats struct {
+	// Sent is bytes a→b (downstream to upstream), Received b→a.
+	Sent, Received int64
+	// Err is nil when both directions ended in EOF; otherwise the first
+	// cause: ErrIdle, the context's cause, or a read/write error.
+	Err error
+}
+
+// Pump copies between a (the accepted, downstream conn) and b (the dialed,
+// upstream conn) until both directions are done, then closes both.
+//
+// Half-close: when one side's stream ends (EOF, or for TLS close_notify or a
+// bare FIN), the other side's write half is closed (FIN; for *tls.Conn
+// close_notify and then FIN on the TCP underneath) and the reverse direction
+// keeps flowing until its own EOF. Any error aborts both directions; a reset
+// from one peer is passed on as a reset to the other.
+//
+// Idle: with idle > 0 the connection is closed after idle without a byte
+// received on either side (checked at idle/4, so between idle and 1.25×idle).
+// Progress of TCP legs is read from the kernel (TCP_INFO bytes_received), so
+// the splice path carries no per-byte bookkeeping.
+//
+// Cancelling ctx aborts the pump with context.Cause(ctx).
+//
+// When a and b are both *net.TCPConn, each direction is a plain io.Copy
+// between them, which the runtime turns into splice(2) (zero user-space
+// copies); see TestPumpSplices. Other legs use pooled 32 KiB buffers.
+func Pump(ctx context.Context, a, b net.Conn, idle time.Duration) PumpStats {
+	p := &pump{a: a, b: b}
+	stop := context.AfterFunc(ctx, func() { p.abort(context.Cause(ctx)) })
+	var wd *watchdog
+	if idle > 0 {
+		wd = startWatchdog(idle, p.progress, func() { p.abort(ErrIdle) })
+	}
+
+	var sent int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sent = p.half(b, a, &p.readA)
+	}()
+	received := p.half(a, b, &p.readB)
+	<-done
+
+	stop()
+	wd.stop()
+	p.abort(nil) // closes both; records no cause if none was set
+	return PumpStats{Sent: sent, Received: received, Err: p.cause()}
+}
+
+type pump struct {
+	a, b         net.Conn
+	readA, readB atomic.Int64 // bytes read on buffered legs (idle progress)
+
+	once    sync.Once
+	mu      sync.Mutex
+	errCaus error
+}
+
+// half copies src→dst and closes dst's write half at src's EOF.
+func (p *pump) half(dst, src net.Conn, ctr *atomic.Int64) int64 {
+	n, err := copyConn(dst, src, ctr)
+	if err == nil {
+		if cerr := closeWrite(dst); cerr != nil {
+			// Without a write half to close the peer would never see the
+			// end of the stream; ending the connection is the only signal.
+			p.abort(nil)
+		}
+		return n
+	}
+	p.abort(err)
+	return n
+}
+
+// abort records cause (first one wins) and closes both conns. A nil cause
+// is a normal close.
+func (p *pump) abort(cause error) {
+	p.mu.Lock()
+	if p.errCaus == nil && cause != nil {
+		p.errCaus = cause
+	}
+	p.mu.Unlock()
+	p.once.Do(func() {
+		if isReset(cause) {
+			// Pass a reset on as a reset: the other app then sees the
+			// same failure it would have seen without the proxy.
+			setLinger0(p.a)
+			setLinger0(p.b)
+		}
+		p.a.Close()
+		p.b.Close()
+	})
+}
+
+func (p *pump) cause() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.errCaus
+}
+
+// progress is a monotonic activity counter for the idle watchdog.
+func (p *pump) progress() uint64 {
+	return kernelBytesReceived(p.a) + kernelBytesReceived(p.b) +
+		uint64(p.readA.Load()) + uint64(p.readB.Load())
+}
+
+// copyConn returns a nil error on EOF. TCP→TCP is a bare io.Copy so that
+// TCPConn.ReadFrom can splice; never wrap either side there.
+func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
+	if d, ok := dst.(*net.TCPConn); ok {
+		if s, ok := src.(*net.TCPConn); ok {
+			return io.Copy(d, s)
+		}
+	}
+	return copyBuffered(dst, src, ctr)
+}
+
+// copyBuffered is io.CopyBuffer without the ReaderFrom/WriterTo shortcuts,
+// which for a TCPConn destination would fall back to a fresh 32 KiB buffer
+// per call (net.genericReadFrom).
+func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error) {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	var written int64
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			ctr.Add(int64(nr))
+			nw, werr := dst.Write(buf[:nr])
+			written += int64(nw)
+			if werr != nil {
+				return written, werr
+			}
+			if nw != nr {
+				return written, io.ErrShortWrite
+			}
+		}
+		if rerr != nil {
+			if rerr == io.EOF || errors.Is(rerr, io.ErrUnexpectedEOF) {
+				// io.ErrUnexpectedEOF: a TLS peer sent FIN without
+				// close_notify. That is the end of its stream, not a
+				// reason to cut the reverse direction.
+				return written, nil
+			}
+			return written, rerr
+		}
+	}
+}
+
+// closeWrite half-closes c. For TLS it sends close_notify, then a FIN on the
+// TCP underneath, since tls.Conn.CloseWrite stops at the alert.
+func closeWrite(c net.Conn) error {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c.CloseWrite()
+	case *tls.Conn:
+		err := c.CloseWrite() // fails before a completed handshake; the FIN still matters
+		if tc, ok := c.NetConn().(interface{ CloseWrite() error }); ok {
+			return tc.CloseWrite()
+		}
+		return err
+	case interface{ CloseWrite() error }:
+		return c.CloseWrite()
+	}
+	return errors.ErrUnsupported
+}
+
+func isReset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+func setLinger0(c net.Conn) {
+	if tc := tcpOf(c); tc != nil {
+		_ = tc.SetLinger(0)
+	}
+}
+
+// tcpOf returns the TCP connection under c, if any.
+func tcpOf(c net.Conn) *net.TCPConn {
+	for range 4 { // bounded unwrap
+		switch v := c.(type) {
+		case *net.TCPConn:
+			return v
+		case interface{ NetConn() net.Conn }: // *tls.Conn and friends
+			c = v.NetConn()
+		default:
+			return nil
+		}
+	}
+	return nil
+}
