@@ -110,7 +110,7 @@ func NewEvaluator(ixns []*api.Intention, defaultAllow bool) *Evaluator {
 			r.d.Reason = "Matched L4 intention: " + desc
 		}
 		e.rules = append(e.rules, r)
-		fmt.Fprintf(&key, "|%q/%q:%t:%t", r.ns, r.name, r.d.Allow, r.l7)
+		key.WriteString("|" + strconv.Quote(r.ns) + "/" + strconv.Quote(r.name) + ":" + strconv.FormatBool(r.d.Allow) + ":" + strconv.FormatBool(r.l7))
 	}
 	e.key = key.String()
 	e.anyIdx = len(e.rules)
@@ -126,25 +126,35 @@ func NewEvaluator(ixns []*api.Intention, defaultAllow bool) *Evaluator {
 			if _, ok := e.nsWild[r.ns]; !ok {
 				e.nsWild[r.ns] = i
 			}
-		default:
-			k := nsName{r.ns, r.name}
-			if _, ok := e.exact[k]; !ok {
-				e.exact[k] = e.walk(k)
-			}
 		}
+	}
+	// An exact source is matched by its own first exact rule or by an
+	// earlier wildcard one; resolve that once here so Decide needs one
+	// lookup for it.
+	for i, r := range e.rules {
+		if r.ns == Wildcard || r.name == Wildcard {
+			continue
+		}
+		k := nsName{r.ns, r.name}
+		if _, ok := e.exact[k]; ok {
+			continue
+		}
+		e.exact[k] = e.rules[e.firstWildcard(r.ns, r.name, i)].d
 	}
 	return e
 }
 
-// walk is the reference first-match evaluation; compilation uses it to
-// resolve exact sources, tests use it as the oracle for the fast path.
-func (e *Evaluator) walk(src nsName) Decision {
-	for _, r := range e.rules {
-		if (r.ns == Wildcard || r.ns == src.ns) && (r.name == Wildcard || r.name == src.name) {
-			return r.d
-		}
+// firstWildcard returns the lowest rule index among best and the wildcard
+// rules matching ns/name.
+func (e *Evaluator) firstWildcard(ns, name string, best int) int {
+	best = min(best, e.anyIdx)
+	if i, ok := e.nsWild[ns]; ok && i < best {
+		best = i
 	}
-	return e.def
+	if i, ok := e.nameWild[name]; ok && i < best {
+		best = i
+	}
+	return best
 }
 
 // Decide returns the verdict for src.
@@ -156,6 +166,8 @@ func (e *Evaluator) Decide(src Source) Decision {
 	if d, ok := e.exact[nsName{ns, src.Name}]; ok {
 		return d
 	}
+	// Not spelled exactly anywhere: only wildcard rules can match. The
+	// length checks skip hashing for the maps that are usually empty.
 	best := e.anyIdx
 	if len(e.nsWild) > 0 {
 		if i, ok := e.nsWild[ns]; ok && i < best {
