@@ -17,7 +17,7 @@ type Leaf struct {
 	X509      *x509.Certificate
 	Chain     []*x509.Certificate // X509 followed by the parsed intermediates
 	ID        SpiffeID            // first URI SAN
-	Serial    string   // colon-separated hex, as Consul reports it
+	Serial    string              // colon-separated hex, as Consul reports it
 	NotBefore time.Time
 	NotAfter  time.Time
 	gen       uint64 // identity-local load counter; keys resumable sessions

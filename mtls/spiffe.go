@@ -24,7 +24,7 @@ type SpiffeID struct {
 // ServiceID returns the identity Consul issues to service in the given
 // trust domain and datacenter (default namespace and partition).
 func ServiceID(trustDomain, datacenter, service string) SpiffeID {
-	return SpiffeID{TrustDomain: trustDomain, Namespace: "default", Datacenter: datacenter, Service: service}
+	return SpiffeID{TrustDomain: trustDomain, Partition: "default", Namespace: "default", Datacenter: datacenter, Service: service}
 }
 
 // ParseSpiffeID parses a service SPIFFE ID from its string form.
@@ -95,17 +95,23 @@ func spiffeIDFromURL(u *url.URL) (SpiffeID, error) {
 	return id, nil
 }
 
-// URL returns the identity as a URL, escaping components like Consul does.
+// URL returns the identity as a URL. Components are path-escaped (an "/"
+// inside one becomes %2F) so the result always parses back to id.
 func (id SpiffeID) URL() *url.URL {
 	ns := id.Namespace
 	if ns == "" {
 		ns = "default"
 	}
-	p := "/ns/" + ns + "/dc/" + id.Datacenter + "/svc/" + id.Service
+	segs := []string{"ns", ns, "dc", id.Datacenter, "svc", id.Service}
 	if ap := strings.ToLower(id.Partition); ap != "" && ap != "default" {
-		p = "/ap/" + ap + p
+		segs = append([]string{"ap", ap}, segs...)
 	}
-	return &url.URL{Scheme: "spiffe", Host: id.TrustDomain, Path: p}
+	var p, raw strings.Builder
+	for _, s := range segs {
+		p.WriteString("/" + s)
+		raw.WriteString("/" + url.PathEscape(s))
+	}
+	return &url.URL{Scheme: "spiffe", Host: id.TrustDomain, Path: p.String(), RawPath: raw.String()}
 }
 
 // String returns the canonical URI form, the exact string a Consul leaf

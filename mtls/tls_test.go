@@ -1,0 +1,468 @@
+package mtls_test
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/mtls"
+	"github.com/ferrymesh/ferry/mtls/mtlstest"
+)
+
+// tlsServer is a real loopback TLS listener that handshakes every
+// accepted connection, answers "ok" on success and reports each result.
+type tlsServer struct {
+	addr    string
+	results chan serverResult
+}
+
+type serverResult struct {
+	state tls.ConnectionState
+	err   error
+}
+
+func startServer(t *testing.T, cfg *tls.Config) *tlsServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &tlsServer{addr: ln.Addr().String(), results: make(chan serverResult, 64)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			tc := tls.Server(c, cfg)
+			_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
+			err = tc.Handshake()
+			if err == nil {
+				_, err = tc.Write([]byte("ok"))
+			}
+			s.results <- serverResult{tc.ConnectionState(), err}
+			tc.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	return s
+}
+
+// dial handshakes as a client and reads the server's "ok", so a client
+// certificate rejected by a TLS 1.3 server (after the client's handshake
+// returned) also surfaces as an error. It returns the server's result too.
+func (s *tlsServer) dial(t *testing.T, cfg *tls.Config) (tls.ConnectionState, error, serverResult) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", s.addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Client(c, cfg)
+	defer tc.Close()
+	_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
+	err = tc.Handshake()
+	if err == nil {
+		var b [2]byte
+		if _, err = io.ReadFull(tc, b[:]); err == nil && string(b[:]) != "ok" {
+			err = errors.New("bad greeting")
+		}
+		if err == nil {
+			// Let the TLS 1.3 session ticket (sent after the
+			// handshake) be processed before the connection closes.
+			_ = tc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			_, _ = tc.Read(b[:])
+		}
+	}
+	select {
+	case r := <-s.results:
+		return tc.ConnectionState(), err, r
+	case <-time.After(5 * time.Second):
+		t.Fatal("server did not report")
+	}
+	panic("unreachable")
+}
+
+func mustOK(t *testing.T, cerr error, sr serverResult) {
+	t.Helper()
+	if cerr != nil || sr.err != nil {
+		t.Fatalf("handshake failed: client: %v; server: %v", cerr, sr.err)
+	}
+}
+
+func mustFail(t *testing.T, cerr error, sr serverResult, side, want string) {
+	t.Helper()
+	if cerr == nil {
+		t.Fatalf("client succeeded; want failure (%s: %q)", side, want)
+	}
+	err := sr.err
+	if side == "client" {
+		err = cerr
+	}
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("%s error = %v; want it to contain %q (client: %v, server: %v)", side, err, want, cerr, sr.err)
+	}
+}
+
+func TestMutualTLSKeyTypes(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		caOpts mtlstest.Options
+		client mtlstest.KeyType
+		server mtlstest.KeyType
+	}{
+		{"ec256", mtlstest.Options{}, mtlstest.EC256, mtlstest.EC256},
+		{"rsa2048", mtlstest.Options{KeyType: mtlstest.RSA2048}, mtlstest.RSA2048, mtlstest.RSA2048},
+		{"mixed", mtlstest.Options{}, mtlstest.RSA2048, mtlstest.EC384},
+		{"ec384-intermediate", mtlstest.Options{KeyType: mtlstest.EC384, Intermediate: true}, mtlstest.EC384, mtlstest.EC256},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ca := mtlstest.NewCAWith(t, tc.caOpts)
+			web := ca.Identity(t, "web", tc.client)
+			api := ca.Identity(t, "api", tc.server)
+			srv := startServer(t, api.ServerConfig())
+			for _, v := range []uint16{tls.VersionTLS13, tls.VersionTLS12} {
+				cfg := web.ClientConfig(ca.ID("api"))
+				cfg.MaxVersion = v
+				cs, cerr, sr := srv.dial(t, cfg)
+				mustOK(t, cerr, sr)
+				if cs.Version != v {
+					t.Errorf("version = %x, want %x", cs.Version, v)
+				}
+				if cs.ServerName != ca.ID("api").SNI() || sr.state.ServerName != ca.ID("api").SNI() {
+					t.Errorf("SNI client %q server %q, want %q", cs.ServerName, sr.state.ServerName, ca.ID("api").SNI())
+				}
+				if cs.NegotiatedProtocol != "" {
+					t.Errorf("ALPN %q negotiated; want none", cs.NegotiatedProtocol)
+				}
+				if id, err := mtls.PeerID(cs); err != nil || id != ca.ID("api") {
+					t.Errorf("client PeerID = %v, %v; want %v", id, err, ca.ID("api"))
+				}
+				if id, err := mtls.PeerID(sr.state); err != nil || id != ca.ID("web") {
+					t.Errorf("server PeerID = %v, %v; want %v", id, err, ca.ID("web"))
+				}
+			}
+		})
+	}
+}
+
+func TestWrongServerIdentityRejected(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	web := ca.Identity(t, "web", mtlstest.EC256)
+	impostor := ca.Identity(t, "db", mtlstest.EC256) // valid leaf, wrong service
+	srv := startServer(t, impostor.ServerConfig())
+	_, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	mustFail(t, cerr, sr, "client", `server identity "`+ca.ID("db").String()+`" is not the expected`)
+
+	// Same service, other datacenter: exact matching rejects it, the
+	// lenient (built-in proxy) rule accepts it as long as the service matches.
+	other := ca.ID("api")
+	other.Datacenter = "dc2"
+	_, cerr, sr = srv.dial(t, web.ClientConfig(other))
+	mustFail(t, cerr, sr, "client", "is not the expected")
+
+	api := ca.Identity(t, "api", mtlstest.EC256)
+	srv2 := startServer(t, api.ServerConfig())
+	tdOther := ca.ID("API")
+	tdOther.TrustDomain = "elsewhere.consul"
+	_, cerr, sr = srv2.dial(t, web.ClientConfig(tdOther))
+	mustFail(t, cerr, sr, "client", "is not the expected")
+	_, cerr, sr = srv2.dial(t, web.ClientConfig(tdOther, mtls.WithLenientSANMatch()))
+	mustOK(t, cerr, sr)
+	_, cerr, sr = srv.dial(t, web.ClientConfig(tdOther, mtls.WithLenientSANMatch()))
+	mustFail(t, cerr, sr, "client", "is not the expected")
+}
+
+func TestOtherCARejected(t *testing.T) {
+	ca, evil := mtlstest.NewCA(t), mtlstest.NewCA(t)
+	web := ca.Identity(t, "web", mtlstest.EC256)
+	api := ca.Identity(t, "api", mtlstest.EC256)
+
+	// Server leaf from another CA (with the right SPIFFE ID).
+	fake := mtls.NewIdentity()
+	c, k := evil.Leaf(t, ca.ID("api"), mtlstest.EC256)
+	if err := fake.SetLeaf(c, k); err != nil {
+		t.Fatal(err)
+	}
+	if err := fake.SetRoots(ca.TrustDomain, ca.RootPEM); err != nil {
+		t.Fatal(err)
+	}
+	srv := startServer(t, fake.ServerConfig())
+	_, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	mustFail(t, cerr, sr, "client", "not trusted")
+
+	// Client leaf from another CA.
+	srv = startServer(t, api.ServerConfig())
+	_, cerr, sr = srv.dial(t, fake.ClientConfig(ca.ID("api")))
+	mustFail(t, cerr, sr, "server", "client certificate")
+	if !strings.Contains(sr.err.Error(), "not trusted") {
+		t.Errorf("server error %v; want 'not trusted'", sr.err)
+	}
+}
+
+func TestExpiredRejected(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	expired := func(svc string) *mtls.Identity {
+		id := mtls.NewIdentity()
+		c, k := ca.LeafWith(t, ca.ID(svc), mtlstest.EC256, mtlstest.LeafOptions{
+			NotBefore: time.Now().Add(-2 * time.Hour), NotAfter: time.Now().Add(-time.Hour)})
+		if err := id.SetLeaf(c, k); err != nil {
+			t.Fatal(err)
+		}
+		if err := id.SetRoots(ca.TrustDomain, ca.RootPEM); err != nil {
+			t.Fatal(err)
+		}
+		if st := id.Status(); st.Ready || !strings.Contains(st.Reason, "expired") {
+			t.Errorf("status of expired identity = %+v", st)
+		}
+		return id
+	}
+	web := ca.Identity(t, "web", mtlstest.EC256)
+	srv := startServer(t, expired("api").ServerConfig())
+	_, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	mustFail(t, cerr, sr, "client", "expired")
+
+	srv = startServer(t, ca.Identity(t, "api", mtlstest.EC256).ServerConfig())
+	_, cerr, sr = srv.dial(t, expired("web").ClientConfig(ca.ID("api")))
+	mustFail(t, cerr, sr, "server", "expired")
+}
+
+func TestClientCertificateRequired(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	api := ca.Identity(t, "api", mtlstest.EC256)
+	srv := startServer(t, api.ServerConfig())
+
+	// No certificate at all.
+	_, cerr, sr := srv.dial(t, &tls.Config{InsecureSkipVerify: true})
+	mustFail(t, cerr, sr, "server", "client didn't provide a certificate")
+
+	// Trusted certificate, but no URI SAN.
+	for name, o := range map[string]mtlstest.LeafOptions{
+		"no URI SAN":      {NoURI: true},
+		"agent identity":  {URI: "spiffe://" + ca.TrustDomain + "/agent/client/dc/dc1/id/node1"},
+		"server-only EKU": {EKU: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c, k := ca.LeafWith(t, ca.ID("web"), mtlstest.EC256, o)
+			cert, err := tls.X509KeyPair(c, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, cerr, sr := srv.dial(t, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}})
+			mustFail(t, cerr, sr, "server", "client certificate")
+		})
+	}
+}
+
+func TestNotReadyRefuses(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	empty := mtls.NewIdentity()
+	select {
+	case <-empty.Ready():
+		t.Fatal("empty identity is ready")
+	default:
+	}
+	if st := empty.Status(); st.Ready || st.Reason == "" {
+		t.Fatalf("status = %+v", st)
+	}
+	srv := startServer(t, empty.ServerConfig())
+	_, cerr, sr := srv.dial(t, ca.Identity(t, "web", mtlstest.EC256).ClientConfig(ca.ID("api")))
+	mustFail(t, cerr, sr, "server", "no leaf certificate loaded yet")
+
+	c, k := ca.Leaf(t, ca.ID("api"), mtlstest.EC256)
+	if err := empty.SetLeaf(c, k); err != nil {
+		t.Fatal(err)
+	}
+	if st := empty.Status(); st.Ready || !strings.Contains(st.Reason, "roots") {
+		t.Fatalf("status = %+v", st)
+	}
+	if err := empty.SetRoots(ca.TrustDomain, []byte("garbage")); err == nil {
+		t.Fatal("SetRoots accepted garbage")
+	}
+	if err := empty.SetRoots(ca.TrustDomain, ca.RootPEM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-empty.Ready():
+	default:
+		t.Fatal("not ready after leaf and roots")
+	}
+	if st := empty.Status(); !st.Ready || !st.LeafTrusts || st.ID != ca.ID("api").String() {
+		t.Fatalf("status = %+v", st)
+	}
+	if empty.TrustDomain() != ca.TrustDomain || empty.ID().Datacenter != "dc1" {
+		t.Fatalf("trust domain %q / id %v", empty.TrustDomain(), empty.ID())
+	}
+}
+
+// TestRotation swaps leaves and roots under configs built once, as a
+// running sidecar would see a CA rotation.
+func TestRotation(t *testing.T) {
+	oldCA, newCA := mtlstest.NewCA(t), mtlstest.NewCA(t)
+	newCA.TrustDomain = oldCA.TrustDomain // same cluster, new root
+	web := oldCA.Identity(t, "web", mtlstest.EC256)
+	api := oldCA.Identity(t, "api", mtlstest.EC256)
+	srv := startServer(t, api.ServerConfig())
+	client := web.ClientConfig(oldCA.ID("api"))
+
+	_, cerr, sr := srv.dial(t, client)
+	mustOK(t, cerr, sr)
+	oldSerial := api.Leaf().Serial
+
+	// Both sides learn the new root; the server gets its new leaf first.
+	for _, id := range []*mtls.Identity{web, api} {
+		if err := id.SetRoots(oldCA.TrustDomain, oldCA.RootPEM, newCA.RootPEM); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, k := newCA.Leaf(t, oldCA.ID("api"), mtlstest.EC256)
+	if err := api.SetLeaf(c, k); err != nil {
+		t.Fatal(err)
+	}
+	cs, cerr, sr := srv.dial(t, client) // overlap: new server leaf, old client leaf
+	mustOK(t, cerr, sr)
+	if got := cs.PeerCertificates[0].SerialNumber; mtlsSerial(got.Bytes()) == oldSerial {
+		t.Fatal("server still presents the old leaf")
+	}
+
+	// The old root goes away: the client's old leaf is now refused...
+	if err := api.SetRoots(oldCA.TrustDomain, newCA.RootPEM); err != nil {
+		t.Fatal(err)
+	}
+	_, cerr, sr = srv.dial(t, client)
+	mustFail(t, cerr, sr, "server", "not trusted")
+	// ...until the client gets its new leaf, with the same config.
+	c, k = newCA.Leaf(t, oldCA.ID("web"), mtlstest.EC256)
+	if err := web.SetLeaf(c, k); err != nil {
+		t.Fatal(err)
+	}
+	_, cerr, sr = srv.dial(t, client)
+	mustOK(t, cerr, sr)
+}
+
+func mtlsSerial(b []byte) string {
+	const hexdigits = "0123456789abcdef"
+	var s []byte
+	for i, c := range b {
+		if i > 0 {
+			s = append(s, ':')
+		}
+		s = append(s, hexdigits[c>>4], hexdigits[c&0xf])
+	}
+	return string(s)
+}
+
+// TestResumption checks that a repeat connection resumes, that resumed
+// handshakes still run verification against the current state, and that
+// rotation turns stale sessions into full handshakes instead of failures.
+func TestResumption(t *testing.T) {
+	for _, v := range []uint16{tls.VersionTLS13, tls.VersionTLS12} {
+		t.Run(tls.VersionName(v), func(t *testing.T) {
+			ca := mtlstest.NewCA(t)
+			web := ca.Identity(t, "web", mtlstest.EC256)
+			api := ca.Identity(t, "api", mtlstest.EC256)
+			srv := startServer(t, api.ServerConfig())
+			client := web.ClientConfig(ca.ID("api"))
+			client.MaxVersion = v
+			var resumedVerifies atomic.Int32
+			verify := client.VerifyConnection
+			client.VerifyConnection = func(cs tls.ConnectionState) error {
+				if cs.DidResume {
+					resumedVerifies.Add(1)
+				}
+				return verify(cs)
+			}
+
+			cs, cerr, sr := srv.dial(t, client)
+			mustOK(t, cerr, sr)
+			if cs.DidResume {
+				t.Fatal("first connection resumed")
+			}
+			cs, cerr, sr = srv.dial(t, client)
+			mustOK(t, cerr, sr)
+			if !cs.DidResume || !sr.state.DidResume {
+				t.Fatalf("second connection did not resume (client %v, server %v)", cs.DidResume, sr.state.DidResume)
+			}
+			if resumedVerifies.Load() != 1 {
+				t.Fatalf("VerifyConnection ran %d times on resumed handshakes, want 1", resumedVerifies.Load())
+			}
+			if id, err := mtls.PeerID(sr.state); err != nil || id != ca.ID("web") {
+				t.Fatalf("server PeerID on resumed conn = %v, %v", id, err)
+			}
+
+			// A per-instance config keeps its own sessions: first use is full.
+			inst := mtls.InstanceConfig(client, "198.18.0.9:20000")
+			cs, cerr, sr = srv.dial(t, inst)
+			mustOK(t, cerr, sr)
+			if cs.DidResume {
+				t.Fatal("instance config resumed another instance's session")
+			}
+			cs, cerr, sr = srv.dial(t, inst)
+			mustOK(t, cerr, sr)
+			if !cs.DidResume {
+				t.Fatal("instance config did not resume its own session")
+			}
+
+			// Server roots replaced: the client still offers its ticket, the
+			// server declines it and does a full handshake (no failure).
+			if err := api.SetRoots(ca.TrustDomain, ca.RootPEM); err != nil {
+				t.Fatal(err)
+			}
+			cs, cerr, sr = srv.dial(t, client)
+			mustOK(t, cerr, sr)
+			if cs.DidResume {
+				t.Fatal("resumed a ticket issued under the previous root set")
+			}
+			cs, cerr, sr = srv.dial(t, client)
+			mustOK(t, cerr, sr)
+			if !cs.DidResume {
+				t.Fatal("no resumption after the new ticket")
+			}
+
+			// Client rotates its leaf: its old sessions are not offered.
+			c, k := ca.Leaf(t, ca.ID("web"), mtlstest.EC256)
+			if err := web.SetLeaf(c, k); err != nil {
+				t.Fatal(err)
+			}
+			cs, cerr, sr = srv.dial(t, client)
+			mustOK(t, cerr, sr)
+			if cs.DidResume {
+				t.Fatal("resumed a session made with the previous leaf")
+			}
+			if got, _ := mtls.PeerID(sr.state); sr.state.PeerCertificates[0].SerialNumber.Cmp(web.Leaf().X509.SerialNumber) != 0 || got != ca.ID("web") {
+				t.Fatal("server did not see the new client leaf")
+			}
+		})
+	}
+}
+
+// TestResumedHandshakeReverified: a session whose server certificate is
+// no longer acceptable (here: the server is no longer the expected
+// identity) must fail even though the TLS layer resumes it.
+func TestResumedHandshakeReverified(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	web := ca.Identity(t, "web", mtlstest.EC256)
+	api := ca.Identity(t, "api", mtlstest.EC256)
+	srv := startServer(t, api.ServerConfig())
+	good := web.ClientConfig(ca.ID("api"))
+	_, cerr, sr := srv.dial(t, good)
+	mustOK(t, cerr, sr)
+
+	// Same session cache, but expecting another identity: Go resumes, and
+	// VerifyConnection must still reject.
+	bad := web.ClientConfig(ca.ID("db"))
+	bad.ServerName = good.ServerName
+	bad.ClientSessionCache = good.ClientSessionCache
+	_, cerr, sr = srv.dial(t, bad)
+	mustFail(t, cerr, sr, "client", "is not the expected")
+	if !sr.state.DidResume {
+		t.Fatal("server did not resume: the test did not exercise the resumed path")
+	}
+}
