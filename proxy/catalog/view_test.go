@@ -82,9 +82,9 @@ func TestViewMap(t *testing.T) {
 		{"240.0.0.1", Match{Service: web}, true},
 		{"240.0.0.2", Match{Service: Service{Name: "api", Datacenter: "dc1"}}, true},
 		{"198.19.0.10", Match{Service: Service{Name: "api", Datacenter: "dc1"}}, true},
-		{"198.18.0.5", Match{Service: Service{Name: "db", Datacenter: "dc1"}, Direct: true}, true},   // registration flag
+		{"198.18.0.5", Match{Service: Service{Name: "db", Datacenter: "dc1"}, Direct: true}, true},    // registration flag
 		{"198.18.0.6", Match{Service: Service{Name: "cache", Datacenter: "dc1"}, Direct: true}, true}, // service-defaults
-		{"198.18.0.2", Match{}, false}, // instance IPs of non-direct services are not matched
+		{"198.18.0.2", Match{}, false},                                                                // instance IPs of non-direct services are not matched
 		{"198.18.0.7", Match{}, false},
 		{"203.0.113.1", Match{}, false},
 		{"::ffff:240.0.0.1", Match{Service: web}, true}, // v4-mapped form from an IPv6 socket
