@@ -187,7 +187,7 @@ func (w *Watcher) run(ctx context.Context) {
 			case failures == 1:
 				failingSince, lastLogged = now, now
 				if w.Loaded() {
-					w.log.Error("cannot fetch intentions; deciding from the last known list", "index", index, "error", err)
+					w.log.Error("cannot fetch intentions; deciding from the last known list", "index", w.index.Load(), "error", err)
 				} else {
 					w.log.Error("cannot fetch intentions; denying all inbound connections until loaded", "error", err)
 				}
@@ -198,6 +198,10 @@ func (w *Watcher) run(ctx context.Context) {
 			default:
 				w.log.Debug("fetch intentions failed", "failures", failures, "error", err)
 			}
+			// The agent may come back restarted with a lower index, and a
+			// blocking query at our old index would then sleep for the
+			// whole wait: ask without an index first.
+			index = 0
 			if !sleep(ctx, w.backoff(failures)) {
 				return
 			}

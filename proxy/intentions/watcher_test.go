@@ -165,6 +165,11 @@ func TestWatcherKeepsServingWhenFetchFails(t *testing.T) {
 	if !w.Stats().Failing {
 		t.Fatal("Stats.Failing not set")
 	}
+	// After a failure the agent may have restarted with a lower index: the
+	// retries must not block on the old one.
+	if c := f.calls(); c[len(c)-1] != 0 {
+		t.Fatalf("fetch index after failures = %d, want 0 (calls %v)", c[len(c)-1], c)
+	}
 	if !w.Decide(Source{Name: "web"}).Allow {
 		t.Error("known allowed source denied during outage")
 	}
