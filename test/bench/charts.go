@@ -1,0 +1,172 @@
+package main
+
+import (
+	"fmt"
+	"image/color"
+	"math"
+	"path/filepath"
+	"sort"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/vg"
+)
+
+type chart struct{ title, file string }
+
+// One colour per path, the same in every chart.
+var pathColors = map[string]color.RGBA{
+	pDirect:    {R: 0x55, G: 0x55, B: 0x55, A: 0xff},
+	pFerryPT:   {R: 0x1f, G: 0x77, B: 0xb4, A: 0xff},
+	pFerryMTLS: {R: 0x2c, G: 0xa0, B: 0x2c, A: 0xff},
+	pConsul:    {R: 0xd6, G: 0x27, B: 0x28, A: 0xff},
+	pHAProxy:   {R: 0xff, G: 0x7f, B: 0x0e, A: 0xff},
+}
+
+func writeCharts(dir, name string, paths []*path, res results) ([]chart, error) {
+	var live []string
+	for _, p := range paths {
+		if p.NA == "" && len(res[p.ID]) > 0 {
+			live = append(live, p.ID)
+		}
+	}
+	if len(live) == 0 {
+		return nil, nil
+	}
+	var out []chart
+	add := func(title, suffix string, make func() (*plot.Plot, error)) error {
+		p, err := make()
+		if err != nil {
+			return fmt.Errorf("%s: %w", title, err)
+		}
+		file := name + "-" + suffix + ".png"
+		if err := p.Save(9*vg.Inch, 5*vg.Inch, filepath.Join(dir, file)); err != nil {
+			return fmt.Errorf("%s: %w", title, err)
+		}
+		out = append(out, chart{title, file})
+		return nil
+	}
+	gbps := func(s sample) float64 { return s.Gbps }
+	steps := []struct {
+		title, suffix string
+		make          func() (*plot.Plot, error)
+	}{
+		{"Throughput (Gbit/s, median)", "throughput", func() (*plot.Plot, error) {
+			return barChart("Bulk throughput (median)", "Gbit/s", live, res,
+				[]barGroup{{"1 connection", sBulk1, gbps}, {"64 connections", sBulk64, gbps}})
+		}},
+		{"Proxy CPU seconds per GB (median)", "cpu", func() (*plot.Plot, error) {
+			cpu := func(s sample) float64 { return s.CPUPerGB }
+			return barChart("Proxy CPU per GB moved (both sides; lower is better)", "CPU s/GB", withoutDirect(live), res,
+				[]barGroup{{"1 connection", sBulk1, cpu}, {"64 connections", sBulk64, cpu}})
+		}},
+		{"New connections per second (median)", "connrate", func() (*plot.Plot, error) {
+			return barChart("New connections: connect, 1 KiB echo, close", "connections/s", live, res,
+				[]barGroup{{"conn/s", sCRR, func(s sample) float64 { return s.Rate }}})
+		}},
+		{"1 KiB request/response latency CDF", "latency", func() (*plot.Plot, error) { return latencyCDF(live, res) }},
+	}
+	for _, s := range steps {
+		if err := add(s.title, s.suffix, s.make); err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+func withoutDirect(ids []string) []string {
+	var out []string
+	for _, id := range ids {
+		if id != pDirect {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+type barGroup struct {
+	label string
+	scen  string
+	get   func(sample) float64
+}
+
+// barChart draws one cluster per group, one bar per path.
+func barChart(title, unit string, ids []string, res results, groups []barGroup) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = title
+	p.Y.Label.Text = unit
+	p.Legend.Top = true
+	w := vg.Points(18)
+	var labels []string
+	for _, g := range groups {
+		labels = append(labels, g.label)
+	}
+	for i, id := range ids {
+		vals := make(plotter.Values, len(groups))
+		for j, g := range groups {
+			v := res.stat(id, g.scen, g.get).Med
+			if math.IsNaN(v) {
+				v = 0
+			}
+			vals[j] = v
+		}
+		bars, err := plotter.NewBarChart(vals, w)
+		if err != nil {
+			return nil, err
+		}
+		bars.Color = pathColors[id]
+		bars.LineStyle.Width = 0
+		bars.Offset = w * vg.Length(float64(i)-float64(len(ids)-1)/2)
+		p.Add(bars)
+		p.Legend.Add(pathNames[id], bars)
+	}
+	p.NominalX(labels...)
+	p.Y.Min = 0
+	return p, nil
+}
+
+// latencyCDF plots every RR sample of every repetition: x latency (log
+// scale), y the fraction of requests at or below it.
+func latencyCDF(ids []string, res results) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = "1 KiB request/response latency at a fixed rate (all repetitions)"
+	p.X.Label.Text = "latency (µs, log scale)"
+	p.Y.Label.Text = "fraction of requests ≤ x"
+	p.X.Scale = plot.LogScale{}
+	p.X.Tick.Marker = plot.LogTicks{Prec: -1}
+	p.Legend.Left = false
+	p.Legend.Top = false
+	p.Legend.XOffs = -10
+	p.Legend.YOffs = 10
+	p.Add(plotter.NewGrid())
+	for _, id := range ids {
+		var lat []float64
+		for _, s := range res[id][sRR] {
+			lat = append(lat, s.Lat...)
+		}
+		if len(lat) == 0 {
+			continue
+		}
+		sort.Float64s(lat)
+		// At most ~2,000 points per line; keep the tail exactly.
+		step := max(1, len(lat)/2000)
+		var pts plotter.XYs
+		for i := 0; i < len(lat); i += step {
+			pts = append(pts, plotter.XY{X: max(lat[i], 1), Y: float64(i+1) / float64(len(lat))})
+		}
+		for i := max(0, len(lat)-200); i < len(lat); i++ {
+			pts = append(pts, plotter.XY{X: max(lat[i], 1), Y: float64(i+1) / float64(len(lat))})
+		}
+		sort.Slice(pts, func(a, b int) bool { return pts[a].Y < pts[b].Y })
+		line, err := plotter.NewLine(pts)
+		if err != nil {
+			return nil, err
+		}
+		line.Color = pathColors[id]
+		line.Width = vg.Points(2)
+		p.Add(line)
+		p.Legend.Add(pathNames[id], line)
+	}
+	p.Y.Min, p.Y.Max = 0, 1
+	return p, nil
+}

@@ -1,0 +1,134 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/ferrymesh/ferry/test/testbed"
+)
+
+// runHarness builds the binaries and the testbed, runs the matrix, writes
+// the report and tears everything down (also on error; an interrupt is
+// handled by the testbed's own signal hook).
+func runHarness(pr params, ids []string, outDir, tag string) error {
+	t0 := time.Now()
+	logf := func(format string, args ...any) {
+		fmt.Fprintf(os.Stderr, "[%5.1fs] %s\n", time.Since(t0).Seconds(), fmt.Sprintf(format, args...))
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	logf("bench %s mode: %d repetitions, paths %s", pr.Mode, pr.Reps, strings.Join(ids, ","))
+	consul, err := testbed.Consul()
+	if err != nil {
+		return err
+	}
+	e := &env{self: self, consul: consul, logf: logf}
+	if needsFerry(ids) {
+		logf("building ferry")
+		if e.ferry, err = testbed.Ferry(); err != nil {
+			logf("ferry did not build: %v", err)
+			e.ferry = ""
+		}
+	}
+	if e.work, err = os.MkdirTemp("", "ferry-bench-"); err != nil {
+		return err
+	}
+	defer os.RemoveAll(e.work)
+	// The ferry processes run as the proxy UID and read nothing here, but
+	// keep the directory traversable for them anyway.
+	os.Chmod(e.work, 0o755)
+
+	logf("starting testbed (consul agent, pods)")
+	tb, err := testbed.Open(consul, logf)
+	if err != nil {
+		return err
+	}
+	e.tb = tb
+	defer func() {
+		logf("cleaning up")
+		e.stopAll()
+		tb.Close()
+	}()
+	paths, err := e.setupPaths(ids)
+	if err != nil {
+		return fmt.Errorf("setup: %w", err)
+	}
+	res, failures := e.runMatrix(paths, pr)
+
+	meta := runMeta{
+		Params:   pr,
+		Started:  t0,
+		Duration: time.Since(t0),
+		Env:      describeEnv(consul, e.ferry),
+		Failures: failures,
+	}
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
+		return err
+	}
+	name := t0.Format("2006-01-02") + "-" + pr.Mode
+	if tag != "" {
+		name += "-" + tag
+	}
+	md, err := writeReport(outDir, name, paths, res, meta)
+	if err != nil {
+		return err
+	}
+	logf("report: %s", md)
+	return nil
+}
+
+func needsFerry(ids []string) bool {
+	for _, id := range ids {
+		if id == pFerryPT || id == pFerryMTLS {
+			return true
+		}
+	}
+	return false
+}
+
+type runMeta struct {
+	Params   params
+	Started  time.Time
+	Duration time.Duration
+	Env      []string
+	Failures []string
+}
+
+// describeEnv records what the figures depend on.
+func describeEnv(consul, ferry string) []string {
+	first := func(argv ...string) string {
+		out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+		if err != nil {
+			return "unknown"
+		}
+		return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	}
+	var env []string
+	env = append(env, "kernel: "+first("uname", "-r"))
+	env = append(env, "CPUs: "+first("nproc"))
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				env = append(env, "CPU model: "+strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":")))
+				break
+			}
+		}
+	}
+	env = append(env, "Go: "+first("go", "version"))
+	env = append(env, "consul: "+first(consul, "version"))
+	env = append(env, "haproxy: "+first("haproxy", "-v"))
+	if ferry != "" {
+		env = append(env, "ferry: "+first(ferry, "version"))
+	}
+	if root, err := testbed.RepoRoot(); err == nil {
+		env = append(env, "commit: "+first("git", "-C", root, "rev-parse", "--short", "HEAD"))
+	}
+	env = append(env, "load generator & server: "+filepath.Base(os.Args[0])+" (test/bench), same binary in every pod")
+	return env
+}

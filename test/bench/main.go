@@ -1,0 +1,112 @@
+// Command bench is ferry's benchmark harness (`make bench`). It builds
+// testbed pods around a real Consul agent and measures, in one run and
+// interleaved, a direct connection, ferry (plain passthrough and the mTLS
+// sidecar pair), Consul's built-in proxy pair and an HAProxy TLS pair, then
+// writes a Markdown report with PNG charts.
+//
+//	go run ./test/bench [-quick] [-out bench/results]
+//
+// The same binary is the load generator and the server inside the pods
+// (`bench load ...`, `bench server ...`, `bench probe ...`).
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "server":
+			return serverMain(args[1:])
+		case "load":
+			return loadMain(args[1:])
+		case "probe":
+			return probeMain(args[1:])
+		}
+	}
+	return harnessMain(args)
+}
+
+// params sizes one run; quick mode trades precision for a < 2 min run.
+type params struct {
+	Mode       string
+	Reps       int
+	BulkBytes  int64 // single connection
+	Bulk64     int64 // total over 64 connections
+	RRRate     int
+	RRConns    int
+	RRDur      time.Duration
+	CRRWorkers int
+	CRRDur     time.Duration
+	IdleConns  int
+}
+
+func paramsFor(quick bool) params {
+	if quick {
+		return params{Mode: "quick", Reps: 2, BulkBytes: 256 << 20, Bulk64: 256 << 20,
+			RRRate: 1000, RRConns: 4, RRDur: 1500 * time.Millisecond,
+			CRRWorkers: 8, CRRDur: 1500 * time.Millisecond, IdleConns: 1000}
+	}
+	return params{Mode: "full", Reps: 5, BulkBytes: 1 << 30, Bulk64: 1 << 30,
+		RRRate: 1000, RRConns: 4, RRDur: 5 * time.Second,
+		CRRWorkers: 8, CRRDur: 4 * time.Second, IdleConns: 10000}
+}
+
+func harnessMain(args []string) error {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	quick := fs.Bool("quick", false, "quick mode: fewer, shorter repetitions (< 2 minutes)")
+	out := fs.String("out", "bench/results", "directory for the report and charts")
+	reps := fs.Int("reps", 0, "repetitions (default: 2 quick, 5 full)")
+	idle := fs.Int("idle", 0, "idle connections for the RSS scenario (default: 1000 quick, 10000 full)")
+	only := fs.String("paths", "", "comma-separated path ids to run (default: all): "+strings.Join(allPathIDs, ","))
+	tag := fs.String("tag", "", "suffix for the report name (e.g. before/after a change)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: go run ./test/bench [flags]   (needs root: it builds network namespaces)\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: the testbed creates network namespaces, veths and iptables rules")
+	}
+	p := paramsFor(*quick)
+	if *reps > 0 {
+		p.Reps = min(*reps, 20)
+	}
+	if *idle > 0 {
+		p.IdleConns = min(*idle, 20000)
+	}
+	var ids []string
+	if *only != "" {
+		for _, id := range strings.Split(*only, ",") {
+			id = strings.TrimSpace(id)
+			if !knownPath(id) {
+				return fmt.Errorf("-paths: unknown path %q (known: %s)", id, strings.Join(allPathIDs, ","))
+			}
+			ids = append(ids, id)
+		}
+	} else {
+		ids = allPathIDs
+	}
+	return runHarness(p, ids, *out, *tag)
+}
