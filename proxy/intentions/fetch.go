@@ -38,7 +38,13 @@ func ConsulFetcher(client *api.Client, destination string, wait time.Duration) F
 		wait = DefaultWait
 	}
 	match := &api.IntentionMatch{By: api.IntentionMatchDestination, Names: []string{destination}}
+	// The agent answers within wait plus its jitter (wait/16); past that the
+	// agent is hung or the path to it is a black hole, which only a
+	// deadline of our own detects.
+	limit := wait + wait/16 + 15*time.Second
 	return func(ctx context.Context, index uint64) (Snapshot, error) {
+		ctx, cancel := context.WithTimeout(ctx, limit)
+		defer cancel()
 		q := (&api.QueryOptions{WaitIndex: index, WaitTime: wait, UseCache: true}).WithContext(ctx)
 		m, meta, err := client.Connect().IntentionMatch(match, q)
 		if err != nil {

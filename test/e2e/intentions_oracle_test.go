@@ -218,6 +218,21 @@ func TestIntentionsWatcherAgent(t *testing.T) {
 	took = ixnWaitDecision(t, w, web, true, time.Now())
 	t.Logf("deny->allow: applied after %v", took)
 
+	// A hung agent (SIGSTOP): the blocking query just waits; decisions keep
+	// serving, and once it resumes a change still lands within 2 s.
+	tb.Consul.Pause()
+	for range 6 {
+		if !w.Decide(web).Allow || w.Decide(api_).Allow {
+			tb.Consul.Resume()
+			t.Fatal("decisions changed while the agent is paused")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	tb.Consul.Resume()
+	ixnSet(t, c, "db", ixnSrc("web", ixnAllow), ixnSrc("newbie", ixnAllow), ixnSrc("*", ixnDeny))
+	took = ixnWaitDecision(t, w, intentions.Source{Name: "newbie"}, true, time.Now())
+	t.Logf("after pause/resume: change applied after %v", took)
+
 	// Agent stopped: cached decisions keep serving, also for a source never
 	// seen before (it is decided from the full list for db).
 	tb.Consul.Stop()
