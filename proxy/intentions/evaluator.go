@@ -110,7 +110,9 @@ func NewEvaluator(ixns []*api.Intention, defaultAllow bool) *Evaluator {
 			r.d.Reason = "Matched L4 intention: " + desc
 		}
 		e.rules = append(e.rules, r)
-		key.WriteString("|" + strconv.Quote(r.ns) + "/" + strconv.Quote(r.name) + ":" + strconv.FormatBool(r.d.Allow) + ":" + strconv.FormatBool(r.l7))
+		// The description covers source, destination, action and L7; it
+		// is in the key so reasons never go stale after a change.
+		key.WriteString("|" + strconv.Quote(desc) + ":" + strconv.FormatBool(r.d.Allow))
 	}
 	e.key = key.String()
 	e.anyIdx = len(e.rules)
@@ -195,8 +197,8 @@ func (e *Evaluator) Len() int { return len(e.rules) }
 // deny; the Watcher logs them.
 func (e *Evaluator) L7() []string { return slices.Clone(e.l7) }
 
-// Equal reports whether e and o decide every source the same way for the
-// same reasons' structure (same rules in the same order, same default).
+// Equal reports whether e and o hold the same rules in the same order with
+// the same default, i.e. give every source the same Decision.
 func (e *Evaluator) Equal(o *Evaluator) bool {
 	return e != nil && o != nil && e.key == o.key
 }

@@ -239,3 +239,11 @@ func TestDecideDoesNotAllocate(t *testing.T) {
 		}
 	}
 }
+
+func TestEvaluatorEqualSeesDescriptionChange(t *testing.T) {
+	a := NewEvaluator([]*api.Intention{ixn("web", "db", allow)}, true)
+	b := NewEvaluator([]*api.Intention{ixn("web", "*", allow)}, true)
+	if a.Equal(b) {
+		t.Fatal("evaluators with different deciding intentions compare equal")
+	}
+}
