@@ -1,0 +1,142 @@
+package redirect
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// scratchNetNS creates a throw-away network namespace held by a parked OS
+// thread and returns its path and the ID of the namespace the process was
+// in; the namespace disappears with the thread at cleanup. Root only.
+func scratchNetNS(t *testing.T) (path, origID string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates a network namespace")
+	}
+	if _, err := exec.LookPath("iptables-restore"); err != nil {
+		t.Skip("iptables-restore not installed")
+	}
+	ready := make(chan string, 1)
+	done := make(chan struct{})
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the namespace
+		orig, err := os.Readlink("/proc/thread-self/ns/net")
+		if err != nil {
+			ready <- "error: " + err.Error()
+			return
+		}
+		ready <- orig
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			ready <- "error: " + err.Error()
+			return
+		}
+		ready <- fmt.Sprintf("/proc/%d/task/%d/ns/net", os.Getpid(), unix.Gettid())
+		<-done
+	}()
+	origID = <-ready
+	path = <-ready
+	for _, s := range []string{origID, path} {
+		if strings.HasPrefix(s, "error: ") {
+			t.Fatal(s)
+		}
+	}
+	t.Cleanup(func() { close(done) })
+	return path, origID
+}
+
+func nsID(t *testing.T, path string) string {
+	t.Helper()
+	id, err := os.Readlink(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// TestExecInheritsNetNS checks the premise InNetNS relies on: a process
+// exec'd from the locked thread runs in the thread's namespace, so the
+// iptables binaries go-iptables and Apply start need no nsenter.
+func TestExecInheritsNetNS(t *testing.T) {
+	path, orig := scratchNetNS(t)
+	want := nsID(t, path)
+	if want == orig {
+		t.Fatal("scratch namespace equals the test's namespace")
+	}
+	for i := 0; i < 20; i++ { // many forks: any thread mix-up would show
+		var got string
+		err := InNetNS(path, func() error {
+			out, err := exec.Command("readlink", "/proc/self/ns/net").Output()
+			got = strings.TrimSpace(string(out))
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Fatalf("child ran in %s, want %s", got, want)
+		}
+	}
+	// Sockets and children of other goroutines stay where they were.
+	out, err := exec.Command("readlink", "/proc/self/ns/net").Output()
+	if err != nil || strings.TrimSpace(string(out)) != orig {
+		t.Fatalf("a child exec'd outside InNetNS ran in %s (%v), want %s", out, err, orig)
+	}
+}
+
+func TestExecBackendRealKernel(t *testing.T) {
+	path, orig := scratchNetNS(t)
+	ctx := context.Background()
+	plans := mustPlans(t, referenceConfig())
+	err := InNetNS(path, func() error {
+		// Never touch the host's table, even if InNetNS were broken.
+		if id, err := os.Readlink("/proc/thread-self/ns/net"); err != nil || id == orig {
+			return fmt.Errorf("not in the scratch namespace (%s, %v)", id, err)
+		}
+		be, err := NewExecBackend(IPv4)
+		if err != nil {
+			return err
+		}
+		bes := map[Family]Backend{IPv4: be}
+		if res, err := Apply(ctx, plans, bes); err != nil || !res[0].Changed {
+			return fmt.Errorf("first apply: %v %v", res, err)
+		}
+		lines, err := be.List(ctx)
+		if err != nil {
+			return err
+		}
+		st, err := ParseState(lines)
+		if err != nil {
+			return err
+		}
+		for c, want := range plans[0].Rules() {
+			if !slices.Equal(st.Rules[c], want) {
+				return fmt.Errorf("kernel chain %s:\n%q\nwant\n%q", c, st.Rules[c], want)
+			}
+		}
+		if res, err := Apply(ctx, plans, bes); err != nil || res[0].Changed {
+			return fmt.Errorf("second apply must be a no-op (kernel canonical form differs?): %v %v", res, err)
+		}
+		if res, err := Cleanup(ctx, bes); err != nil || !res[0].Changed {
+			return fmt.Errorf("cleanup: %v %v", res, err)
+		}
+		lines, err = be.List(ctx)
+		if err != nil {
+			return err
+		}
+		if strings.Contains(strings.Join(lines, "\n"), "CONSUL") {
+			return fmt.Errorf("left over after cleanup:\n%s", strings.Join(lines, "\n"))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
