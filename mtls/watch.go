@@ -139,7 +139,12 @@ func watchLoop(ctx context.Context, what string, log hclog.Logger, o WatchOption
 		q := o.Query // copy
 		q.WaitIndex, q.WaitTime = index, o.WaitTime
 		start := time.Now()
-		next, err := fetch(q.WithContext(ctx))
+		// The agent answers a blocking query within WaitTime plus up to
+		// WaitTime/16 of jitter; a hung agent or a dead TCP path must not
+		// hold the watch forever.
+		rctx, cancel := context.WithTimeout(ctx, o.WaitTime+o.WaitTime/16+10*time.Second)
+		next, err := fetch(q.WithContext(rctx))
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
