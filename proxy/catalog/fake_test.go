@@ -26,6 +26,7 @@ type fakeSource struct {
 	fail       map[string]error      // topic -> error returned until cleared
 
 	proxiesCalls atomic.Int64
+	errors       atomic.Int64 // errors returned by blocking calls
 	blocking     atomic.Int64 // blocking calls currently waiting
 	lastConnectQ atomic.Pointer[Query]
 }
@@ -68,6 +69,7 @@ func (f *fakeSource) wait(ctx context.Context, topic string, q Query) (uint64, e
 		idx, ch, err := max(f.index[topic], 1), f.changed, f.fail[topic]
 		f.mu.Unlock()
 		if err != nil {
+			f.errors.Add(1)
 			return 0, err
 		}
 		if q.WaitIndex < idx {

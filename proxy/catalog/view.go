@@ -3,6 +3,7 @@ package catalog
 import (
 	"context"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -95,8 +96,8 @@ type View struct {
 
 type table struct {
 	byIP    map[netip.Addr]Match
-	virtual map[string]netip.Addr // service name -> `virtual` tagged address
-	consul  map[string]netip.Addr // service name -> `consul-virtual`
+	virtual map[string]netip.Addr // lower-cased service name -> `virtual` tagged address
+	consul  map[string]netip.Addr // lower-cased service name -> `consul-virtual`
 	direct  int
 	records int
 }
@@ -197,9 +198,11 @@ func (v *View) Lookup(ip netip.Addr) (Match, bool) {
 
 // VirtualIP returns the address a client should dial for service name (in
 // the default namespace and partition): the `virtual` tagged address when
-// one is registered, else the Consul-assigned `consul-virtual` VIP.
+// one is registered, else the Consul-assigned `consul-virtual` VIP. Names
+// match case-insensitively, as Consul's catalog does.
 func (v *View) VirtualIP(name string) (netip.Addr, bool) {
 	t := v.table.Load()
+	name = strings.ToLower(name)
 	if a, ok := t.virtual[name]; ok {
 		return a, true
 	}
@@ -233,7 +236,7 @@ func (v *View) Stats() Stats {
 		names[n] = struct{}{}
 	}
 	for _, m := range t.byIP {
-		names[m.Service.Name] = struct{}{}
+		names[strings.ToLower(m.Service.Name)] = struct{}{}
 	}
 	v.instMu.Lock()
 	iw := len(v.inst)
@@ -265,7 +268,9 @@ func (v *View) watchProxies(ctx context.Context) {
 		if err != nil {
 			return 0, err
 		}
-		if next == have && have != 0 {
+		// idx 0 is the first call or a reset after the index went
+		// backwards (agent restarted with a new catalog): always re-read.
+		if next == have && idx != 0 {
 			return next, nil
 		}
 		start := time.Now()
@@ -318,13 +323,13 @@ func buildTable(recs []ProxyRecord, dd map[string]bool, ddGlobal bool, dc string
 		if r.ConsulVirtual.IsValid() {
 			t.byIP[r.ConsulVirtual] = Match{Service: svc}
 			if isDefaultTenancy(svc) {
-				t.consul[svc.Name] = r.ConsulVirtual
+				t.consul[strings.ToLower(svc.Name)] = r.ConsulVirtual
 			}
 		}
 		if r.Virtual.IsValid() {
 			t.byIP[r.Virtual] = Match{Service: svc}
 			if isDefaultTenancy(svc) {
-				t.virtual[svc.Name] = r.Virtual
+				t.virtual[strings.ToLower(svc.Name)] = r.Virtual
 			}
 		}
 		if r.Addr.IsValid() && (r.DialedDirectly || ddGlobal || dd[svc.Name]) {

@@ -231,3 +231,44 @@ func TestProxiesFromDump(t *testing.T) {
 		t.Errorf("native record = %+v (want node address fallback)", n)
 	}
 }
+
+func TestVirtualIPCaseInsensitive(t *testing.T) {
+	f := newFake()
+	f.proxies = []ProxyRecord{{Service: Service{Name: "Web"}, ConsulVirtual: ip("240.0.0.1")}}
+	v := startView(t, f, Options{})
+	waitReady(t, v)
+	for _, n := range []string{"web", "WEB", "Web"} {
+		if a, ok := v.VirtualIP(n); !ok || a != ip("240.0.0.1") {
+			t.Errorf("VirtualIP(%q) = %v, %v", n, a, ok)
+		}
+	}
+	if m, _ := v.Lookup(ip("240.0.0.1")); m.Service.Name != "Web" {
+		t.Errorf("Lookup keeps the registered spelling; got %q", m.Service.Name)
+	}
+}
+
+// An agent restart (dev agent) moves indexes backwards; Consul then blocks a
+// query at the old index for its whole wait, so the view must start over
+// after the errors of the outage and re-read.
+func TestViewIndexGoesBackwards(t *testing.T) {
+	f := newFake()
+	f.proxies = []ProxyRecord{{Service: Service{Name: "web"}, ConsulVirtual: ip("240.0.0.1")}}
+	v := startView(t, f, Options{})
+	waitReady(t, v)
+	for range 5 {
+		f.setProxies(f.proxies...) // push the services index up
+	}
+	eventually(t, "reads caught up", func() bool { return f.proxiesCalls.Load() >= 2 })
+	// The restart: in-flight queries fail, then the new agent has low indexes.
+	f.setFail("services", errors.New("connection refused"))
+	eventually(t, "view saw the outage", func() bool { return f.errors.Load() > 0 })
+	f.mutate(func() {
+		delete(f.fail, "services")
+		f.index = map[string]uint64{"services": 2}
+		f.proxies = []ProxyRecord{{Service: Service{Name: "api"}, ConsulVirtual: ip("240.0.0.1")}}
+	})
+	eventually(t, "re-read after reset", func() bool {
+		m, _ := v.Lookup(ip("240.0.0.1"))
+		return m.Service.Name == "api"
+	})
+}

@@ -9,7 +9,8 @@ import (
 // blockingLoop runs fetch as a blocking query until ctx ends. fetch receives
 // the last index and returns the new one. It follows Consul's client hygiene:
 // reset the index when it goes backwards, never send 0 in a tight loop, back
-// off (with jitter) on errors, and rate-limit calls that return at once.
+// off (with jitter) on errors and then re-read without blocking, and
+// rate-limit calls that return at once.
 func blockingLoop(ctx context.Context, o *Options, name string, fetch func(ctx context.Context, index uint64) (uint64, error)) {
 	var index uint64
 	failures := 0
@@ -20,6 +21,10 @@ func blockingLoop(ctx context.Context, o *Options, name string, fetch func(ctx c
 			return
 		}
 		if err != nil {
+			// The agent may have restarted with a new catalog whose
+			// indexes are lower than ours; a blocking query at our index
+			// would then sit out its whole wait. Start over after errors.
+			index = 0
 			failures++
 			d := backoff(o.RetryMin, o.RetryMax, failures)
 			if failures == 1 || failures%10 == 0 {
