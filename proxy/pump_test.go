@@ -1,0 +1,282 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Client sends, half-closes, and only then reads the whole reply: the
+// pattern Consul's built-in proxy breaks.
+func TestPumpHalfCloseClientFirst(t *testing.T) {
+	checkLeaks(t)
+	client, server, run := pumped(t, context.Background(), time.Minute)
+
+	if _, err := client.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := readAllTimeout(t, server, 5*time.Second)
+	if err != nil || string(got) != "request" {
+		t.Fatalf("server read %q, %v; want request, EOF", got, err)
+	}
+	// The server's reply must still reach the half-closed client.
+	if _, err := server.Write([]byte("reply after your EOF")); err != nil {
+		t.Fatal(err)
+	}
+	server.CloseWrite()
+	got, err = readAllTimeout(t, client, 5*time.Second)
+	if err != nil || string(got) != "reply after your EOF" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+	st := run.wait(t, 5*time.Second)
+	if st.Err != nil || st.Sent != 7 || st.Received != 20 {
+		t.Fatalf("stats %+v; want sent 7, received 20, no error", st)
+	}
+}
+
+func TestPumpHalfCloseServerFirst(t *testing.T) {
+	checkLeaks(t)
+	client, server, run := pumped(t, context.Background(), time.Minute)
+
+	server.Write([]byte("banner"))
+	server.CloseWrite()
+	got, err := readAllTimeout(t, client, 5*time.Second)
+	if err != nil || string(got) != "banner" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+	// The client keeps sending after the server's EOF.
+	client.Write([]byte("late data"))
+	client.CloseWrite()
+	got, err = readAllTimeout(t, server, 5*time.Second)
+	if err != nil || string(got) != "late data" {
+		t.Fatalf("server read %q, %v", got, err)
+	}
+	if st := run.wait(t, 5*time.Second); st.Err != nil || st.Sent != 9 || st.Received != 6 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// Both directions at once, large enough to cross many splice calls and
+// socket buffer refills, verified by checksum.
+func TestPumpLargeBothWays(t *testing.T) {
+	checkLeaks(t)
+	n := int64(64 << 20)
+	if testing.Short() {
+		n = 8 << 20
+	}
+	client, server, run := pumped(t, context.Background(), time.Minute)
+
+	var wg sync.WaitGroup
+	send := func(c *net.TCPConn, seed byte) {
+		defer wg.Done()
+		if _, err := io.Copy(c, &patternReader{n: n, seed: seed}); err != nil {
+			t.Error(err)
+		}
+		c.CloseWrite()
+	}
+	recv := func(c *net.TCPConn, seed byte) {
+		defer wg.Done()
+		h := sha256.New()
+		m, err := io.Copy(h, c)
+		if err != nil || m != n {
+			t.Errorf("received %d bytes, %v; want %d", m, err, n)
+		}
+		if !bytes.Equal(h.Sum(nil), func() []byte { s := patternSum(n, seed); return s[:] }()) {
+			t.Error("checksum mismatch")
+		}
+	}
+	wg.Add(4)
+	go send(client, 1)
+	go send(server, 2)
+	go recv(server, 1)
+	go recv(client, 2)
+	wg.Wait()
+	if st := run.wait(t, 10*time.Second); st.Err != nil || st.Sent != n || st.Received != n {
+		t.Fatalf("stats %+v; want %d each way", st, n)
+	}
+}
+
+func TestPumpIdleTimeout(t *testing.T) {
+	checkLeaks(t)
+	client, _, run := pumped(t, context.Background(), 100*time.Millisecond)
+	start := time.Now()
+	st := run.wait(t, 5*time.Second)
+	if !errors.Is(st.Err, ErrIdle) {
+		t.Fatalf("err %v; want ErrIdle", st.Err)
+	}
+	if el := time.Since(start); el < 100*time.Millisecond {
+		t.Fatalf("closed after %v, before the idle timeout", el)
+	}
+	if _, err := readAllTimeout(t, client, 2*time.Second); !isClosedOrReset(err) {
+		t.Fatalf("client read after idle close: %v", err)
+	}
+}
+
+// A trickle of bytes through the splice path (no user-space counters) must
+// keep the connection alive: idle is measured from kernel byte counters.
+func TestPumpIdleTimeoutNotWhileActive(t *testing.T) {
+	checkLeaks(t)
+	client, server, run := pumped(t, context.Background(), 200*time.Millisecond)
+	go io.Copy(io.Discard, server)
+	for range 12 { // 12 × 50 ms = 3 idle periods
+		if _, err := client.Write([]byte{'x'}); err != nil {
+			t.Fatalf("write during trickle: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	select {
+	case <-run.done:
+		t.Fatalf("pump ended during traffic: %v", run.stats.Err)
+	default:
+	}
+	// After the trickle stops, the idle timeout applies in the half-closed
+	// state too: the server never closes its side.
+	client.CloseWrite()
+	if st := run.wait(t, 5*time.Second); !errors.Is(st.Err, ErrIdle) || st.Sent != 12 {
+		t.Fatalf("stats %+v; want ErrIdle after 12 bytes", st)
+	}
+}
+
+func TestPumpEarlyClose(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		clientEnd bool // which end closes first
+		reset     bool // RST instead of FIN
+	}{
+		{"client close", true, false},
+		{"server close", false, false},
+		{"client reset", true, true},
+		{"server reset", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			client, server, run := pumped(t, context.Background(), time.Minute)
+			closer, other := client, server
+			if !tc.clientEnd {
+				closer, other = server, client
+			}
+			// Data crosses the pump first so it is mid-stream.
+			other.Write([]byte("in flight"))
+			closer.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(closer, make([]byte, 9)); err != nil {
+				t.Fatal(err)
+			}
+			if tc.reset {
+				closer.SetLinger(0)
+			}
+			closer.Close()
+			_, err := readAllTimeout(t, other, 5*time.Second)
+			if tc.reset {
+				if !errors.Is(err, syscall.ECONNRESET) {
+					t.Fatalf("other end read %v; want the reset passed on", err)
+				}
+			} else {
+				if err != nil {
+					t.Fatalf("other end read %v; want EOF", err)
+				}
+				// A FIN only ends one direction: the other end may still
+				// send. Doing so hits the closed socket, whose RST the pump
+				// passes on, as a direct connection would.
+				deadline := time.Now().Add(5 * time.Second)
+				for {
+					if _, err := other.Write([]byte("more")); err != nil {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("writes to a closed peer kept succeeding")
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+			st := run.wait(t, 5*time.Second)
+			if st.Err == nil {
+				t.Fatal("pump reported no error for a reset")
+			}
+		})
+	}
+}
+
+func TestPumpContextCancel(t *testing.T) {
+	checkLeaks(t)
+	cause := errors.New("revoked for test")
+	ctx, cancel := context.WithCancelCause(context.Background())
+	client, _, run := pumped(t, ctx, time.Minute)
+	cancel(cause)
+	if st := run.wait(t, 5*time.Second); !errors.Is(st.Err, cause) {
+		t.Fatalf("err %v; want %v", st.Err, cause)
+	}
+	if _, err := readAllTimeout(t, client, 2*time.Second); !isClosedOrReset(err) {
+		t.Fatalf("client read after cancel: %v", err)
+	}
+}
+
+// A TLS downstream leg: half-close arrives as close_notify, and the pump's
+// CloseWrite on the TLS leg sends close_notify and then a TCP FIN.
+func TestPumpTLSHalfClose(t *testing.T) {
+	checkLeaks(t)
+	srvCfg, cliCfg := selfSignedTLS(t)
+	rawClient, rawA := tcpPair(t)
+	b, server := tcpPair(t)
+	tlsClient := tls.Client(rawClient, cliCfg)
+	tlsA := tls.Server(rawA, srvCfg)
+	hs := make(chan error, 1)
+	go func() { hs <- tlsA.Handshake() }()
+	if err := tlsClient.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-hs; err != nil {
+		t.Fatal(err)
+	}
+	run := startPump(t, context.Background(), tlsA, b, time.Minute)
+
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 10000) // several records
+	if _, err := tlsClient.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	if err := tlsClient.CloseWrite(); err != nil { // close_notify only, no FIN
+		t.Fatal(err)
+	}
+	got, err := readAllTimeout(t, server, 5*time.Second)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("server got %d bytes, %v; want %d", len(got), err, len(payload))
+	}
+	server.Write([]byte("reply"))
+	server.CloseWrite()
+	got, err = readAllTimeout(t, tlsClient, 5*time.Second)
+	if err != nil || string(got) != "reply" {
+		t.Fatalf("tls client read %q, %v", got, err)
+	}
+	// close_notify has been consumed; the TCP stream must end too (FIN).
+	rawClient.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := rawClient.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("raw read after close_notify: %d, %v; want EOF (FIN)", n, err)
+	}
+	if st := run.wait(t, 5*time.Second); st.Err != nil || st.Sent != int64(len(payload)) || st.Received != 5 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// The buffered path must not use io.Copy's ReaderFrom shortcut (which
+// allocates 32 KiB per call for a TCPConn destination).
+func TestCopyBufferedAllocs(t *testing.T) {
+	var ctr = new(countingDiscard)
+	src := bytes.NewReader(make([]byte, 1<<20))
+	allocs := testing.AllocsPerRun(20, func() {
+		src.Seek(0, io.SeekStart)
+		copyBuffered(ctr, struct{ io.Reader }{src}, &ctr.n)
+	})
+	if allocs > 1 {
+		t.Fatalf("copyBuffered allocates %.1f times per copy; want pooled buffers", allocs)
+	}
+}
