@@ -16,7 +16,12 @@ func blockingLoop(ctx context.Context, o *Options, name string, fetch func(ctx c
 	failures := 0
 	for ctx.Err() == nil {
 		start := time.Now()
-		next, err := fetch(ctx, index)
+		// Bound each call past the server's wait (plus its jitter of up to
+		// wait/16) so a hung connection, e.g. a frozen agent, cannot stall
+		// the watch forever.
+		cctx, cancel := context.WithTimeout(ctx, o.WaitTime+o.WaitTime/16+10*time.Second)
+		next, err := fetch(cctx, index)
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
