@@ -21,7 +21,7 @@ var tls12Suites = []uint16{
 	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 }
 
-// curvePreferences is set in curves.go (the choice is explained there).
+// Key-exchange groups are chosen in curves.go (with the reasoning).
 
 // sessionCacheSize is the number of resumable sessions kept per upstream.
 const sessionCacheSize = 64
@@ -40,7 +40,7 @@ func (id *Identity) ServerConfig() *tls.Config {
 	cfg := &tls.Config{
 		MinVersion:       tls.VersionTLS12,
 		CipherSuites:     tls12Suites,
-		CurvePreferences: curvePreferences,
+		CurvePreferences: serverCurves,
 		// Go's own verification would pin the roots at config creation;
 		// VerifyConnection checks against the current ones instead.
 		ClientAuth: tls.RequireAnyClientCert,
@@ -135,7 +135,7 @@ func (id *Identity) ClientConfig(expected SpiffeID, opts ...ClientOption) *tls.C
 	cfg := &tls.Config{
 		MinVersion:       tls.VersionTLS12,
 		CipherSuites:     tls12Suites,
-		CurvePreferences: curvePreferences,
+		CurvePreferences: clientCurves,
 		ServerName:       expected.SNI(),
 		// The SNI is not a certificate name; the chain and the SPIFFE ID
 		// are verified in VerifyConnection against the current roots.

@@ -466,3 +466,23 @@ func TestResumedHandshakeReverified(t *testing.T) {
 		t.Fatal("server did not resume: the test did not exercise the resumed path")
 	}
 }
+
+// TestKeyExchange pins the groups chosen in curves.go: our clients use
+// X25519; a peer that offers the post-quantum hybrid gets it.
+func TestKeyExchange(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	web := ca.Identity(t, "web", mtlstest.EC256)
+	srv := startServer(t, ca.Identity(t, "api", mtlstest.EC256).ServerConfig())
+	cs, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	mustOK(t, cerr, sr)
+	if cs.CurveID != tls.X25519 {
+		t.Errorf("ferry client negotiated %v, want X25519", cs.CurveID)
+	}
+	pq := web.ClientConfig(ca.ID("api"))
+	pq.CurvePreferences = nil // Go's default: X25519MLKEM768 first
+	cs, cerr, sr = srv.dial(t, pq)
+	mustOK(t, cerr, sr)
+	if cs.CurveID != tls.X25519MLKEM768 {
+		t.Errorf("PQ-preferring client negotiated %v, want X25519MLKEM768", cs.CurveID)
+	}
+}
