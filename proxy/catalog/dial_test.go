@@ -372,3 +372,31 @@ func TestTrackedConnHalfClose(t *testing.T) {
 		t.Error("CloseWrite advertised for a conn without it")
 	}
 }
+
+func TestCloseDuringDials(t *testing.T) {
+	f := newFake()
+	for i := range 20 {
+		f.instances[fmt.Sprint("s", i)] = []Instance{inst("a", "198.18.0.2:20000")}
+	}
+	v := startView(t, f, Options{MaxInstanceWatches: 5})
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				c, _, err := v.Dial(context.Background(), Service{Name: fmt.Sprint("s", (g+i)%20)}, newDialer().dial)
+				if err != nil {
+					if !errors.Is(err, ErrClosed) {
+						t.Errorf("dial: %v", err)
+					}
+					return
+				}
+				c.Close()
+			}
+		}()
+	}
+	time.Sleep(50 * time.Millisecond)
+	v.Close()
+	wg.Wait()
+}

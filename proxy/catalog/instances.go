@@ -57,38 +57,48 @@ func (v *View) normalize(svc Service) Service {
 // watchFor returns the running watch for svc, starting one if needed, and
 // waits until it has data.
 func (v *View) watchFor(ctx context.Context, svc Service) (*instWatch, error) {
-	if v.ctx.Err() != nil {
-		return nil, fmt.Errorf("catalog view closed")
-	}
 	if svc.Datacenter == "" {
 		// A local Dial needs the local datacenter to fill Instance.Service.
 		select {
 		case <-v.dcReady:
 		case <-ctx.Done():
 			return nil, ctx.Err()
+		case <-v.ctx.Done():
+			return nil, ErrClosed
 		}
 	}
 	key := v.normalize(svc)
-	v.instMu.Lock()
-	w, ok := v.inst[key]
-	if !ok {
-		if len(v.inst) >= v.o.MaxInstanceWatches {
-			v.evictLocked()
+	for {
+		v.instMu.Lock()
+		// Checked under instMu: Close cancels, then takes instMu before
+		// waiting for goroutines, so none is started after that wait.
+		if v.ctx.Err() != nil {
+			v.instMu.Unlock()
+			return nil, ErrClosed
 		}
-		w = v.startInstWatch(key)
-		v.inst[key] = w
-	}
-	w.lastUsed.Store(time.Now().UnixNano())
-	v.instMu.Unlock()
-	select {
-	case <-w.ready:
-		return w, nil
-	case <-ctx.Done():
-		return nil, fmt.Errorf("waiting for instances of %s: %w", svc.Name, ctx.Err())
-	case <-w.done:
-		return nil, fmt.Errorf("catalog view closed")
+		w, ok := v.inst[key]
+		if !ok {
+			if len(v.inst) >= v.o.MaxInstanceWatches {
+				v.evictLocked()
+			}
+			w = v.startInstWatch(key)
+			v.inst[key] = w
+		}
+		w.lastUsed.Store(time.Now().UnixNano())
+		v.instMu.Unlock()
+		select {
+		case <-w.ready:
+			return w, nil
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for instances of %s: %w", svc.Name, ctx.Err())
+		case <-w.done:
+			// Evicted before its first read (cap reached); start over.
+		}
 	}
 }
+
+// ErrClosed is returned by Dial and Instances after Close.
+var ErrClosed = errors.New("catalog view closed")
 
 func (v *View) startInstWatch(svc Service) *instWatch {
 	ctx, cancel := context.WithCancel(v.ctx)

@@ -169,6 +169,8 @@ func (v *View) q(idx uint64) Query { return Query{WaitIndex: idx, WaitTime: v.o.
 // Close stops every watch and waits for them. It is idempotent.
 func (v *View) Close() error {
 	v.cancel()
+	v.instMu.Lock() // see watchFor: no instance watch starts after this
+	v.instMu.Unlock()
 	v.wg.Wait()
 	return nil
 }

@@ -244,6 +244,9 @@ func TestCatalogAgent(t *testing.T) {
 				t.Fatal(err)
 			}
 			per[in.Addr.Port()]++
+			if in.Datacenter != "dc1" || in.Service.Datacenter != "dc1" || in.Service.Name != "backend" || in.Node == "" {
+				t.Errorf("instance = %+v", in)
+			}
 			conn.Close()
 		}
 		t.Logf("40 dials per instance port: %v", per)
