@@ -151,4 +151,3 @@ func reset(c net.Conn) {
 	setLinger0(c)
 	c.Close()
 }
-

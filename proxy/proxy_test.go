@@ -1,0 +1,412 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// startProxy applies loopback endpoints (ephemeral ports) and closes the
+// proxy at cleanup.
+func startProxy(t *testing.T, cfg Config, app string) *Proxy {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Debug, Output: testWriter{t}})
+	}
+	p := New(cfg)
+	if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: app}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// exchange dials addr, sends msg, half-closes and returns the whole reply.
+func exchange(t *testing.T, addr, msg string) (string, error) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.Write([]byte(msg))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+func counter(p *Proxy, dir, outcome string) int64 {
+	return p.Metrics().Connections.With(dir, outcome).Value()
+}
+
+// waitFor polls cond (readiness of asynchronous bookkeeping, e.g. metrics
+// recorded after the client saw EOF) for up to 5 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestInboundForwardsToLocalApp(t *testing.T) {
+	checkLeaks(t)
+	app := echoServer(t)
+	p := startProxy(t, Config{}, app)
+	in, _ := p.Addrs()
+	for range 3 {
+		got, err := exchange(t, in.String(), "hello app")
+		if err != nil || got != "hello app" {
+			t.Fatalf("echo through inbound: %q, %v", got, err)
+		}
+	}
+	waitFor(t, "3 ok inbound connections", func() bool { return counter(p, "inbound", "ok") == 3 })
+	m := p.Metrics()
+	if s, r := m.SentBytes.With("inbound").Value(), m.ReceivedBytes.With("inbound").Value(); s != 27 || r != 27 {
+		t.Fatalf("bytes sent %d received %d, want 27/27", s, r)
+	}
+	if m.Active.With("inbound").Value() != 0 || p.Registry().Len() != 0 {
+		t.Fatal("connections still tracked after they ended")
+	}
+	if m.Duration.With("inbound").Count() != 3 {
+		t.Fatal("durations not observed")
+	}
+}
+
+// A connection made straight to the outbound port (not redirected) must be
+// refused: passing it through would dial the listener itself.
+func TestOutboundRefusesNonRedirected(t *testing.T) {
+	checkLeaks(t)
+	p := startProxy(t, Config{}, echoServer(t))
+	_, out := p.Addrs()
+	_, err := exchange(t, out.String(), "loop?")
+	if err == nil || !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("direct connection to outbound: %v, want reset", err)
+	}
+	waitFor(t, "loop counted", func() bool { return counter(p, "outbound", "loop") == 1 })
+}
+
+func TestInboundDialErrorResets(t *testing.T) {
+	checkLeaks(t)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	ln.Close() // nothing listens here now
+	p := startProxy(t, Config{ConnectTimeout: time.Second}, dead)
+	in, _ := p.Addrs()
+	if _, err := exchange(t, in.String(), "x"); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("app down: %v, want reset", err)
+	}
+	waitFor(t, "dial error counted", func() bool {
+		return counter(p, "inbound", "dial_error") == 1 && p.Metrics().DialErrors.With("inbound").Value() == 1
+	})
+}
+
+// The Acceptor hook decides what is pumped and under which keys; the
+// registry closes live connections by key (live revocation).
+func TestAcceptorHookAndRevocation(t *testing.T) {
+	checkLeaks(t)
+	app := echoServer(t)
+	acc := AcceptorFunc(func(ctx context.Context, raw *net.TCPConn) (Accepted, error) {
+		// A toy "handshake": the first line names the peer.
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(raw, buf); err != nil {
+			return Accepted{}, err
+		}
+		peer := string(buf)
+		if peer == "evil" {
+			return Accepted{}, &Refused{Outcome: "denied", Reason: "test intention", Reset: true}
+		}
+		return Accepted{Conn: raw, Peer: "spiffe://test/svc/" + peer, Keys: []string{"src:" + peer}}, nil
+	})
+	p := startProxy(t, Config{Acceptor: acc}, app)
+	in, _ := p.Addrs()
+
+	if _, err := exchange(t, in.String(), "evil and more"); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("refused peer: %v, want reset", err)
+	}
+	waitFor(t, "denied counted", func() bool { return counter(p, "inbound", "denied") == 1 })
+
+	// Two live connections from "web", one from "api".
+	open := func(peer string) net.Conn {
+		c, err := net.Dial("tcp", in.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.Write([]byte(peer + "ping"))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	web1, web2, api := open("web_"), open("web_"), open("api_")
+	waitFor(t, "3 tracked", func() bool { return p.Registry().Len() == 3 })
+	for _, ci := range p.Registry().Snapshot() {
+		if ci.Direction != Inbound || !strings.HasPrefix(ci.Peer, "spiffe://test/svc/") {
+			t.Fatalf("conn info %+v", ci)
+		}
+	}
+	if n := p.Registry().CloseKey("src:web_", nil); n != 2 {
+		t.Fatalf("CloseKey closed %d, want 2", n)
+	}
+	for _, c := range []net.Conn{web1, web2} {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadAll(c); err != nil && !isClosedOrReset(err) {
+			t.Fatalf("revoked conn: %v", err)
+		}
+	}
+	waitFor(t, "revoked counted", func() bool { return counter(p, "inbound", "closed") == 2 })
+	// The other source is untouched.
+	api.Write([]byte("still here"))
+	if _, err := io.ReadFull(api, make([]byte, 10)); err != nil {
+		t.Fatalf("unrevoked connection broken: %v", err)
+	}
+}
+
+func TestMaxConnectionsResetsExtra(t *testing.T) {
+	checkLeaks(t)
+	p := startProxy(t, Config{MaxConnections: 1}, echoServer(t))
+	in, _ := p.Addrs()
+	held, err := net.Dial("tcp", in.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	held.Write([]byte("x"))
+	held.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.ReadFull(held, make([]byte, 1)) // now surely being pumped
+	if _, err := exchange(t, in.String(), "y"); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("over the cap: %v, want reset", err)
+	}
+	waitFor(t, "over_limit counted", func() bool { return counter(p, "inbound", "over_limit") == 1 })
+}
+
+// Drain: after Shutdown starts, /ready is 503, new connections are refused,
+// and an established one finishes its exchange.
+func TestShutdownDrains(t *testing.T) {
+	checkLeaks(t)
+	p := startProxy(t, Config{}, echoServer(t))
+	in, _ := p.Addrs()
+	c, err := net.Dial("tcp", in.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("before"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.ReadFull(c, make([]byte, 6))
+
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		done <- p.Shutdown(ctx)
+	}()
+	waitFor(t, "not ready", func() bool { return p.Ready() != nil })
+	if err := p.Ready(); !strings.Contains(err.Error(), "draining") {
+		t.Fatalf("Ready during drain: %v", err)
+	}
+	waitFor(t, "listener closed", func() bool {
+		c2, err := net.Dial("tcp", in.String())
+		if err == nil {
+			c2.Close()
+		}
+		return err != nil
+	})
+	// The established connection still works and ends cleanly.
+	c.Write([]byte(" after"))
+	c.(*net.TCPConn).CloseWrite()
+	rest, err := io.ReadAll(c)
+	if err != nil || string(rest) != " after" {
+		t.Fatalf("during drain: %q, %v", rest, err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Shutdown: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not return after the last connection ended")
+	}
+}
+
+func TestShutdownDeadlineClosesConnections(t *testing.T) {
+	checkLeaks(t)
+	p := startProxy(t, Config{}, echoServer(t))
+	in, _ := p.Addrs()
+	c, err := net.Dial("tcp", in.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("x"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.ReadFull(c, make([]byte, 1))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if err := p.Shutdown(ctx); err == nil {
+		t.Fatal("Shutdown reported a clean drain with a connection still open")
+	}
+	if el := time.Since(start); el > 3*time.Second {
+		t.Fatalf("Shutdown took %v", el)
+	}
+	if _, err := io.ReadAll(c); err != nil && !isClosedOrReset(err) {
+		t.Fatalf("after drain deadline: %v", err)
+	}
+	if counter(p, "inbound", "closed") != 1 {
+		t.Fatalf("closed outcome = %d, want 1", counter(p, "inbound", "closed"))
+	}
+}
+
+func TestApplyRebindsAndSwitchesApp(t *testing.T) {
+	checkLeaks(t)
+	app1, app2 := echoServer(t), prefixServer(t, "two:")
+	p := startProxy(t, Config{}, app1)
+	in, out := p.Addrs()
+	if got, _ := exchange(t, in.String(), "a"); got != "a" {
+		t.Fatalf("app1: %q", got)
+	}
+	// Same listeners, new app.
+	if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: app2}); err != nil {
+		t.Fatal(err)
+	}
+	if in2, out2 := p.Addrs(); in2.String() != in.String() || out2.String() != out.String() {
+		t.Fatal("listeners rebound although their addresses did not change")
+	}
+	if got, _ := exchange(t, in.String(), "b"); got != "two:b" {
+		t.Fatalf("after app switch: %q", got)
+	}
+	// New inbound address: rebinds, old one stops accepting.
+	if err := p.Apply(Endpoints{Inbound: "127.0.0.2:0", Outbound: "127.0.0.1:0", LocalApp: app2}); err != nil {
+		t.Fatal(err)
+	}
+	in3, _ := p.Addrs()
+	if got, _ := exchange(t, in3.String(), "c"); got != "two:c" {
+		t.Fatalf("new inbound: %q", got)
+	}
+	if _, err := net.Dial("tcp", in.String()); err == nil {
+		t.Fatal("old inbound listener still accepting")
+	}
+	if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: "no-port"}); err == nil {
+		t.Fatal("bad local app accepted")
+	}
+}
+
+func prefixServer(t *testing.T, prefix string) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.Write([]byte(prefix))
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	return ln.Addr().String()
+}
+
+func TestAdmin(t *testing.T) {
+	checkLeaks(t)
+	p := New(Config{})
+	t.Cleanup(func() { p.Close() })
+	p.AddReadyCheck("identity", func() error { return nil })
+	srv := httptest.NewServer(AdminHandler(p.Ready, p.Metrics().Set))
+	t.Cleanup(srv.Close)
+	get := func(path string) (int, string) {
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/ready"); code != 503 || !strings.Contains(body, "configuration not loaded") {
+		t.Fatalf("/ready before config: %d %q", code, body)
+	}
+	if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: echoServer(t)}); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get("/ready"); code != 200 {
+		t.Fatalf("/ready after config: %d %q", code, body)
+	}
+	identity := errors.New("leaf not loaded")
+	p.AddReadyCheck("identity", func() error { return identity })
+	if code, body := get("/ready"); code != 503 || !strings.Contains(body, "identity: leaf not loaded") {
+		t.Fatalf("/ready with a failing check: %d %q", code, body)
+	}
+	code, body := get("/metrics")
+	for _, want := range []string{
+		"# TYPE ferry_connections_total counter",
+		`ferry_connections_total{direction="inbound",outcome="ok"} 0`,
+		`ferry_active_connections{direction="outbound"} 0`,
+		"# TYPE ferry_connection_duration_seconds histogram",
+	} {
+		if code != 200 || !strings.Contains(body, want) {
+			t.Fatalf("/metrics lacks %q:\n%s", want, body)
+		}
+	}
+}
+
+func TestMetricsText(t *testing.T) {
+	c := NewCounterVec("x_total", "Help.", "a")
+	c.With(`q"u\o`).Add(3)
+	h := NewDurationHistogramVec("d_seconds", "Durations.", []float64{0.1, 1})
+	h.With().Observe(50 * time.Millisecond)
+	h.With().Observe(500 * time.Millisecond)
+	h.With().Observe(5 * time.Second)
+	var s MetricSet
+	s.Register(c)
+	s.Register(h)
+	var b strings.Builder
+	s.WritePrometheus(&b)
+	want := `# HELP x_total Help.
+# TYPE x_total counter
+x_total{a="q\"u\\o"} 3
+# HELP d_seconds Durations.
+# TYPE d_seconds histogram
+d_seconds_bucket{le="0.1"} 1
+d_seconds_bucket{le="1"} 2
+d_seconds_bucket{le="+Inf"} 3
+d_seconds_sum 5.55
+d_seconds_count 3
+`
+	if b.String() != want {
+		t.Fatalf("got:\n%s\nwant:\n%s", b.String(), want)
+	}
+}
