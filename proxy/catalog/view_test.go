@@ -272,3 +272,18 @@ func TestViewIndexGoesBackwards(t *testing.T) {
 		return m.Service.Name == "api"
 	})
 }
+
+func BenchmarkLookup(b *testing.B) {
+	recs := make([]ProxyRecord, 5000)
+	for i := range recs {
+		recs[i] = ProxyRecord{Service: Service{Name: "svc"}, ConsulVirtual: netip.AddrFrom4([4]byte{240, 0, byte(i >> 8), byte(i)})}
+	}
+	v := &View{}
+	v.table.Store(buildTable(recs, nil, false, "dc1"))
+	hit, miss := ip("240.0.10.10"), ip("203.0.113.9")
+	b.ReportAllocs()
+	for b.Loop() {
+		v.Lookup(hit)
+		v.Lookup(miss)
+	}
+}

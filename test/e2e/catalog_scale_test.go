@@ -17,9 +17,13 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/ferrymesh/ferry/dns"
 	"github.com/ferrymesh/ferry/proxy/catalog"
 	"github.com/ferrymesh/ferry/test/testbed"
 )
+
+// The DNS server reads the mesh view through its own small interface.
+var _ dns.MeshView = (*catalog.View)(nil)
 
 // Catalog entries below carry addresses from 198.18.0.0/15 (and a
 // ClusterIP-like 198.19.x `virtual` tag) but no traffic is ever sent to them;
