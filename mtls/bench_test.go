@@ -2,6 +2,7 @@ package mtls_test
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"io"
 	"net"
 	"testing"
@@ -188,5 +189,25 @@ func BenchmarkBulk(b *testing.B) {
 				})
 			})
 		}
+	}
+}
+
+// BenchmarkChainVerify is the x509 chain check that the per-root-set
+// verification cache saves on every handshake after a peer's first
+// (per side): what a repeat or resumed connection would otherwise pay.
+func BenchmarkChainVerify(b *testing.B) {
+	for _, kt := range []mtlstest.KeyType{mtlstest.EC256, mtlstest.RSA2048} {
+		b.Run(kt.String(), func(b *testing.B) {
+			ca := mtlstest.NewCAWith(b, mtlstest.Options{KeyType: kt})
+			web := ca.Identity(b, "web", kt)
+			opts := x509.VerifyOptions{Roots: web.Roots().Pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+			leaf := web.Leaf().X509
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := leaf.Verify(opts); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
