@@ -114,6 +114,9 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 	if err != nil {
 		return fmt.Errorf("run: consul client: %w", err)
 	}
+	if acfg.Transport != nil {
+		defer acfg.Transport.CloseIdleConnections()
+	}
 
 	p := proxy.New(proxy.Config{
 		Logger:         log.Named("proxy"),

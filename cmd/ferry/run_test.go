@@ -1,0 +1,272 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/proxy"
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+)
+
+func TestParseRunFlags(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		code    int // 0: no error
+		wantErr string
+		check   func(runConfig) bool
+	}{
+		{"proxy id with defaults", []string{"-proxy-id", "web-sidecar-proxy"}, 0, "", func(c runConfig) bool {
+			return c.ProxyID == "web-sidecar-proxy" && c.AdminAddr == "127.0.0.1:19000" &&
+				c.ConnectTimeout == proxy.DefaultConnectTimeout && c.IdleTimeout == proxy.DefaultIdleTimeout &&
+				c.DrainTimeout == 15*time.Second && c.MaxConnections == 0
+		}},
+		{"sidecar-for and overrides", []string{"-sidecar-for", "web", "-inbound-addr", "0.0.0.0:21000", "-outbound-addr", "127.0.0.1:15101",
+			"-local-app", "127.0.0.1:9090", "-max-connections", "100", "-idle-timeout", "0", "-http-addr", "198.18.0.1:8500", "-token", "t"}, 0, "",
+			func(c runConfig) bool {
+				e := c.applyOverrides(proxy.Endpoints{Inbound: "a", Outbound: "b", LocalApp: "c"})
+				return c.SidecarFor == "web" && e == proxy.Endpoints{Inbound: "0.0.0.0:21000", Outbound: "127.0.0.1:15101", LocalApp: "127.0.0.1:9090"} &&
+					c.MaxConnections == 100 && c.IdleTimeout == 0 && c.HTTPAddr == "198.18.0.1:8500" && c.Token == "t"
+			}},
+		{"no id", nil, 2, "one of -proxy-id or -sidecar-for", nil},
+		{"both ids", []string{"-proxy-id", "a", "-sidecar-for", "b"}, 2, "mutually exclusive", nil},
+		{"negative cap", []string{"-proxy-id", "a", "-max-connections", "-1"}, 2, "max-connections", nil},
+		{"zero connect timeout", []string{"-proxy-id", "a", "-connect-timeout", "0s"}, 2, "connect-timeout", nil},
+		{"bad level", []string{"-proxy-id", "a", "-log-level", "loud"}, 2, "log-level", nil},
+		{"stray arg", []string{"-proxy-id", "a", "extra"}, 2, "unexpected arguments", nil},
+		{"unknown flag", []string{"-nope"}, 2, "not defined", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("CONNECT_PROXY_ID", "")
+			t.Setenv("CONNECT_SIDECAR_FOR", "")
+			c, err := parseRunFlags(tc.args, io.Discard)
+			if tc.code == 0 {
+				if err != nil || !tc.check(c) {
+					t.Fatalf("parse %v: %+v, %v", tc.args, c, err)
+				}
+				return
+			}
+			var ee *exitError
+			if !errors.As(err, &ee) || ee.code != tc.code || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("parse %v: err %v, want exit %d with %q", tc.args, err, tc.code, tc.wantErr)
+			}
+		})
+	}
+}
+
+// fakeAgent serves /v1/agent/service/<id> with hash-based blocking, like the
+// real agent, and lets the test change the registration.
+type fakeAgent struct {
+	mu      sync.Mutex
+	svc     *api.AgentService
+	hash    int
+	changed chan struct{}
+}
+
+func (f *fakeAgent) set(svc *api.AgentService) {
+	f.mu.Lock()
+	f.svc = svc
+	f.hash++
+	if f.changed != nil {
+		close(f.changed)
+	}
+	f.changed = make(chan struct{})
+	f.mu.Unlock()
+}
+
+func (f *fakeAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !strings.HasPrefix(r.URL.Path, "/v1/agent/service/") {
+		http.NotFound(w, r)
+		return
+	}
+	f.mu.Lock()
+	svc, hash, ch := f.svc, strconv.Itoa(f.hash), f.changed
+	f.mu.Unlock()
+	if r.URL.Query().Get("hash") == hash {
+		select {
+		case <-ch:
+		case <-r.Context().Done():
+			return
+		case <-time.After(2 * time.Second): // a short "wait" so tests end quickly
+		}
+		f.mu.Lock()
+		svc, hash = f.svc, strconv.Itoa(f.hash)
+		f.mu.Unlock()
+	}
+	w.Header().Set("X-Consul-ContentHash", hash)
+	json.NewEncoder(w).Encode(svc)
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func port(t *testing.T, addr string) int {
+	_, p, _ := net.SplitHostPort(addr)
+	n, _ := strconv.Atoi(p)
+	return n
+}
+
+func echoApp(t *testing.T, prefix string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.Write([]byte(prefix))
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	return ln.Addr().String()
+}
+
+// TestRunLifecycle drives runProxy against a fake agent: ready only once
+// the registration is loaded, follows a registration change, drains on the
+// first signal (/ready 503, established connection still served), exits at
+// once on the second, and leaves no goroutines behind.
+func TestRunLifecycle(t *testing.T) {
+	before := runtime.NumGoroutine()
+	app1, app2 := echoApp(t, "one:"), echoApp(t, "two:")
+	in, out, admin := freeAddr(t), freeAddr(t), freeAddr(t)
+	reg := func(app string) *api.AgentService {
+		return &api.AgentService{
+			Kind: api.ServiceKindConnectProxy, ID: "web-sidecar-proxy", Port: port(t, in),
+			Proxy: &api.AgentServiceConnectProxyConfig{
+				DestinationServiceName: "web", LocalServicePort: port(t, app),
+				TransparentProxy: &api.TransparentProxyConfig{OutboundListenerPort: port(t, out)},
+				Config:           map[string]any{"bind_address": "127.0.0.1"},
+			},
+		}
+	}
+	fa := &fakeAgent{}
+	fa.set(reg(app1))
+	agentSrv := httptest.NewServer(fa)
+	defer agentSrv.Close()
+
+	cfg := runConfig{ProxyID: "web-sidecar-proxy", HTTPAddr: agentSrv.URL, AdminAddr: admin,
+		ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Minute}
+	sigs := make(chan os.Signal, 2)
+	done := make(chan error, 1)
+	go func() {
+		done <- runProxy(cfg, hclog.New(&hclog.LoggerOptions{Output: io.Discard}), sigs)
+	}()
+
+	hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 2 * time.Second}
+	ready := func() (int, string) {
+		resp, err := hc.Get("http://" + admin + "/ready")
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	poll := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	poll("ready", func() bool { c, _ := ready(); return c == 200 })
+
+	talk := func(msg string) string {
+		c, err := net.Dial("tcp", in)
+		if err != nil {
+			return err.Error()
+		}
+		defer c.Close()
+		c.Write([]byte(msg))
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, _ := io.ReadAll(c)
+		return string(b)
+	}
+	if got := talk("hi"); got != "one:hi" {
+		t.Fatalf("through ferry: %q", got)
+	}
+	fa.set(reg(app2))
+	poll("registration change applied", func() bool { return talk("x") == "two:x" })
+
+	held, err := net.Dial("tcp", in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	held.Write([]byte("a"))
+	held.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.ReadFull(held, make([]byte, 5)) // "two:a": now being pumped
+
+	sigs <- syscall.SIGTERM
+	poll("draining", func() bool { c, b := ready(); return c == 503 && strings.Contains(b, "draining") })
+	held.Write([]byte("b"))
+	if _, err := io.ReadFull(held, make([]byte, 1)); err != nil {
+		t.Fatalf("established connection during drain: %v", err)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("runProxy returned during drain: %v", err)
+	default:
+	}
+
+	start := time.Now()
+	sigs <- syscall.SIGINT
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("runProxy: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("second signal did not stop ferry")
+	}
+	if el := time.Since(start); el > 2*time.Second {
+		t.Fatalf("second signal took %v", el)
+	}
+	if _, err := io.ReadAll(held); err != nil && !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("held connection after exit: %v", err)
+	}
+	agentSrv.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before+2 { // +2: the echo apps' accept loops, stopped at cleanup
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("goroutines: %d before, %d after\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
