@@ -57,15 +57,14 @@ func (v *View) normalize(svc Service) Service {
 // watchFor returns the running watch for svc, starting one if needed, and
 // waits until it has data.
 func (v *View) watchFor(ctx context.Context, svc Service) (*instWatch, error) {
-	if svc.Datacenter == "" {
-		// A local Dial needs the local datacenter to fill Instance.Service.
-		select {
-		case <-v.dcReady:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-v.ctx.Done():
-			return nil, ErrClosed
-		}
+	// The local datacenter fills Instance.Service and tells whether an
+	// explicit Datacenter is the local one (one watch for both spellings).
+	select {
+	case <-v.dcReady:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-v.ctx.Done():
+		return nil, ErrClosed
 	}
 	key := v.normalize(svc)
 	for {
