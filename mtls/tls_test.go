@@ -486,3 +486,58 @@ func TestKeyExchange(t *testing.T) {
 		t.Errorf("PQ-preferring client negotiated %v, want X25519MLKEM768", cs.CurveID)
 	}
 }
+
+// TestConcurrentRotation swaps leaves and root sets while handshakes run
+// (run with -race); every handshake must succeed since all leaves come from
+// roots that stay trusted.
+func TestConcurrentRotation(t *testing.T) {
+	ca, ca2 := mtlstest.NewCA(t), mtlstest.NewCA(t)
+	web := ca.Identity(t, "web", mtlstest.EC256, ca2)
+	api := ca.Identity(t, "api", mtlstest.EC256, ca2)
+	srv := startServer(t, api.ServerConfig())
+	client := web.ClientConfig(ca.ID("api"))
+	leaves := make([][2][]byte, 4)
+	for i := range leaves {
+		issuer := ca
+		if i%2 == 1 {
+			issuer = ca2
+		}
+		leaves[i][0], leaves[i][1] = issuer.Leaf(t, ca.ID("api"), mtlstest.EC256)
+	}
+	stop := make(chan struct{})
+	rotated := make(chan int)
+	go func() {
+		n := 0
+		defer func() { rotated <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			l := leaves[n%len(leaves)]
+			if err := api.SetLeaf(l[0], l[1]); err != nil {
+				t.Error(err)
+				return
+			}
+			if err := web.SetRoots(ca.TrustDomain, ca.RootPEM, ca2.RootPEM); err != nil {
+				t.Error(err)
+				return
+			}
+			n++
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	for i := 0; i < 40; i++ {
+		_, cerr, sr := srv.dial(t, client)
+		if cerr != nil || sr.err != nil {
+			close(stop)
+			<-rotated
+			t.Fatalf("handshake %d: client %v, server %v", i, cerr, sr.err)
+		}
+	}
+	close(stop)
+	if n := <-rotated; n < 5 {
+		t.Logf("only %d rotations happened during the handshakes", n)
+	}
+}
