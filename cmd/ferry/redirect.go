@@ -344,7 +344,13 @@ func redirectCleanup(ctx context.Context, f *redirectFlags, stdout io.Writer) er
 		}
 		backends[redirect.IPv4] = be4
 		if !f.set["ipv6"] || f.ipv6 {
+			// Without -ipv6, a host whose ip6tables cannot even list the
+			// nat table (no binary, no ip6table_nat) has no IPv6 rules of
+			// ours to remove: skip it rather than fail the cleanup.
 			be6, err := redirect.NewExecBackend(redirect.IPv6)
+			if err == nil && !f.ipv6 {
+				_, err = be6.List(ctx)
+			}
 			switch {
 			case err == nil:
 				backends[redirect.IPv6] = be6
