@@ -7,7 +7,10 @@
 // Scale shapes the design. The map side uses a constant number of blocking
 // queries however large the catalog is: one on /v1/catalog/services (whose
 // index moves only when service registrations change, not on health-check
-// flaps) that triggers a bulk read of every node's services, plus one each for
+// flaps) that triggers a bulk read of every node's services (GET
+// /v1/internal/ui/nodes: the only HTTP read returning tagged addresses and
+// proxy config of all instances at once; internal to Consul, so the
+// real-agent tests pin it), plus one each for
 // service-defaults, proxy-defaults and mesh config entries. One watch per
 // service would not work at catalog scale: the agent allows 200 concurrent
 // HTTP connections per client IP by default (limits.http_max_conns_per_client).
