@@ -541,3 +541,34 @@ func TestConcurrentRotation(t *testing.T) {
 		t.Logf("only %d rotations happened during the handshakes", n)
 	}
 }
+
+func TestClientOptions(t *testing.T) {
+	ca := mtlstest.NewCA(t)
+	web := ca.Identity(t, "web", mtlstest.EC256)
+	srv := startServer(t, ca.Identity(t, "api", mtlstest.EC256).ServerConfig())
+
+	noCache := web.ClientConfig(ca.ID("api"), mtls.WithSessionCacheSize(0))
+	if noCache.ClientSessionCache != nil {
+		t.Fatal("WithSessionCacheSize(0) kept a session cache")
+	}
+	if got := mtls.InstanceConfig(noCache, "x"); got != noCache {
+		t.Fatal("InstanceConfig copied a config without a session cache")
+	}
+	for range 2 {
+		cs, cerr, sr := srv.dial(t, noCache)
+		mustOK(t, cerr, sr)
+		if cs.DidResume {
+			t.Fatal("resumed without a session cache")
+		}
+	}
+
+	// Peered / discovery-chain targets bring their own SNI; "" sends none
+	// (as the built-in proxy does) and the server accepts either.
+	for _, sni := range []string{"api.default.default.peer1.external.other.consul", ""} {
+		cs, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api"), mtls.WithServerName(sni)))
+		mustOK(t, cerr, sr)
+		if sr.state.ServerName != sni || cs.ServerName != sni {
+			t.Fatalf("SNI %q: server saw %q", sni, sr.state.ServerName)
+		}
+	}
+}
