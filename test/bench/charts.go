@@ -10,6 +10,7 @@ import (
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
 )
 
 type chart struct{ title, file string }
@@ -90,25 +91,31 @@ type barGroup struct {
 	get   func(sample) float64
 }
 
-// barChart draws one cluster per group, one bar per path.
+// barChart draws one cluster per group, one labelled bar per path.
 func barChart(title, unit string, ids []string, res results, groups []barGroup) (*plot.Plot, error) {
 	p := plot.New()
 	p.Title.Text = title
 	p.Y.Label.Text = unit
 	p.Legend.Top = true
-	w := vg.Points(18)
+	w := vg.Points(min(32, 200/float64(max(1, len(ids)))))
 	var labels []string
 	for _, g := range groups {
 		labels = append(labels, g.label)
 	}
+	top := 0.0
 	for i, id := range ids {
 		vals := make(plotter.Values, len(groups))
+		var pts plotter.XYs
+		var texts []string
 		for j, g := range groups {
 			v := res.stat(id, g.scen, g.get).Med
 			if math.IsNaN(v) {
 				v = 0
 			}
 			vals[j] = v
+			top = max(top, v)
+			pts = append(pts, plotter.XY{X: float64(j), Y: v})
+			texts = append(texts, shortNum(v))
 		}
 		bars, err := plotter.NewBarChart(vals, w)
 		if err != nil {
@@ -119,10 +126,32 @@ func barChart(title, unit string, ids []string, res results, groups []barGroup) 
 		bars.Offset = w * vg.Length(float64(i)-float64(len(ids)-1)/2)
 		p.Add(bars)
 		p.Legend.Add(pathNames[id], bars)
+		lbl, err := plotter.NewLabels(plotter.XYLabels{XYs: pts, Labels: texts})
+		if err != nil {
+			return nil, err
+		}
+		for k := range lbl.TextStyle {
+			lbl.TextStyle[k].XAlign = draw.XCenter
+			lbl.TextStyle[k].Font.Size = vg.Points(9)
+		}
+		lbl.Offset = vg.Point{X: bars.Offset, Y: vg.Points(3)}
+		p.Add(lbl)
 	}
 	p.NominalX(labels...)
-	p.Y.Min = 0
+	p.X.Min, p.X.Max = -0.6, float64(len(groups))-0.4
+	// Head room for the legend above the tallest bar.
+	p.Y.Min, p.Y.Max = 0, top*1.45+1e-9
 	return p, nil
+}
+
+func shortNum(v float64) string {
+	switch {
+	case v >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 10:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
 }
 
 // latencyCDF plots every RR sample of every repetition: x latency (log

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -23,6 +24,7 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 	if err != nil {
 		return err
 	}
+	load0 := loadavg()
 	logf("bench %s mode: %d repetitions, paths %s", pr.Mode, pr.Reps, strings.Join(ids, ","))
 	consul, err := testbed.Consul()
 	if err != nil {
@@ -65,7 +67,7 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 		Params:   pr,
 		Started:  t0,
 		Duration: time.Since(t0),
-		Env:      describeEnv(consul, e.ferry),
+		Env:      append(describeEnv(consul, e.ferry), "load average (1/5/15 min) at start: "+load0+"; at end: "+loadavg()),
 		Failures: failures,
 	}
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
@@ -74,6 +76,9 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 	name := t0.Format("2006-01-02") + "-" + pr.Mode
 	if tag != "" {
 		name += "-" + tag
+	}
+	if err := saveRaw(filepath.Join(outDir, name+".json"), rawRun{Meta: meta, Paths: paths, Results: res}); err != nil {
+		logf("raw results not saved: %v", err)
 	}
 	md, err := writeReport(outDir, name, paths, res, meta)
 	if err != nil {
@@ -90,6 +95,39 @@ func needsFerry(ids []string) bool {
 		}
 	}
 	return false
+}
+
+// rawRun is everything a report is made from, saved next to it so the
+// report can be re-rendered (-from FILE) without measuring again.
+type rawRun struct {
+	Meta    runMeta
+	Paths   []*path
+	Results results
+}
+
+func saveRaw(file string, r rawRun) error {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(file, b, 0o644)
+}
+
+// rerender rewrites the report and charts of a saved run.
+func rerender(file string) error {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return err
+	}
+	var r rawRun
+	if err := json.Unmarshal(b, &r); err != nil {
+		return fmt.Errorf("%s: %w", file, err)
+	}
+	md, err := writeReport(filepath.Dir(file), strings.TrimSuffix(filepath.Base(file), ".json"), r.Paths, r.Results, r.Meta)
+	if err == nil {
+		fmt.Fprintln(os.Stderr, "report:", md)
+	}
+	return err
 }
 
 type runMeta struct {
@@ -131,4 +169,17 @@ func describeEnv(consul, ferry string) []string {
 	}
 	env = append(env, "load generator & server: "+filepath.Base(os.Args[0])+" (test/bench), same binary in every pod")
 	return env
+}
+
+// loadavg tells the reader how busy the shared machine was.
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }

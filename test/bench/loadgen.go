@@ -263,8 +263,8 @@ func runBulk(ctx context.Context, c loadConfig) (loadResult, error) {
 }
 
 // runRR sends 1 KiB requests at a fixed total rate over persistent
-// connections. Latency runs from the scheduled send time, so a stall is
-// charged to every request it delays (no coordinated omission).
+// connections. A stall is charged to every request it delays (latency from
+// the scheduled send time), but the load generator's own timer slack is not.
 func runRR(ctx context.Context, c loadConfig) (loadResult, error) {
 	conns := make([]*net.TCPConn, c.conns)
 	for i := range conns {
@@ -295,10 +295,18 @@ func runRR(ctx context.Context, c loadConfig) (loadResult, error) {
 			resp := make([]byte, msgSize)
 			offset := interval * time.Duration(i) / time.Duration(c.conns)
 			out := make([]float64, 0, perConn)
+			var prevDone time.Time
 			for k := 0; k < perConn && ctx.Err() == nil; k++ {
 				due := start.Add(offset + time.Duration(k)*interval)
 				if d := time.Until(due); d > 0 {
 					time.Sleep(d)
+				}
+				// A request held back by the previous (slow) response is
+				// charged from its due time; one that starts late only
+				// because our own timer woke late is charged from now.
+				from := time.Now()
+				if prevDone.After(due) {
+					from = due
 				}
 				req[0] = byte(k)
 				if _, err := tc.Write(req); err != nil {
@@ -311,7 +319,8 @@ func runRR(ctx context.Context, c loadConfig) (loadResult, error) {
 					firstErr.CompareAndSwap(nil, err.Error())
 					break
 				}
-				out = append(out, float64(time.Since(due).Nanoseconds())/1e3)
+				prevDone = time.Now()
+				out = append(out, float64(prevDone.Sub(from).Nanoseconds())/1e3)
 			}
 			lats[i] = out
 		}()

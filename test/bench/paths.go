@@ -40,9 +40,9 @@ const proxyUID = 5995
 // path is one way from the load generator to a server.
 type path struct {
 	ID      string
-	Client  *testbed.Pod // where the load generator runs
-	Addr    string       // what it dials
-	Proxies []*testbed.Process
+	Client  *testbed.Pod       `json:"-"` // where the load generator runs
+	Addr    string             // what it dials
+	Proxies []*testbed.Process `json:"-"`
 	// NA is why the path could not be set up; empty when it works.
 	NA string
 }
@@ -64,9 +64,6 @@ func (e *env) start(pod *testbed.Pod, o testbed.Proc, argv ...string) (*testbed.
 		return nil, err
 	}
 	e.procs = append(e.procs, pr)
-	// The idle scenario holds 10,000 connections: 20,000+ fds in a proxy.
-	// Raise the limit from outside so it also works for non-root processes.
-	exec.Command("prlimit", "--pid", strconv.Itoa(pr.PID()), "--nofile=65536:65536").Run()
 	return pr, nil
 }
 
@@ -101,7 +98,7 @@ func (e *env) tunePod(pod *testbed.Pod) error {
 }
 
 func (e *env) probe(pod *testbed.Pod, addr string) error {
-	out, err := e.exec(pod, testbed.Proc{}, 40*time.Second, e.self, "probe", "-addr", addr, "-timeout", "30s")
+	out, err := e.exec(pod, testbed.Proc{}, 25*time.Second, e.self, "probe", "-addr", addr, "-timeout", "15s")
 	if err != nil {
 		return fmt.Errorf("%v: %s", err, strings.TrimSpace(out))
 	}
@@ -176,10 +173,14 @@ func (e *env) setupPaths(ids []string) ([]*path, error) {
 			err = e.setupFerryMTLS(p)
 		}
 		if err == nil && p.NA == "" {
-			err = e.probe(p.Client, p.Addr)
+			if err = e.probe(p.Client, p.Addr); err != nil {
+				for _, pr := range p.Proxies {
+					err = fmt.Errorf("%w; %s says: %s", err, pr.Name, lastLines(pr.Output(), 3))
+				}
+			}
 		}
 		if err != nil {
-			p.NA = "setup failed: " + oneLine(err.Error())
+			p.NA = "setup failed: " + strings.ReplaceAll(oneLine(err.Error()), e.self, "bench")
 		}
 		if p.NA != "" {
 			e.logf("path %-10s NOT AVAILABLE: %s", id, p.NA)
@@ -263,10 +264,11 @@ backend mesh
 }
 
 // haproxyConfig is Debian's HAProxy in TCP mode with defaults otherwise
-// (threads = CPUs), sized for the idle scenario.
+// (threads = CPUs). maxconn is what fits the 20,000-fd hard limit here
+// (two fds per proxied connection); HAProxy refuses to start otherwise.
 func haproxyConfig(body string) string {
 	return `global
-  maxconn 50000
+  maxconn 9800
   log stdout format raw local0 err
 defaults
   mode tcp
@@ -274,7 +276,7 @@ defaults
   timeout connect 5s
   timeout client 300s
   timeout server 300s
-  maxconn 50000
+  maxconn 9800
 ` + body
 }
 
@@ -364,10 +366,15 @@ func (e *env) setupFerryMTLS(p *path) error {
 	return nil
 }
 
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], " | ")
+}
+
 func oneLine(s string) string {
 	s = strings.Join(strings.Fields(s), " ")
-	if len(s) > 300 {
-		s = s[:300] + "…"
+	if len(s) > 600 {
+		s = s[:600] + "…"
 	}
 	return s
 }

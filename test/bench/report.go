@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -62,6 +63,24 @@ var figures = []figure{
 	{sIdle, "proxy RSS MiB idle→loaded", "", nil, false},
 }
 
+// cell is one figure of one path, flagged when its spread is large.
+func cell(res results, id string, f figure) string {
+	if id == pDirect && (strings.Contains(f.title, "proxy") || f.scen == sIdle) {
+		return "–"
+	}
+	if f.get == nil {
+		base := res.stat(id, sIdle, func(s sample) float64 { return s.RSSBase })
+		load := res.stat(id, sIdle, func(s sample) float64 { return s.RSSLoaded })
+		return fmtNum("%.1f", base.Med) + " → " + fmtNum("%.1f", load.Med)
+	}
+	st := res.stat(id, f.scen, f.get)
+	c := fmtNum(f.format, st.Med)
+	if st.spread() > 0.15 {
+		c += "*"
+	}
+	return c
+}
+
 func fmtNum(format string, v float64) string {
 	if math.IsNaN(v) || math.IsInf(v, 0) {
 		return "–"
@@ -89,7 +108,7 @@ func writeReport(dir, name string, paths []*path, res results, m runMeta) (strin
 	w("Figures are medians over the repetitions; this machine is shared and CPU-bound, so compare the ratios measured side by side, not absolute figures across runs. See `docs/bench.md` for the method.\n\n")
 
 	w("Scenarios: **bulk** — one connection sends %s (and 64 connections send %s in total) to a sink; ", human(p.BulkBytes), human(p.Bulk64))
-	w("**RR** — 1 KiB request/response at a fixed %d req/s over %d persistent connections for %v (latency from the scheduled send time); ", p.RRRate, p.RRConns, p.RRDur)
+	w("**RR** — 1 KiB request/response at a fixed %d req/s over %d persistent connections for %v (a request delayed by a slow previous response is timed from its scheduled send time, so stalls are not hidden); ", p.RRRate, p.RRConns, p.RRDur)
 	w("**new conn** — %d closed-loop workers for %v: connect, 1 KiB echo, close; ", p.CRRWorkers, p.CRRDur)
 	w("**idle** — %d established idle connections through the proxies (once per path). ", p.IdleConns)
 	w("Proxy CPU is utime+stime from /proc of all the path's proxy processes (both sides of a pair); RSS is their summed VmRSS.\n\n")
@@ -101,38 +120,35 @@ func writeReport(dir, name string, paths []*path, res results, m runMeta) (strin
 		}
 	}
 	w("## Results (medians)\n\n")
-	w("| path |")
-	for _, f := range figures {
-		w(" %s |", f.title)
-	}
-	w("\n|---|")
-	for range figures {
-		w("---:|")
-	}
-	w("\n")
-	for _, pa := range live {
-		w("| %s |", pathNames[pa.ID])
+	for _, tbl := range []struct {
+		title string
+		scens []string
+	}{
+		{"Bulk throughput and proxy CPU", []string{sBulk1, sBulk64}},
+		{"Request/response latency at a fixed rate", []string{sRR}},
+		{"New connections and idle connections", []string{sCRR, sIdle}},
+	} {
+		var fs []figure
 		for _, f := range figures {
-			if f.get == nil {
-				base := res.stat(pa.ID, sIdle, func(s sample) float64 { return s.RSSBase })
-				load := res.stat(pa.ID, sIdle, func(s sample) float64 { return s.RSSLoaded })
-				if pa.ID == pDirect {
-					w(" – |")
-				} else {
-					w(" %s→%s |", fmtNum("%.1f", base.Med), fmtNum("%.1f", load.Med))
-				}
-				continue
+			if slices.Contains(tbl.scens, f.scen) {
+				fs = append(fs, f)
 			}
-			st := res.stat(pa.ID, f.scen, f.get)
-			if pa.ID == pDirect && strings.Contains(f.title, "proxy") || pa.ID == pDirect && f.scen == sIdle {
-				w(" – |")
-				continue
+		}
+		w("**%s**\n\n| path |", tbl.title)
+		for _, f := range fs {
+			w(" %s |", f.title)
+		}
+		w("\n|---|")
+		for range fs {
+			w("---:|")
+		}
+		w("\n")
+		for _, pa := range live {
+			w("| %s |", pathNames[pa.ID])
+			for _, f := range fs {
+				w(" %s |", cell(res, pa.ID, f))
 			}
-			cell := fmtNum(f.format, st.Med)
-			if st.spread() > 0.15 {
-				cell += "*"
-			}
-			w(" %s |", cell)
+			w("\n")
 		}
 		w("\n")
 	}
@@ -266,8 +282,8 @@ func writeTargets(w func(string, ...any), paths []*path, res results) {
 		ours := fmtNum("%.2f ", r.ours) + r.unit
 		if math.IsNaN(r.ours) {
 			ours = "n/a"
-			if why := avail[r.ourID]; why != "" {
-				ours = "n/a (" + why + ")"
+			if avail[r.ourID] != "" {
+				ours = "n/a (path not available, see below)"
 			}
 		}
 		w("| %s | %s | %s | %s | %s |\n", r.name, ours, fmtNum("%.2f ", r.ref)+r.unit, fmtNum("%.2f×", rat), met)
