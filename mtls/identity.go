@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,13 +51,12 @@ type Identity struct {
 	mu       sync.Mutex
 	leafErr  error // last leaf fetch/load error, nil after a success
 	rootsErr error
-	now      func() time.Time
 }
 
 // NewIdentity returns an empty identity; it becomes ready once SetLeaf and
 // SetRoots (or Watch) have both succeeded.
 func NewIdentity() *Identity {
-	return &Identity{ready: make(chan struct{}), now: time.Now}
+	return &Identity{ready: make(chan struct{})}
 }
 
 // Ready is closed once a leaf and roots have both been loaded. It stays
@@ -215,7 +215,7 @@ func (id *Identity) Status() Status {
 	if rootsErr != nil {
 		errs = append(errs, "roots: "+rootsErr.Error())
 	}
-	s.LastError = joinNonEmpty(errs)
+	s.LastError = strings.Join(errs, "; ")
 	if l != nil {
 		s.ID, s.Serial, s.NotAfter = l.ID.String(), l.Serial, l.NotAfter
 	}
@@ -229,11 +229,11 @@ func (id *Identity) Status() Status {
 		s.Reason = "leaf certificate not loaded yet"
 	case r == nil:
 		s.Reason = "CA roots not loaded yet"
-	case !id.now().Before(l.NotAfter):
+	case !time.Now().Before(l.NotAfter):
 		s.Reason = fmt.Sprintf("leaf certificate expired at %s", l.NotAfter.UTC().Format(time.RFC3339))
 	}
 	if l != nil && r != nil {
-		_, err := r.verify(l.Chain, x509.ExtKeyUsageAny, id.now())
+		_, err := r.verify(l.Chain, x509.ExtKeyUsageAny, time.Now())
 		s.LeafTrusts = err == nil
 	}
 	if s.Reason != "" && s.LastError != "" {
@@ -241,17 +241,6 @@ func (id *Identity) Status() Status {
 	}
 	s.Ready = s.Reason == ""
 	return s
-}
-
-func joinNonEmpty(s []string) string {
-	out := ""
-	for i, v := range s {
-		if i > 0 {
-			out += "; "
-		}
-		out += v
-	}
-	return out
 }
 
 func colonHex(b []byte) string {
