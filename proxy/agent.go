@@ -143,7 +143,7 @@ func WatchService(ctx context.Context, agent *api.Agent, id string, log hclog.Lo
 				return
 			}
 			backoff = min(max(2*backoff, time.Second), 30*time.Second)
-			log.Warn("reading proxy registration failed, retrying", "proxy_id", id, "error", err, "backoff", backoff)
+			log.Warn("reading proxy registration failed, retrying", "error", err, "backoff", backoff)
 			select {
 			case <-ctx.Done():
 				return
