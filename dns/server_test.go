@@ -1,0 +1,455 @@
+package dns
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	mdns "github.com/miekg/dns"
+)
+
+func TestMeshNames(t *testing.T) {
+	checkGoroutines(t)
+	s := startServer(t, Config{Datacenter: "dc1", MeshTTL: 3 * time.Second})
+	names := []string{
+		"backend.default.svc.cluster.local.",
+		"backend.other-ns.svc.cluster.local.", // OSS: every k8s namespace is Consul's default
+		"BACKEND.Default.SVC.Cluster.LOCAL.",
+		"backend.virtual.consul.",
+		"backend.service.consul.",
+		"backend.service.dc1.consul.",
+		"Backend.Service.DC1.consul.",
+		"backend.service.dc1.dc.consul.",
+	}
+	for _, netw := range []string{"udp", "tcp"} {
+		for _, name := range names {
+			for _, edns := range []bool{false, true} {
+				t.Run(fmt.Sprintf("%s/%s/edns=%v", netw, name, edns), func(t *testing.T) {
+					r := query(t, netw, s.Addr(), name, mdns.TypeA, edns)
+					if r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 1 {
+						t.Fatalf("want one answer, got %v", r)
+					}
+					a, ok := r.Answer[0].(*mdns.A)
+					if !ok || a.A.String() != "240.0.0.7" || a.Hdr.Ttl != 3 {
+						t.Fatalf("want A 240.0.0.7 TTL 3, got %v", r.Answer[0])
+					}
+					if r.Question[0].Name != name {
+						t.Fatalf("question case not preserved: %q", r.Question[0].Name)
+					}
+					if (r.IsEdns0() != nil) != edns {
+						t.Fatalf("EDNS0 in answer %v, in query %v", r.IsEdns0() != nil, edns)
+					}
+					// AAAA of an IPv4 VIP: NODATA with a SOA for negative caching.
+					r = query(t, netw, s.Addr(), name, mdns.TypeAAAA, edns)
+					if r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 0 || len(r.Ns) != 1 || r.Ns[0].Header().Rrtype != mdns.TypeSOA {
+						t.Fatalf("AAAA: want NODATA with SOA, got %v", r)
+					}
+				})
+			}
+		}
+	}
+	r := query(t, "udp", s.Addr(), "v6svc.virtual.consul.", mdns.TypeAAAA, false)
+	if len(r.Answer) != 1 || r.Answer[0].(*mdns.AAAA).AAAA.String() != "fd00::7" {
+		t.Fatalf("v6 VIP: %v", r)
+	}
+}
+
+func TestNotMeshNoUpstream(t *testing.T) {
+	s := startServer(t, Config{Datacenter: "dc1"})
+	for _, name := range []string{
+		"nosuch.default.svc.cluster.local.",
+		"nosuch.virtual.consul.",
+		"nosuch.service.consul.",
+		"backend.service.dc2.consul.", // another datacenter's VIP is not ours
+		"tag.backend.service.consul.",
+		"_backend._tcp.service.consul.",
+		"pod-1.default.pod.cluster.local.",
+	} {
+		r := query(t, "udp", s.Addr(), name, mdns.TypeA, false)
+		if r.Rcode != mdns.RcodeNameError || len(r.Ns) != 1 || r.Ns[0].(*mdns.SOA).Minttl != 5 {
+			t.Errorf("%s: want NXDOMAIN with SOA minimum 5, got %v", name, r)
+		}
+	}
+	// Outside our zones with no recursor there is nobody to ask.
+	if r := query(t, "udp", s.Addr(), "example.com.", mdns.TypeA, false); r.Rcode != mdns.RcodeServerFailure {
+		t.Errorf("example.com without recursors: want SERVFAIL, got %v", r)
+	}
+}
+
+func TestForwarding(t *testing.T) {
+	checkGoroutines(t)
+	rec := startUpstream(t, answerA("198.18.9.9", 60))
+	consul := startUpstream(t, answerA("198.18.8.8", 0))
+	s := startServer(t, Config{Recursors: []string{rec.addr}, ConsulDNS: consul.addr, Datacenter: "dc1"})
+
+	cases := []struct {
+		name  string
+		qtype uint16
+		want  string // answer text fragment; "" = NXDOMAIN
+		via   *fakeUpstream
+	}{
+		{"example.com.", mdns.TypeA, "198.18.9.9", rec},
+		{"nx.example.com.", mdns.TypeA, "", rec},
+		{"other.default.svc.cluster.local.", mdns.TypeA, "198.18.9.9", rec}, // k8s knows non-mesh services
+		{"backend.default.svc.cluster.local.", mdns.TypeTXT, "from 198.18.9.9", rec},
+		{"web.service.consul.", mdns.TypeA, "198.18.8.8", consul}, // non-mesh Consul service
+		{"backend.service.consul.", mdns.TypeTXT, "from 198.18.8.8", consul},
+		{"backend.connect.consul.", mdns.TypeA, "198.18.8.8", consul},
+		{"nx.node.consul.", mdns.TypeA, "", consul},
+	}
+	for _, netw := range []string{"udp", "tcp"} {
+		for _, c := range cases {
+			t.Run(netw+"/"+c.name+"/"+mdns.TypeToString[c.qtype], func(t *testing.T) {
+				n := c.via.queries.Load()
+				r := query(t, netw, s.Addr(), c.name, c.qtype, false)
+				if c.want == "" {
+					if r.Rcode != mdns.RcodeNameError {
+						t.Fatalf("want NXDOMAIN, got %v", r)
+					}
+				} else if r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 1 || !strings.Contains(r.Answer[0].String(), c.want) {
+					t.Fatalf("want %s, got %v", c.want, r)
+				}
+				if netw == "udp" && c.via.queries.Load() == n && c.via == consul {
+					t.Fatalf("not forwarded to the right upstream")
+				}
+				if r.IsEdns0() != nil {
+					t.Fatalf("client sent no EDNS0 but got an OPT record")
+				}
+			})
+		}
+	}
+	// Upstream queries carry EDNS0 with our loop marker.
+	q := rec.lastQuery()
+	if opt := q.IsEdns0(); opt == nil || opt.UDPSize() != upstreamUDPSize || len(loopMarkers(q)) != 1 {
+		t.Fatalf("upstream query lacks EDNS0/loop marker: %v", q)
+	}
+}
+
+func TestCacheHonoursTTL(t *testing.T) {
+	rec := startUpstream(t, answerA("198.18.9.9", 1))
+	s := startServer(t, Config{Recursors: []string{rec.addr}})
+	for range 5 {
+		query(t, "udp", s.Addr(), "Cached.Example.", mdns.TypeA, false)
+		query(t, "udp", s.Addr(), "nx.example.", mdns.TypeA, false)
+	}
+	if got := rec.queries.Load(); got != 2 {
+		t.Fatalf("upstream asked %d times, want 2 (positive and negative answer cached)", got)
+	}
+	// The positive answer's TTL is 1s: after it the upstream is asked again.
+	time.Sleep(1100 * time.Millisecond)
+	r := query(t, "udp", s.Addr(), "cached.example.", mdns.TypeA, false)
+	if rec.queries.Load() != 3 || len(r.Answer) != 1 {
+		t.Fatalf("expired answer not refreshed: %d upstream queries, %v", rec.queries.Load(), r)
+	}
+}
+
+func TestTruncationRetriesOverTCP(t *testing.T) {
+	many := func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool) {
+		m := new(mdns.Msg)
+		m.SetReply(r)
+		for i := range 100 { // ~1.6 kB: more than the 1232 we advertise
+			m.Answer = append(m.Answer, &mdns.A{Hdr: mdns.RR_Header{Name: r.Question[0].Name, Rrtype: mdns.TypeA, Class: mdns.ClassINET, Ttl: 30},
+				A: net.IPv4(198, 18, 1, byte(i))})
+		}
+		if !tcp {
+			m.Answer = nil
+			m.Truncated = true
+		}
+		_ = w.WriteMsg(m)
+	}
+	rec := startUpstream(t, many)
+	s := startServer(t, Config{Recursors: []string{rec.addr}})
+	r := query(t, "tcp", s.Addr(), "big.example.", mdns.TypeA, false)
+	if len(r.Answer) != 100 || rec.tcpQs.Load() != 1 {
+		t.Fatalf("want 100 answers via upstream TCP, got %d (tcp queries %d)", len(r.Answer), rec.tcpQs.Load())
+	}
+	// A UDP client without EDNS0 gets what fits in 512 bytes and TC set.
+	c := &mdns.Client{Net: "udp"}
+	m := new(mdns.Msg)
+	m.SetQuestion("big.example.", mdns.TypeA)
+	r, _, err := c.Exchange(m, s.Addr())
+	if err != nil || !r.Truncated {
+		t.Fatalf("want a truncated UDP answer, got %v, %v", r, err)
+	}
+}
+
+func TestFailover(t *testing.T) {
+	// A UDP socket that never answers, and a TCP port that refuses.
+	dead, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dead.Close() })
+	failing := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool) {
+		m := new(mdns.Msg)
+		m.SetRcode(r, mdns.RcodeServerFailure)
+		_ = w.WriteMsg(m)
+	})
+	good := startUpstream(t, answerA("198.18.9.9", 60))
+	s := startServer(t, Config{Recursors: []string{dead.LocalAddr().String(), failing.addr, good.addr},
+		UpstreamTimeout: 200 * time.Millisecond})
+	r := query(t, "udp", s.Addr(), "example.org.", mdns.TypeA, false)
+	if len(r.Answer) != 1 || failing.queries.Load() != 1 {
+		t.Fatalf("failover: %v (failing upstream asked %d times)", r, failing.queries.Load())
+	}
+	// The upstream that answered is tried first from now on.
+	query(t, "udp", s.Addr(), "example.net.", mdns.TypeA, false)
+	if failing.queries.Load() != 1 || good.queries.Load() != 2 {
+		t.Fatalf("answering upstream not preferred: failing %d, good %d", failing.queries.Load(), good.queries.Load())
+	}
+}
+
+func TestBadQueries(t *testing.T) {
+	rec := startUpstream(t, answerA("198.18.9.9", 60))
+	s := startServer(t, Config{Recursors: []string{rec.addr}})
+	ask := func(m *mdns.Msg) *mdns.Msg {
+		t.Helper()
+		r, _, err := (&mdns.Client{Net: "udp", Timeout: 2 * time.Second}).Exchange(m, s.Addr())
+		if err != nil {
+			t.Fatalf("%v: %v", m.Question, err)
+		}
+		return r
+	}
+	for _, qt := range []uint16{mdns.TypeANY, mdns.TypeAXFR, mdns.TypeIXFR} {
+		m := new(mdns.Msg)
+		m.SetQuestion("backend.virtual.consul.", qt)
+		if r := ask(m); r.Rcode != mdns.RcodeNotImplemented || len(r.Answer) != 0 {
+			t.Errorf("%s: want NOTIMP, got %v", mdns.TypeToString[qt], r)
+		}
+	}
+	m := new(mdns.Msg)
+	m.SetQuestion("version.bind.", mdns.TypeTXT)
+	m.Question[0].Qclass = mdns.ClassCHAOS
+	if r := ask(m); r.Rcode != mdns.RcodeNotImplemented {
+		t.Errorf("CHAOS: want NOTIMP, got %v", r)
+	}
+	m = new(mdns.Msg)
+	m.SetNotify("example.")
+	if r := ask(m); r.Rcode != mdns.RcodeNotImplemented {
+		t.Errorf("NOTIFY: want NOTIMP, got %v", r)
+	}
+	m = new(mdns.Msg)
+	m.SetQuestion("example.", mdns.TypeA)
+	m.SetEdns0(1232, false)
+	m.IsEdns0().SetVersion(1)
+	if r := ask(m); r.Rcode != mdns.RcodeBadVers {
+		t.Errorf("EDNS version 1: want BADVERS, got %v", r)
+	}
+	if rec.queries.Load() != 0 {
+		t.Errorf("bad queries reached the upstream")
+	}
+}
+
+// TestGarbage throws malformed datagrams and TCP streams at the server and
+// checks that it keeps answering.
+func TestGarbage(t *testing.T) {
+	checkGoroutines(t)
+	s := startServer(t, Config{})
+	conn, err := net.Dial("udp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	rnd := rand.New(rand.NewPCG(1, 2))
+	valid, _ := new(mdns.Msg).SetQuestion("backend.virtual.consul.", mdns.TypeA).Pack()
+	for i := range 3000 {
+		var b []byte
+		switch i % 5 {
+		case 0:
+			b = make([]byte, rnd.IntN(12)) // shorter than a header, even empty
+		case 1:
+			b = make([]byte, rnd.IntN(1500))
+			for j := range b {
+				b[j] = byte(rnd.Uint32())
+			}
+		case 2: // a valid query, cut short or with bytes flipped
+			b = append([]byte(nil), valid[:rnd.IntN(len(valid))]...)
+		case 3:
+			b = append([]byte(nil), valid...)
+			b[rnd.IntN(len(b))] ^= byte(1 + rnd.IntN(255))
+		case 4:
+			b = make([]byte, 9000) // bigger than the read buffer
+		}
+		_, _ = conn.Write(b)
+	}
+	// TCP: a zero length, a huge length with nothing behind it, a garbage body.
+	for _, b := range [][]byte{{0, 0}, {0xff, 0xff, 1, 2, 3}, append([]byte{0, 20}, make([]byte, 20)...)} {
+		c, err := net.Dial("tcp", s.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = c.Write(b)
+		defer c.Close()
+	}
+	for _, netw := range []string{"udp", "tcp"} {
+		r := query(t, netw, s.Addr(), "backend.virtual.consul.", mdns.TypeA, false)
+		if len(r.Answer) != 1 {
+			t.Fatalf("%s after garbage: %v", netw, r)
+		}
+	}
+	// Answers are never answered.
+	m := new(mdns.Msg).SetQuestion("backend.virtual.consul.", mdns.TypeA)
+	m.Response = true
+	b, _ := m.Pack()
+	_ = conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	// Drain anything queued from the garbage phase first, then send.
+	buf := make([]byte, 2048)
+	for {
+		if _, err := conn.Read(buf); err != nil {
+			break
+		}
+	}
+	_, _ = conn.Write(b)
+	_ = conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, err := conn.Read(buf); err == nil {
+		t.Fatalf("a response packet was answered (%d bytes)", n)
+	}
+}
+
+// TestLoop points two servers at each other: the query must fail fast
+// with SERVFAIL instead of bouncing until timeouts.
+func TestLoop(t *testing.T) {
+	pa, la, err := listenBoth("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrA := pa.LocalAddr().String()
+	pa.Close()
+	la.Close()
+	b := startServer(t, Config{Recursors: []string{addrA}, UpstreamTimeout: 3 * time.Second, QueryTimeout: 10 * time.Second})
+	a := startServer(t, Config{Addr: addrA, Recursors: []string{b.Addr()}, UpstreamTimeout: 3 * time.Second, QueryTimeout: 10 * time.Second})
+	start := time.Now()
+	r := query(t, "udp", a.Addr(), "loop.example.", mdns.TypeA, false)
+	if r.Rcode != mdns.RcodeServerFailure || time.Since(start) > 2*time.Second {
+		t.Fatalf("want a fast SERVFAIL, got %v after %v", r.Rcode, time.Since(start))
+	}
+	// A server never forwards to its own address.
+	self, err := New(Config{Mesh: testMesh(), Addr: "127.0.0.1:8600", Recursors: []string{"127.0.0.1:8600", "198.18.0.1"}})
+	if err != nil || len(self.cfg.Recursors) != 1 || self.cfg.Recursors[0] != "198.18.0.1:53" {
+		t.Fatalf("own address not dropped: %v %v", self.cfg.Recursors, err)
+	}
+}
+
+// TestSlowUpstreamDoesNotStall checks that queries stuck on a slow
+// upstream do not delay local answers, and that MaxInflight sheds load.
+func TestSlowUpstreamDoesNotStall(t *testing.T) {
+	release := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	slow := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool) {
+		<-release
+		answerA("198.18.9.9", 60)(w, r, tcp)
+	})
+	s := startServer(t, Config{Recursors: []string{slow.addr}, MaxInflight: 4, UpstreamTimeout: 10 * time.Second, QueryTimeout: 10 * time.Second})
+	var wg sync.WaitGroup
+	results := make(chan int, 6)
+	for i := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m := new(mdns.Msg).SetQuestion(fmt.Sprintf("slow%d.example.", i), mdns.TypeA)
+			r, _, err := (&mdns.Client{Timeout: 10 * time.Second}).Exchange(m, s.Addr())
+			if err == nil {
+				results <- r.Rcode
+			}
+		}()
+	}
+	// Wait until the upstream holds the MaxInflight queries.
+	deadline := time.Now().Add(5 * time.Second)
+	for slow.queries.Load() < 4 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	start := time.Now()
+	r := query(t, "udp", s.Addr(), "backend.virtual.consul.", mdns.TypeA, false)
+	if len(r.Answer) != 1 || time.Since(start) > time.Second {
+		t.Fatalf("mesh answer stalled behind slow upstream: %v after %v", r, time.Since(start))
+	}
+	once.Do(func() { close(release) })
+	wg.Wait()
+	close(results)
+	var ok, servfail int
+	for rc := range results {
+		switch rc {
+		case mdns.RcodeSuccess:
+			ok++
+		case mdns.RcodeServerFailure:
+			servfail++
+		}
+	}
+	if ok != 4 || servfail != 2 {
+		t.Fatalf("want 4 answered and 2 shed, got %d and %d", ok, servfail)
+	}
+}
+
+func TestLifecycle(t *testing.T) {
+	checkGoroutines(t)
+	s, err := New(Config{Mesh: testMesh(), Addr: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := s.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(ctx); err == nil {
+		t.Fatal("second Start succeeded")
+	}
+	addr := s.Addr()
+	query(t, "tcp", addr, "backend.virtual.consul.", mdns.TypeA, false)
+	cancel() // ends the server like Close
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			break
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("still listening after ctx was cancelled")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Close without Start is fine too.
+	s2, _ := New(Config{Mesh: testMesh()})
+	if err := s2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(Config{}); err == nil {
+		t.Fatal("config without Mesh accepted")
+	}
+	if _, err := New(Config{Mesh: testMesh(), Recursors: []string{"not an address"}}); err == nil {
+		t.Fatal("bad recursor accepted")
+	}
+}
+
+func TestRecursorsFromResolvConf(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "resolv.conf")
+	content := "# comment\nsearch default.svc.cluster.local svc.cluster.local\nnameserver 127.0.0.1\nnameserver 198.18.0.10\nnameserver bogus\n" +
+		"nameserver fd00::53\noptions ndots:5\n"
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got, err := RecursorsFromResolvConf(p, "127.0.0.1:8600")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "198.18.0.10:53 [fd00::53]:53"; strings.Join(got, " ") != want {
+		t.Fatalf("got %v, want %s", got, want)
+	}
+	if _, err := RecursorsFromResolvConf(filepath.Join(t.TempDir(), "missing"), ""); err == nil {
+		t.Fatal("missing file accepted")
+	}
+}
