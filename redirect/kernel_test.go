@@ -94,45 +94,90 @@ func TestExecInheritsNetNS(t *testing.T) {
 func TestExecBackendRealKernel(t *testing.T) {
 	path, orig := scratchNetNS(t)
 	ctx := context.Background()
-	plans := mustPlans(t, referenceConfig())
+	planA := mustPlans(t, referenceConfig())
+	cb := baseConfig()
+	cb.ExcludeOutboundCIDRs = items("t", "198.18.0.0/15")
+	planB := mustPlans(t, cb)
 	err := InNetNS(path, func() error {
 		// Never touch the host's table, even if InNetNS were broken.
 		if id, err := os.Readlink("/proc/thread-self/ns/net"); err != nil || id == orig {
 			return fmt.Errorf("not in the scratch namespace (%s, %v)", id, err)
+		}
+		// Foreign rules, before and after which ferry's must coexist.
+		for _, args := range [][]string{
+			{"-N", "USER_CHAIN"}, {"-A", "USER_CHAIN", "-p", "udp", "-j", "RETURN"},
+			{"-A", "OUTPUT", "-p", "udp", "-j", "USER_CHAIN"},
+			{"-A", "PREROUTING", "-p", "icmp", "-m", "comment", "--comment", "keep -j CONSUL_PROXY_INBOUND", "-j", "ACCEPT"},
+		} {
+			if out, err := exec.Command("iptables", append([]string{"-t", "nat"}, args...)...).CombinedOutput(); err != nil {
+				return fmt.Errorf("seed %v: %v %s", args, err, out)
+			}
 		}
 		be, err := NewExecBackend(IPv4)
 		if err != nil {
 			return err
 		}
 		bes := map[Family]Backend{IPv4: be}
-		if res, err := Apply(ctx, plans, bes); err != nil || !res[0].Changed {
+		list := func() (State, string, error) {
+			lines, err := be.List(ctx)
+			if err != nil {
+				return State{}, "", err
+			}
+			st, err := ParseState(lines)
+			return st, strings.Join(lines, "\n"), err
+		}
+		_, foreign, err := list()
+		if err != nil {
+			return err
+		}
+		check := func(p Plan) error {
+			st, dump, err := list()
+			if err != nil {
+				return err
+			}
+			for c, want := range p.Rules() {
+				got := st.Rules[c]
+				if !IsOwnedChain(c) {
+					got = st.ownedJumps(true)[c]
+				}
+				if !slices.Equal(got, want) {
+					return fmt.Errorf("kernel chain %s:\n%q\nwant\n%q", c, got, want)
+				}
+			}
+			for _, keep := range []string{"-A USER_CHAIN -p udp -j RETURN", "-A OUTPUT -p udp -j USER_CHAIN", "keep -j CONSUL_PROXY_INBOUND"} {
+				if !strings.Contains(dump, keep) {
+					return fmt.Errorf("foreign rule %q lost:\n%s", keep, dump)
+				}
+			}
+			return nil
+		}
+
+		if res, err := Apply(ctx, planA, bes); err != nil || !res[0].Changed {
 			return fmt.Errorf("first apply: %v %v", res, err)
 		}
-		lines, err := be.List(ctx)
-		if err != nil {
+		if err := check(planA[0]); err != nil {
 			return err
 		}
-		st, err := ParseState(lines)
-		if err != nil {
-			return err
-		}
-		for c, want := range plans[0].Rules() {
-			if !slices.Equal(st.Rules[c], want) {
-				return fmt.Errorf("kernel chain %s:\n%q\nwant\n%q", c, st.Rules[c], want)
-			}
-		}
-		if res, err := Apply(ctx, plans, bes); err != nil || res[0].Changed {
+		if res, err := Apply(ctx, planA, bes); err != nil || res[0].Changed {
 			return fmt.Errorf("second apply must be a no-op (kernel canonical form differs?): %v %v", res, err)
+		}
+		if res, err := Apply(ctx, planB, bes); err != nil || !res[0].Changed {
+			return fmt.Errorf("replacing apply: %v %v", res, err)
+		}
+		if err := check(planB[0]); err != nil {
+			return fmt.Errorf("after replacement: %w", err)
+		}
+		if res, err := Apply(ctx, planB, bes); err != nil || res[0].Changed {
+			return fmt.Errorf("apply after replacement must be a no-op: %v %v", res, err)
 		}
 		if res, err := Cleanup(ctx, bes); err != nil || !res[0].Changed {
 			return fmt.Errorf("cleanup: %v %v", res, err)
 		}
-		lines, err = be.List(ctx)
-		if err != nil {
-			return err
+		if _, after, err := list(); err != nil || after != foreign {
+			return fmt.Errorf("after cleanup (%v):\n%s\nwant\n%s", err, after, foreign)
 		}
-		if strings.Contains(strings.Join(lines, "\n"), "CONSUL") {
-			return fmt.Errorf("left over after cleanup:\n%s", strings.Join(lines, "\n"))
+		if res, err := Cleanup(ctx, bes); err != nil || res[0].Changed {
+			return fmt.Errorf("second cleanup: %v %v", res, err)
 		}
 		return nil
 	})
