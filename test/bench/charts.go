@@ -66,6 +66,7 @@ func writeCharts(dir, name string, paths []*path, res results) ([]chart, error) 
 				[]barGroup{{"conn/s", sCRR, func(s sample) float64 { return s.Rate }}})
 		}},
 		{"1 KiB request/response latency CDF", "latency", func() (*plot.Plot, error) { return latencyCDF(live, res) }},
+		{"1 KiB request/response latency by percentile (tail)", "latency-tail", func() (*plot.Plot, error) { return latencyTail(live, res) }},
 	}
 	for _, s := range steps {
 		if err := add(s.title, s.suffix, s.make); err != nil {
@@ -197,5 +198,74 @@ func latencyCDF(ids []string, res results) (*plot.Plot, error) {
 		p.Legend.Add(pathNames[id], line)
 	}
 	p.Y.Min, p.Y.Max = 0, 1
+	return p, nil
+}
+
+// nines labels the percentile axis of the tail chart, where x = -log10(1-p).
+type nines struct{}
+
+func (nines) Ticks(min, max float64) []plot.Tick {
+	var ts []plot.Tick
+	for _, t := range []struct {
+		p     float64
+		label string
+	}{{0.5, "p50"}, {0.9, "p90"}, {0.99, "p99"}, {0.999, "p99.9"}, {0.9999, "p99.99"}} {
+		x := -math.Log10(1 - t.p)
+		if x >= min && x <= max {
+			ts = append(ts, plot.Tick{Value: x, Label: t.label})
+		}
+	}
+	return ts
+}
+
+// latencyTail plots latency against percentile on a "nines" axis, so the
+// p99 and p99.9 the report quotes are visible rather than squeezed into
+// the top of a CDF.
+func latencyTail(ids []string, res results) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = "1 KiB request/response latency by percentile (all repetitions)"
+	p.X.Label.Text = "percentile"
+	p.Y.Label.Text = "latency (µs, log scale)"
+	p.X.Tick.Marker = nines{}
+	p.Y.Scale = plot.LogScale{}
+	p.Y.Tick.Marker = plot.LogTicks{Prec: -1}
+	p.Legend.Top = true
+	p.Legend.Left = true
+	p.Legend.XOffs = 10
+	p.Add(plotter.NewGrid())
+	xmax := 0.0
+	for _, id := range ids {
+		var lat []float64
+		for _, s := range res[id][sRR] {
+			lat = append(lat, s.Lat...)
+		}
+		if len(lat) < 10 {
+			continue
+		}
+		sort.Float64s(lat)
+		n := float64(len(lat))
+		var pts plotter.XYs
+		// Points evenly spaced on the nines axis, up to the last sample.
+		for x := 0.0; ; x += 0.02 {
+			q := 1 - math.Pow(10, -x)
+			i := int(q * (n - 1))
+			if i >= len(lat)-1 {
+				break
+			}
+			pts = append(pts, plotter.XY{X: x, Y: max(lat[i], 1)})
+		}
+		xLast := -math.Log10(1 / n)
+		pts = append(pts, plotter.XY{X: xLast, Y: max(lat[len(lat)-1], 1)})
+		xmax = max(xmax, xLast)
+		line, err := plotter.NewLine(pts)
+		if err != nil {
+			return nil, err
+		}
+		line.Color = pathColors[id]
+		line.Width = vg.Points(2)
+		p.Add(line)
+		p.Legend.Add(pathNames[id], line)
+	}
+	p.X.Min, p.X.Max = 0, xmax
 	return p, nil
 }

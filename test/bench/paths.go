@@ -181,6 +181,10 @@ func (e *env) setupPaths(ids []string) ([]*path, error) {
 		}
 		if err != nil {
 			p.NA = "setup failed: " + strings.ReplaceAll(oneLine(err.Error()), e.self, "bench")
+			if id == pFerryMTLS && strings.Contains(err.Error(), `upstream=""`) {
+				p.NA = "`ferry run` does not route the service's virtual IP to its mesh upstream yet " +
+					"(it treated it as a non-mesh destination), so the mTLS pair cannot run. " + p.NA
+			}
 		}
 		if p.NA != "" {
 			e.logf("path %-10s NOT AVAILABLE: %s", id, p.NA)

@@ -238,6 +238,8 @@ func (e *env) runMatrix(paths []*path, pr params) (results, []string) {
 			order := append([]*path(nil), live...)
 			rand.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
 			for _, p := range order {
+				// Let the previous run's sockets close first.
+				time.Sleep(200 * time.Millisecond)
 				s, err := e.measure(p, scen, pr)
 				if err != nil {
 					msg := fmt.Sprintf("rep %d %s %s: %s", rep, scen, p.ID, oneLine(err.Error()))
