@@ -90,7 +90,61 @@ func Apply(ctx context.Context, plans []Plan, backends map[Family]Backend) ([]Re
 		}
 		results = append(results, Result{Family: j.plan.Family, Changed: true})
 	}
+	for _, j := range jobs {
+		if j.tx == "" {
+			continue
+		}
+		if err := settle(ctx, j.be, j.plan); err != nil {
+			return results, err
+		}
+	}
 	return results, nil
+}
+
+// settle re-reads a table after a commit and repairs it if another writer
+// raced with us: two runs that read the same old table both append their
+// jumps, leaving duplicates. The check compares rule counts only, so an
+// iptables that spells a rule differently from the plan (another version's
+// canonical form) is not mistaken for a race.
+func settle(ctx context.Context, be Backend, p Plan) error {
+	const attempts = 3
+	for i := 0; ; i++ {
+		lines, err := be.List(ctx)
+		if err != nil {
+			return fmt.Errorf("redirect: re-read %s nat table: %w", p.Family, err)
+		}
+		cur, err := ParseState(lines)
+		if err != nil {
+			return fmt.Errorf("redirect: re-read %s nat table: %w", p.Family, err)
+		}
+		if sameShape(cur, p) {
+			return nil
+		}
+		if i == attempts {
+			return fmt.Errorf("redirect: %s nat table keeps changing under us (another writer?)", p.Family)
+		}
+		if err := be.Restore(ctx, applyTx(cur, p), false); err != nil {
+			return fmt.Errorf("redirect: repair %s rules: %w", p.Family, err)
+		}
+	}
+}
+
+// sameShape reports whether every owned chain and every built-in chain's
+// set of jumps into them has as many rules as the plan says.
+func sameShape(cur State, p Plan) bool {
+	want := p.Rules()
+	for _, c := range p.Chains() {
+		if !cur.HasChain(c) || len(cur.Rules[c]) != len(want[c]) {
+			return false
+		}
+	}
+	have := cur.ownedJumps(true)
+	for c := range cur.Builtin {
+		if len(have[c]) != len(want[c]) {
+			return false
+		}
+	}
+	return true
 }
 
 // Cleanup removes the five chains and every jump into them from each

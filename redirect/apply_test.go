@@ -296,3 +296,26 @@ func TestParseStateErrors(t *testing.T) {
 		}
 	}
 }
+
+func TestApplySettlesAfterConcurrentWriter(t *testing.T) {
+	// Two runs read the same empty table; the other one commits first.
+	// Our transaction then adds a second set of jumps, which settle finds
+	// and repairs.
+	p := mustPlans(t, baseConfig())[0]
+	ft := newFakeTable()
+	want := newFakeTable()
+	if err := replaySteps(t, want, p); err != nil {
+		t.Fatal(err)
+	}
+	ft.beforeCommit = func(ft *fakeTable) {
+		if err := replaySteps(t, ft, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := Apply(context.Background(), []Plan{p}, map[Family]Backend{IPv4: ft}); err != nil {
+		t.Fatal(err)
+	}
+	if ft.dump() != want.dump() {
+		t.Fatalf("not settled:\n%s\nwant\n%s", ft.dump(), want.dump())
+	}
+}

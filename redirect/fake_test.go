@@ -20,6 +20,9 @@ type fakeTable struct {
 
 	writes, tests int          // Restore calls that committed / only tested
 	failCommit    func() error // injected failure for committing restores
+	// beforeCommit runs just before a committing restore lands: a
+	// concurrent writer whose change the transaction did not see.
+	beforeCommit func(t *fakeTable)
 }
 
 func newFakeTable() *fakeTable {
@@ -170,6 +173,14 @@ func (t *fakeTable) Restore(ctx context.Context, data string, testOnly bool) err
 		}
 	}
 	t.writes++
+	if t.beforeCommit != nil {
+		hook := t.beforeCommit
+		t.beforeCommit = nil
+		hook(t)
+		// Replay the file on top of the other writer's state, as the
+		// kernel would serialize the two transactions.
+		return t.Restore(ctx, data, false)
+	}
 	t.chains, t.rules, t.user = work.chains, work.rules, work.user
 	return nil
 }
