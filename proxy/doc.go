@@ -3,4 +3,106 @@
 // where each one goes, and pumps bytes between the two ends with real
 // half-close in both directions. The mesh view it routes by (catalog,
 // intentions) lives in sub-packages.
+//
+// # Data path
+//
+// Outbound (127.0.0.1:15001): the original destination comes from
+// listener.OriginalDst. A connection that was not redirected (its original
+// destination is the listener itself, or the kernel has none) is reset and
+// counted as outcome "loop". Otherwise the Router decides; Passthrough dials
+// the original destination as plain TCP from the proxy's UID, which the
+// rules exclude, so it cannot loop.
+//
+// Inbound (0.0.0.0:<bind_port or proxy port>): the Acceptor turns the raw
+// connection into what is pumped; by default (PlainAcceptor) the raw conn
+// goes to the local app (LocalServiceAddress:LocalServicePort).
+//
+// Both directions end in Pump: two goroutines per connection, each an
+// io.Copy that for *net.TCPConn on both sides becomes splice(2)
+// (TestPumpSplices proves it under strace); other legs (TLS) use pooled
+// 32 KiB buffers. EOF on one side becomes CloseWrite on the other (for
+// *tls.Conn: close_notify, then FIN on the TCP under it) while the reverse
+// direction flows on; an error aborts both sides, a reset is passed on as
+// a reset. The idle timeout is measured from kernel byte counters
+// (TCP_INFO), so the splice path carries no per-byte bookkeeping.
+//
+// A dial failure resets the downstream connection: its connect already
+// succeeded against the proxy, and a reset is the closest the app can get
+// to "connection refused". The per-listener connection cap
+// (Config.MaxConnections) resets new connections past it (see
+// listener.Options.MaxConns for why reset and not backlog).
+//
+// # Extension points (for mTLS, intentions, routing)
+//
+// Outbound routing — the catalog plugs in here:
+//
+//	type Router interface {
+//		RouteOutbound(ctx context.Context, dst netip.AddrPort) Route
+//	}
+//	type Route struct {
+//		Action   Action   // Passthrough | Dial | Reject
+//		Dial     DialFunc // Action Dial: e.g. mTLS to a healthy instance, with retries
+//		Upstream string   // name for logs, metrics, registry
+//		Reason   string   // logged on Reject (e.g. MeshDestinationsOnly)
+//		Keys     []string // extra registry keys
+//	}
+//	type DialFunc func(ctx context.Context) (net.Conn, error)
+//
+// RouteOutbound runs once per connection and must answer from memory. ctx
+// passed to DialFunc carries the connect timeout. Return a *tls.Conn (after
+// Handshake) or anything with CloseWrite so half-close is forwarded.
+// Install with Config.Router or, once the catalog is ready, Proxy.SetRouter.
+//
+// Inbound handshake and authorization — mTLS and intentions plug in here:
+//
+//	type Acceptor interface {
+//		AcceptInbound(ctx context.Context, raw *net.TCPConn) (Accepted, error)
+//	}
+//	type Accepted struct {
+//		Conn net.Conn   // what to pump: the *tls.Conn after Handshake
+//		Peer string     // client SPIFFE ID (logged, stored in ConnInfo)
+//		Dial DialFunc   // nil: the local app; set for DialedDirectly multi-port
+//		Keys []string   // e.g. "src:<service>" for targeted revocation
+//	}
+//	type Refused struct{ Outcome, Reason string; Reset bool; Err error } // error type
+//
+// An Acceptor enforces its own handshake timeout. Returning a *Refused
+// counts the connection under Refused.Outcome ("denied",
+// "plaintext_refused", ...); any other error counts as "handshake_error".
+// Compose them: an intentions Acceptor can wrap the mTLS one and refuse
+// after looking at Accepted.Peer. Install with Config.Acceptor or
+// Proxy.SetAcceptor (swappable at runtime).
+//
+// Live revocation — every pumped connection is in the Registry:
+//
+//	func (r *Registry) CloseMatching(match func(ConnInfo) bool, cause error) int
+//	func (r *Registry) CloseKey(key string, cause error) int
+//	func (r *Registry) Snapshot() []ConnInfo
+//	type ConnInfo struct { ID uint64; Direction Direction; Source, Destination netip.AddrPort;
+//		Peer, Upstream string; Keys []string; Started time.Time }
+//
+// e.g. on an intentions change:
+//
+//	p.Registry().CloseMatching(func(ci proxy.ConnInfo) bool {
+//		return ci.Direction == proxy.Inbound && !allowed(ci.Peer)
+//	}, errRevoked)
+//
+// Closed connections are counted with outcome "closed". match runs under
+// the registry lock: keep it a lookup.
+//
+// Readiness — Proxy.AddReadyCheck(name string, fn ReadyCheck) where
+// ReadyCheck is func() error; /ready answers 503 "<name>: <err>" until fn
+// returns nil (mTLS: "identity" until leaf and roots are loaded).
+//
+// Metrics — Proxy.Metrics().Set.Register(c Collector), Collector being
+// anything with WritePrometheus(io.Writer); NewCounterVec, NewGaugeVec and
+// NewDurationHistogramVec build families that satisfy it.
+//
+// # Lifecycle
+//
+// New, then Apply(Endpoints) for every registration version (rebinds only
+// a listener whose address changed; established connections keep
+// flowing), then Shutdown(ctx): listeners close, Ready reports
+// "draining", established connections finish until ctx is done and are
+// then closed. Close is Shutdown without the wait.
 package proxy

@@ -28,7 +28,7 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 		return
 	}
 
-	route := p.cfg.Router.RouteOutbound(p.base, dst)
+	route := (*p.router.Load()).RouteOutbound(p.base, dst)
 	var dial DialFunc
 	switch route.Action {
 	case Passthrough:
@@ -57,7 +57,7 @@ func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
 	const dir = "inbound"
 	start := time.Now()
 	src := addrPortOf(c.RemoteAddr())
-	in, err := p.cfg.Acceptor.AcceptInbound(p.base, c)
+	in, err := (*p.acceptor.Load()).AcceptInbound(p.base, c)
 	if err == nil && in.Conn == nil {
 		err = errors.New("acceptor returned no connection")
 	}

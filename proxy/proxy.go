@@ -70,6 +70,8 @@ type Proxy struct {
 	draining  bool
 
 	localApp atomic.Pointer[string]
+	router   atomic.Pointer[Router]
+	acceptor atomic.Pointer[Acceptor]
 }
 
 type namedCheck struct {
@@ -104,7 +106,29 @@ func New(cfg Config) *Proxy {
 		cfg.Dialer = &net.Dialer{}
 	}
 	base, kill := context.WithCancelCause(context.Background())
-	return &Proxy{cfg: cfg, log: cfg.Logger, m: cfg.Metrics, reg: cfg.Registry, base: base, kill: kill}
+	p := &Proxy{cfg: cfg, log: cfg.Logger, m: cfg.Metrics, reg: cfg.Registry, base: base, kill: kill}
+	p.SetRouter(cfg.Router)
+	p.SetAcceptor(cfg.Acceptor)
+	return p
+}
+
+// SetRouter replaces the outbound Router for new connections (e.g. once
+// the catalog view is built from the registration). nil restores
+// PassthroughRouter.
+func (p *Proxy) SetRouter(r Router) {
+	if r == nil {
+		r = PassthroughRouter{}
+	}
+	p.router.Store(&r)
+}
+
+// SetAcceptor replaces the inbound Acceptor for new connections (e.g. the
+// mTLS acceptor once the service name is known). nil restores PlainAcceptor.
+func (p *Proxy) SetAcceptor(a Acceptor) {
+	if a == nil {
+		a = PlainAcceptor{}
+	}
+	p.acceptor.Store(&a)
 }
 
 // Metrics returns the proxy's metrics (to serve or extend).

@@ -410,3 +410,25 @@ d_seconds_count 3
 		t.Fatalf("got:\n%s\nwant:\n%s", b.String(), want)
 	}
 }
+
+// Hooks can be swapped while serving (mTLS and the catalog arrive after the
+// registration is read); nil restores the plain defaults.
+func TestSetAcceptorAtRuntime(t *testing.T) {
+	checkLeaks(t)
+	p := startProxy(t, Config{}, echoServer(t))
+	in, _ := p.Addrs()
+	if got, err := exchange(t, in.String(), "plain"); got != "plain" {
+		t.Fatalf("plain: %q, %v", got, err)
+	}
+	p.SetAcceptor(AcceptorFunc(func(context.Context, *net.TCPConn) (Accepted, error) {
+		return Accepted{}, &Refused{Outcome: "plaintext_refused", Reason: "mTLS required", Reset: true}
+	}))
+	if _, err := exchange(t, in.String(), "plain"); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("after SetAcceptor: %v, want reset", err)
+	}
+	waitFor(t, "refusal counted", func() bool { return counter(p, "inbound", "plaintext_refused") == 1 })
+	p.SetAcceptor(nil)
+	if got, err := exchange(t, in.String(), "again"); got != "again" {
+		t.Fatalf("after SetAcceptor(nil): %q, %v", got, err)
+	}
+}
