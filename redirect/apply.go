@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"time"
 )
 
 // Backend is what applying needs from one family's iptables.
@@ -76,7 +78,7 @@ func Apply(ctx context.Context, plans []Plan, backends map[Family]Backend) ([]Re
 			results = append(results, Result{Family: j.plan.Family})
 			continue
 		}
-		if err := j.be.Restore(ctx, j.tx, false); err != nil {
+		if err := converge(ctx, j.be, j.plan, j.tx); err != nil {
 			err = fmt.Errorf("redirect: apply %s rules: %w", j.plan.Family, err)
 			for _, done := range jobs[:i] {
 				if done.tx == "" {
@@ -90,43 +92,49 @@ func Apply(ctx context.Context, plans []Plan, backends map[Family]Backend) ([]Re
 		}
 		results = append(results, Result{Family: j.plan.Family, Changed: true})
 	}
-	for _, j := range jobs {
-		if j.tx == "" {
-			continue
-		}
-		if err := settle(ctx, j.be, j.plan); err != nil {
-			return results, err
-		}
-	}
 	return results, nil
 }
 
-// settle re-reads a table after a commit and repairs it if another writer
-// raced with us: two runs that read the same old table both append their
-// jumps, leaving duplicates. The check compares rule counts only, so an
-// iptables that spells a rule differently from the plan (another version's
-// canonical form) is not mistaken for a race.
-func settle(ctx context.Context, be Backend, p Plan) error {
-	const attempts = 3
-	for i := 0; ; i++ {
+// converge commits tx, then re-reads the table until it holds the plan.
+// Another run racing with this one (a second ferry, Consul) can make the
+// transaction fail, because its -D lines find a jump already gone, or can
+// leave duplicate jumps, because both runs read the same old table. Each
+// round starts again from what the table holds now. After a successful
+// commit only rule counts are compared, so an iptables that spells a rule
+// differently from the plan is not mistaken for a race; after a failed
+// one the table must match the plan exactly, or the failure stands.
+func converge(ctx context.Context, be Backend, p Plan, tx string) error {
+	const rounds = 5
+	var lastErr error
+	for i := 0; i < rounds; i++ {
+		if i > 0 {
+			// Jitter, so racing runs stop colliding.
+			t := time.NewTimer(time.Duration(5+rand.IntN(45)) * time.Millisecond)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-t.C:
+			}
+		}
+		lastErr = be.Restore(ctx, tx, false)
 		lines, err := be.List(ctx)
 		if err != nil {
-			return fmt.Errorf("redirect: re-read %s nat table: %w", p.Family, err)
+			return fmt.Errorf("re-read nat table: %w", err)
 		}
 		cur, err := ParseState(lines)
 		if err != nil {
-			return fmt.Errorf("redirect: re-read %s nat table: %w", p.Family, err)
+			return fmt.Errorf("re-read nat table: %w", err)
 		}
-		if sameShape(cur, p) {
+		if (lastErr == nil && sameShape(cur, p)) || upToDate(cur, p) {
 			return nil
 		}
-		if i == attempts {
-			return fmt.Errorf("redirect: %s nat table keeps changing under us (another writer?)", p.Family)
-		}
-		if err := be.Restore(ctx, applyTx(cur, p), false); err != nil {
-			return fmt.Errorf("redirect: repair %s rules: %w", p.Family, err)
-		}
+		tx = applyTx(cur, p)
 	}
+	if lastErr != nil {
+		return lastErr
+	}
+	return errors.New("the nat table keeps changing under us (another writer?)")
 }
 
 // sameShape reports whether every owned chain and every built-in chain's
@@ -149,7 +157,8 @@ func sameShape(cur State, p Plan) bool {
 
 // Cleanup removes the five chains and every jump into them from each
 // family's table, and nothing else. A table without them is left alone
-// (Changed false), which is not an error.
+// (Changed false), which is not an error. A transaction that fails because
+// another run changed the table meanwhile is retried from the new state.
 func Cleanup(ctx context.Context, backends map[Family]Backend) ([]Result, error) {
 	var results []Result
 	for _, f := range []Family{IPv4, IPv6} {
@@ -157,23 +166,43 @@ func Cleanup(ctx context.Context, backends map[Family]Backend) ([]Result, error)
 		if !ok {
 			continue
 		}
+		changed, err := cleanupFamily(ctx, be)
+		if err != nil {
+			return results, fmt.Errorf("redirect: clean up %s rules: %w", f, err)
+		}
+		results = append(results, Result{Family: f, Changed: changed})
+	}
+	return results, nil
+}
+
+func cleanupFamily(ctx context.Context, be Backend) (changed bool, err error) {
+	const rounds = 5
+	var lastErr error
+	for i := 0; i < rounds; i++ {
 		lines, err := be.List(ctx)
 		if err != nil {
-			return results, fmt.Errorf("redirect: read %s nat table: %w", f, err)
+			return changed, fmt.Errorf("read nat table: %w", err)
 		}
 		cur, err := ParseState(lines)
 		if err != nil {
-			return results, fmt.Errorf("redirect: read %s nat table: %w", f, err)
+			return changed, fmt.Errorf("read nat table: %w", err)
 		}
 		tx := cleanupTx(cur)
 		if tx == "" {
-			results = append(results, Result{Family: f})
-			continue
+			return changed, nil
 		}
-		if err := be.Restore(ctx, tx, false); err != nil {
-			return results, fmt.Errorf("redirect: clean up %s rules: %w", f, err)
+		if i > 0 {
+			t := time.NewTimer(time.Duration(5+rand.IntN(45)) * time.Millisecond)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return changed, ctx.Err()
+			case <-t.C:
+			}
 		}
-		results = append(results, Result{Family: f, Changed: true})
+		if lastErr = be.Restore(ctx, tx, false); lastErr == nil {
+			changed = true
+		}
 	}
-	return results, nil
+	return changed, lastErr
 }

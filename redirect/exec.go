@@ -11,17 +11,24 @@ import (
 )
 
 // ExecBackend drives the iptables binaries of the current network
-// namespace. Reading goes through go-iptables (it finds the binary, adds
-// --wait where the legacy xtables lock needs it and lists chains);
-// writing goes through iptables-restore, because go-iptables has no
-// transactional call.
+// namespace: one `iptables -t nat -S` to read the table, one
+// `iptables-restore --noflush` to change it.
 //
-// Both exec child processes. A child inherits the network namespace of the
-// OS thread that forks it, so callers that want another namespace run
-// NewExecBackend and every method inside InNetNS (see netns.go).
+// go-iptables finds the binary and checks that it runs (version, nft or
+// legacy mode) when the backend is made, so a missing or broken iptables is
+// reported before anything else happens. It is not used to read the table:
+// its listing runs one process per chain, which is not a snapshot. A
+// concurrent run that deletes a chain between two of those calls makes the
+// read fail ("chain ... is incompatible", seen in
+// TestConcurrentRunsRealKernel). It has no transactional write either.
+//
+// Both commands exec child processes. A child inherits the network
+// namespace of the OS thread that forks it, so callers that want another
+// namespace make the backend and call every method inside InNetNS (see
+// netns.go).
 type ExecBackend struct {
 	family      Family
-	ipt         *iptables.IPTables
+	path        string
 	restorePath string
 }
 
@@ -31,35 +38,29 @@ func NewExecBackend(f Family) (*ExecBackend, error) {
 	if f == IPv6 {
 		proto = iptables.ProtocolIPv6
 	}
-	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Timeout(10))
-	if err != nil {
+	if _, err := iptables.New(iptables.IPFamily(proto)); err != nil {
 		return nil, fmt.Errorf("redirect: %s: %w", f.Command(), err)
+	}
+	path, err := exec.LookPath(f.Command())
+	if err != nil {
+		return nil, fmt.Errorf("redirect: %w", err)
 	}
 	restore, err := exec.LookPath(f.Command() + "-restore")
 	if err != nil {
 		return nil, fmt.Errorf("redirect: %w", err)
 	}
-	return &ExecBackend{family: f, ipt: ipt, restorePath: restore}, nil
+	return &ExecBackend{family: f, path: path, restorePath: restore}, nil
 }
 
 // List implements Backend.
 func (b *ExecBackend) List(ctx context.Context) ([]string, error) {
-	chains, err := b.ipt.ListChains(Table)
-	if err != nil {
-		return nil, err
+	cmd := exec.CommandContext(ctx, b.path, "-t", Table, "-S", "--wait")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("%s -t %s -S: %w: %s", b.path, Table, err, strings.TrimSpace(stderr.String()))
 	}
-	var out []string
-	for _, c := range chains {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		lines, err := b.ipt.List(Table, c)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, lines...)
-	}
-	return out, nil
+	return strings.Split(strings.TrimRight(stdout.String(), "\n"), "\n"), nil
 }
 
 // Restore implements Backend.

@@ -185,3 +185,72 @@ func TestExecBackendRealKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestConcurrentRunsRealKernel races several applies, then several
+// cleanups, in one namespace: every run must succeed and the table must end
+// up holding the plan once (no duplicate jumps), then nothing.
+func TestConcurrentRunsRealKernel(t *testing.T) {
+	path, orig := scratchNetNS(t)
+	ctx := context.Background()
+	plans := mustPlans(t, baseConfig())
+	race := func(op func(Backend) error) {
+		t.Helper()
+		const n = 4
+		errc := make(chan error, n)
+		for range n {
+			go func() {
+				errc <- InNetNS(path, func() error {
+					if id, err := os.Readlink("/proc/thread-self/ns/net"); err != nil || id == orig {
+						return fmt.Errorf("not in the scratch namespace (%s, %v)", id, err)
+					}
+					be, err := NewExecBackend(IPv4)
+					if err != nil {
+						return err
+					}
+					return op(be)
+				})
+			}()
+		}
+		for range n {
+			if err := <-errc; err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	state := func() State {
+		t.Helper()
+		var st State
+		err := InNetNS(path, func() error {
+			be, err := NewExecBackend(IPv4)
+			if err != nil {
+				return err
+			}
+			lines, err := be.List(ctx)
+			if err != nil {
+				return err
+			}
+			st, err = ParseState(lines)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	for round := range 3 {
+		race(func(be Backend) error {
+			_, err := Apply(ctx, plans, map[Family]Backend{IPv4: be})
+			return err
+		})
+		if st := state(); !upToDate(st, plans[0]) {
+			t.Fatalf("round %d: table is not the plan after concurrent applies: %v", round, st.Rules)
+		}
+		race(func(be Backend) error {
+			_, err := Cleanup(ctx, map[Family]Backend{IPv4: be})
+			return err
+		})
+		if st := state(); len(st.ownedJumps(false)) != 0 || st.HasChain(ChainOutput) {
+			t.Fatalf("round %d: left after concurrent cleanups: %v", round, st.Rules)
+		}
+	}
+}
