@@ -63,7 +63,7 @@ func nsID(t *testing.T, path string) string {
 
 // TestExecInheritsNetNS checks the premise InNetNS relies on: a process
 // exec'd from the locked thread runs in the thread's namespace, so the
-// iptables binaries go-iptables and Apply start need no nsenter.
+// iptables binaries that ExecBackend starts need no nsenter.
 func TestExecInheritsNetNS(t *testing.T) {
 	path, orig := scratchNetNS(t)
 	want := nsID(t, path)
