@@ -25,12 +25,13 @@ type Result struct {
 }
 
 // Why iptables-restore and not one iptables call per rule (go-iptables'
-// API, and what Consul does): a restore file is committed as a single transaction (one nftables
-// batch, or one table replace with legacy iptables), so the table moves
-// from its old state to the plan or stays as it was. Rule-by-rule calls
-// leave half a rule set behind when one of them fails or the process is
-// killed, which is exactly Consul's "Chain already exists" trap on re-run.
-// ExecBackend explains what go-iptables is (and is not) used for.
+// API, and what Consul does): a restore file is committed as a single
+// transaction (one nftables batch, or one table replace with legacy
+// iptables), so the table moves from its old state to the plan or stays as
+// it was. Rule-by-rule calls leave half a rule set behind when one of them
+// fails or the process is killed, and a re-run then trips over the chains
+// that do exist (Consul's "Chain already exists"). ExecBackend explains what
+// go-iptables is (and is not) used for.
 
 // Apply makes each family's table hold exactly its plan: same config again
 // is a no-op (nothing is written); a different config replaces ferry's
