@@ -71,6 +71,11 @@ func (s *Server) handle(ctx context.Context, req *mdns.Msg, tcp bool) *mdns.Msg 
 		if vip, ok := s.cfg.Mesh.VirtualIP(ni.service); ok {
 			return s.finish(req, s.meshAnswer(req, ni, vip.Unmap()), tcp)
 		}
+		if ni.virtual {
+			// Consul answers an unknown <svc>.virtual with an empty
+			// NOERROR; a name that is no mesh service does not exist.
+			return s.finish(req, s.negative(req, ni.zone, mdns.RcodeNameError), tcp)
+		}
 	}
 
 	fwd := s.recursors

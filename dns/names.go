@@ -23,6 +23,9 @@ type nameInfo struct {
 	// the mesh forms; empty otherwise. The mesh view decides whether it
 	// really is a mesh service.
 	service string
+	// virtual is set for <svc>.virtual.<consul domain>: only mesh services
+	// have VIPs, so the mesh view is the whole truth for its A/AAAA.
+	virtual bool
 }
 
 // classify parses a lower-case fqdn.
@@ -55,6 +58,7 @@ func classify(name string, c *Config) nameInfo {
 		switch {
 		case len(l) == 2 && (l[1] == "virtual" || l[1] == "service"):
 			ni.service = l[0]
+			ni.virtual = l[1] == "virtual"
 		case len(l) == 3 && l[1] == "service" && c.Datacenter != "" && l[2] == c.Datacenter:
 			ni.service = l[0]
 		case len(l) == 4 && l[1] == "service" && c.Datacenter != "" && l[2] == c.Datacenter && l[3] == "dc":
@@ -62,7 +66,7 @@ func classify(name string, c *Config) nameInfo {
 		}
 		// "_web._tcp" style SRV labels are never service names.
 		if strings.HasPrefix(ni.service, "_") {
-			ni.service = ""
+			ni.service, ni.virtual = "", false
 		}
 		return ni
 	}

@@ -38,6 +38,9 @@ func TestClassify(t *testing.T) {
 		{"example.com.", zoneOther, ""},
 		{".", zoneOther, ""},
 	}
+	if !classify("web.virtual.consul.", &cfg).virtual || classify("web.service.consul.", &cfg).virtual {
+		t.Error("virtual flag wrong")
+	}
 	for _, c := range cases {
 		ni := classify(c.name, &cfg)
 		if ni.kind != c.kind || ni.service != c.service {

@@ -103,11 +103,13 @@ func TestForwarding(t *testing.T) {
 		{"backend.service.consul.", mdns.TypeTXT, "from 198.18.8.8", consul},
 		{"backend.connect.consul.", mdns.TypeA, "198.18.8.8", consul},
 		{"nx.node.consul.", mdns.TypeA, "", consul},
+		{"nosuch.virtual.consul.", mdns.TypeA, "", nil}, // VIPs are the mesh view's alone
+		{"nosuch.virtual.consul.", mdns.TypeTXT, "from 198.18.8.8", consul},
 	}
 	for _, netw := range []string{"udp", "tcp"} {
 		for _, c := range cases {
 			t.Run(netw+"/"+c.name+"/"+mdns.TypeToString[c.qtype], func(t *testing.T) {
-				n := c.via.queries.Load()
+				nr, nc := rec.queries.Load(), consul.queries.Load()
 				r := query(t, netw, s.Addr(), c.name, c.qtype, false)
 				if c.want == "" {
 					if r.Rcode != mdns.RcodeNameError {
@@ -116,8 +118,11 @@ func TestForwarding(t *testing.T) {
 				} else if r.Rcode != mdns.RcodeSuccess || len(r.Answer) != 1 || !strings.Contains(r.Answer[0].String(), c.want) {
 					t.Fatalf("want %s, got %v", c.want, r)
 				}
-				if netw == "udp" && c.via.queries.Load() == n && c.via == consul {
-					t.Fatalf("not forwarded to the right upstream")
+				switch {
+				case c.via == nil && (rec.queries.Load()+consul.queries.Load() != nr+nc):
+					t.Fatalf("forwarded, want a local answer")
+				case c.via == consul && netw == "udp" && c.via.queries.Load() == nc:
+					t.Fatalf("not forwarded to the agent")
 				}
 				if r.IsEdns0() != nil {
 					t.Fatalf("client sent no EDNS0 but got an OPT record")

@@ -1,7 +1,7 @@
 // Command dnsapp is a test-only helper for the DNS end-to-end tests
 // (test/e2e/dns_test.go), until `ferry run` serves DNS itself.
 //
-//	dnsapp serve  -addr A [-recursor R]... [-cluster-domain D]
+//	dnsapp serve  -addr A [-recursor R]... [-consul-dns A] [-cluster-domain D]
 //	    ferry's DNS server (package dns) with the mesh view of package
 //	    proxy/catalog, read from the agent at CONSUL_HTTP_ADDR.
 //	dnsapp static -addr A -record NAME=IP... [-big NAME]
@@ -65,6 +65,7 @@ func serve(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	addr := fs.String("addr", ferrydns.DefaultAddr, "listen address")
 	domain := fs.String("cluster-domain", ferrydns.DefaultClusterDomain, "cluster domain")
+	consulDNS := fs.String("consul-dns", "", "Consul agent DNS address for other .consul queries")
 	var recursors multi
 	fs.Var(&recursors, "recursor", "recursor (repeatable; default: /etc/resolv.conf minus -addr)")
 	_ = fs.Parse(args)
@@ -90,7 +91,7 @@ func serve(args []string) error {
 	}
 	srv, err := ferrydns.New(ferrydns.Config{
 		Addr: *addr, ClusterDomain: *domain, Datacenter: view.Datacenter(),
-		Recursors: recursors, Mesh: view, Logger: log,
+		Recursors: recursors, ConsulDNS: *consulDNS, Mesh: view, Logger: log,
 	})
 	if err != nil {
 		return err
