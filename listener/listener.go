@@ -62,8 +62,13 @@ type Listener struct {
 	closed    atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
-	wg        sync.WaitGroup
 	lastWarn  atomic.Int64 // unix nanos of the last over-limit log line
+
+	// Handlers in flight. Not a WaitGroup: Wait may run while Serve still
+	// adds handlers (readiness of a drain is "none left right now").
+	mu   sync.Mutex
+	n    int
+	idle chan struct{} // closed while n == 0
 
 	sleep func(time.Duration) // replaced in tests
 }
@@ -77,7 +82,9 @@ func New(ln TCPAcceptor, opts Options) *Listener {
 	if opts.Name != "" {
 		log = log.Named(opts.Name)
 	}
-	return &Listener{ln: ln, opts: opts, log: log, sleep: time.Sleep}
+	idle := make(chan struct{})
+	close(idle)
+	return &Listener{ln: ln, opts: opts, log: log, sleep: time.Sleep, idle: idle}
 }
 
 // Addr is the bound address.
@@ -114,22 +121,41 @@ func (l *Listener) Serve(h Handler) error {
 			l.refuse(c)
 			continue
 		}
-		l.active.Add(1)
-		l.wg.Add(1)
+		l.begin()
 		go func() {
-			defer l.wg.Done()
-			defer l.active.Add(-1)
+			defer l.end()
 			h(c)
 		}()
 	}
 }
 
+func (l *Listener) begin() {
+	l.active.Add(1)
+	l.mu.Lock()
+	if l.n == 0 {
+		l.idle = make(chan struct{})
+	}
+	l.n++
+	l.mu.Unlock()
+}
+
+func (l *Listener) end() {
+	l.active.Add(-1)
+	l.mu.Lock()
+	l.n--
+	if l.n == 0 {
+		close(l.idle)
+	}
+	l.mu.Unlock()
+}
+
 func (l *Listener) refuse(c *net.TCPConn) {
-	_ = c.SetLinger(0) // close with RST: fail fast instead of an orderly FIN
-	_ = c.Close()
+	// Count before closing, so that whoever sees the reset sees the count.
 	if l.opts.OnOverLimit != nil {
 		l.opts.OnOverLimit()
 	}
+	_ = c.SetLinger(0) // close with RST: fail fast instead of an orderly FIN
+	_ = c.Close()
 	// One line per second at most: an overload must not turn into a log flood.
 	now := time.Now().UnixNano()
 	last := l.lastWarn.Load()
@@ -149,13 +175,14 @@ func (l *Listener) Close() error {
 	return l.closeErr
 }
 
-// Wait blocks until every handler started so far has returned, or until
-// done is closed (then it returns false).
+// Wait blocks until no handler is running, or until done is closed (then
+// it returns false). After Close it means every connection has finished.
 func (l *Listener) Wait(done <-chan struct{}) bool {
-	ch := make(chan struct{})
-	go func() { l.wg.Wait(); close(ch) }()
+	l.mu.Lock()
+	idle := l.idle
+	l.mu.Unlock()
 	select {
-	case <-ch:
+	case <-idle:
 		return true
 	case <-done:
 		return false
