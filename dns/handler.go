@@ -2,9 +2,11 @@ package dns
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	mdns "github.com/miekg/dns"
@@ -134,6 +136,18 @@ func (s *Server) negative(req *mdns.Msg, zone string, rcode int) *mdns.Msg {
 	return m
 }
 
+// flight is one upstream exchange that identical concurrent questions
+// share, so that a burst of lookups of one name costs one upstream query.
+type flight struct {
+	done chan struct{}
+	msg  *mdns.Msg // read-only once done is closed
+	err  error
+	// joined counts the queries waiting on this one (tests watch it).
+	joined atomic.Int32
+}
+
+var errBusy = errors.New("too many queries in flight")
+
 func (s *Server) forward(ctx context.Context, req *mdns.Msg, name string, fwd *forwarder) *mdns.Msg {
 	q := req.Question[0]
 	key := cacheKey{name: name, qtype: q.Qtype, qclass: q.Qclass}
@@ -143,22 +157,48 @@ func (s *Server) forward(ctx context.Context, req *mdns.Msg, name string, fwd *f
 	if m := s.cache.get(key); m != nil {
 		return m
 	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
+	defer cancel()
+
+	s.flightMu.Lock()
+	if f, ok := s.flights[key]; ok {
+		f.joined.Add(1)
+		s.flightMu.Unlock()
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return rcodeOnly(mdns.RcodeServerFailure)
+		}
+		if f.err != nil {
+			return rcodeOnly(mdns.RcodeServerFailure)
+		}
+		return f.msg.Copy()
+	}
+	f := &flight{done: make(chan struct{})}
+	s.flights[key] = f
+	s.flightMu.Unlock()
+	defer func() {
+		s.flightMu.Lock()
+		delete(s.flights, key)
+		s.flightMu.Unlock()
+		close(f.done)
+	}()
+
 	select {
 	case s.sem <- struct{}{}:
 		defer func() { <-s.sem }()
 	default:
 		s.log.Debug("too many queries in flight; answering SERVFAIL", "name", q.Name)
+		f.err = errBusy
 		return rcodeOnly(mdns.RcodeServerFailure)
 	}
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
-	defer cancel()
-	r, err := fwd.exchange(ctx, req)
-	if err != nil {
-		s.log.Debug("forward failed; answering SERVFAIL", "name", q.Name, "type", mdns.TypeToString[q.Qtype], "error", err)
+	f.msg, f.err = fwd.exchange(ctx, req)
+	if f.err != nil {
+		s.log.Debug("forward failed; answering SERVFAIL", "name", q.Name, "type", mdns.TypeToString[q.Qtype], "error", f.err)
 		return rcodeOnly(mdns.RcodeServerFailure)
 	}
-	s.cache.put(key, r)
-	return r
+	s.cache.put(key, f.msg)
+	return f.msg.Copy() // the waiters read f.msg while the caller edits its answer
 }
 
 // finish turns m into the answer to req: header bits, the client's

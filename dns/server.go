@@ -23,6 +23,9 @@ type Server struct {
 	nonce     []byte
 	sem       chan struct{}
 
+	flightMu sync.Mutex
+	flights  map[cacheKey]*flight
+
 	// ctx is cancelled by Close and ends pending upstream exchanges.
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -69,6 +72,7 @@ func New(cfg Config) (*Server, error) {
 		cache:   newCache(cfg.CacheSize, cfg.CacheMaxTTL, cfg.CacheNegativeTTL, time.Now),
 		nonce:   nonce,
 		sem:     make(chan struct{}, cfg.MaxInflight),
+		flights: make(map[cacheKey]*flight),
 		ctx:     ctx,
 		cancel:  cancel,
 		addr:    cfg.Addr,

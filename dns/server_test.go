@@ -458,3 +458,55 @@ func TestRecursorsFromResolvConf(t *testing.T) {
 		t.Fatal("missing file accepted")
 	}
 }
+
+// TestBurstSharesOneUpstreamQuery: identical questions asked while one is
+// being forwarded wait for its answer instead of asking again.
+func TestBurstSharesOneUpstreamQuery(t *testing.T) {
+	release := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	slow := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool) {
+		<-release
+		answerA("198.18.9.9", 60)(w, r, tcp)
+	})
+	// No cache: a query that came late would ask the upstream again.
+	s := startServer(t, Config{Recursors: []string{slow.addr}, CacheSize: -1, UpstreamTimeout: 10 * time.Second, QueryTimeout: 10 * time.Second})
+	var wg sync.WaitGroup
+	answers := make(chan int, 20)
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m := new(mdns.Msg).SetQuestion("burst.example.", mdns.TypeA)
+			r, _, err := (&mdns.Client{Timeout: 10 * time.Second}).Exchange(m, s.Addr())
+			if err == nil && r.Rcode == mdns.RcodeSuccess {
+				answers <- len(r.Answer)
+			}
+		}()
+	}
+	joined := func() int32 {
+		s.flightMu.Lock()
+		defer s.flightMu.Unlock()
+		for _, f := range s.flights {
+			return f.joined.Load()
+		}
+		return 0
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for joined() < 19 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	once.Do(func() { close(release) })
+	wg.Wait()
+	close(answers)
+	n := 0
+	for a := range answers {
+		if a != 1 {
+			t.Fatalf("answer with %d records", a)
+		}
+		n++
+	}
+	if n != 20 || slow.queries.Load() != 1 {
+		t.Fatalf("%d of 20 answered; upstream asked %d times, want once", n, slow.queries.Load())
+	}
+}
