@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/ferrymesh/ferry/listener"
@@ -32,7 +33,7 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 	var dial DialFunc
 	switch route.Action {
 	case Passthrough:
-		dial = p.dialTCP(dst.String())
+		dial = p.dialTCP(&target{ap: dst})
 	case Dial:
 		if route.Dial == nil {
 			p.log.Error("router returned Dial without a DialFunc", "dst", dst, "upstream", route.Upstream)
@@ -82,7 +83,7 @@ func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
 	}
 	dial := in.Dial
 	if dial == nil {
-		dial = p.dialTCP(*p.localApp.Load())
+		dial = p.dialTCP(p.localApp.Load())
 	}
 	info := ConnInfo{Direction: Inbound, Source: src, Destination: addrPortOf(c.LocalAddr()), Peer: in.Peer, Keys: in.Keys, Started: start}
 	p.connect(in.Conn, dial, info, start)
@@ -140,8 +141,24 @@ func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.
 	}
 }
 
-func (p *Proxy) dialTCP(addr string) DialFunc {
+// tcpDialer is the allocation-light dial of *net.Dialer (Go 1.26).
+type tcpDialer interface {
+	DialTCP(ctx context.Context, network string, laddr, raddr netip.AddrPort) (*net.TCPConn, error)
+}
+
+func (p *Proxy) dialTCP(t *target) DialFunc {
 	return func(ctx context.Context) (net.Conn, error) {
+		if d, ok := p.cfg.Dialer.(tcpDialer); ok && t.ap.IsValid() {
+			c, err := d.DialTCP(ctx, "tcp", netip.AddrPort{}, t.ap)
+			if err != nil {
+				return nil, err // not a typed nil in the interface
+			}
+			return c, nil
+		}
+		addr := t.addr
+		if addr == "" {
+			addr = t.ap.String()
+		}
 		return p.cfg.Dialer.DialContext(ctx, "tcp", addr)
 	}
 }

@@ -10,7 +10,8 @@ import (
 
 // watchdog closes a connection after idle without progress. It samples a
 // monotonic progress counter every idle/4 instead of touching deadlines on
-// every read, which keeps the splice path free of bookkeeping.
+// every read, which keeps the splice path free of bookkeeping. A silent
+// connection is closed between idle and idle+idle/2 after its last byte.
 type watchdog struct {
 	mu         sync.Mutex
 	t          *time.Timer
@@ -29,8 +30,10 @@ func startWatchdog(idle time.Duration, progress func() uint64, onIdle func()) *w
 		period:     max(idle/4, time.Millisecond),
 		progress:   progress,
 		onIdle:     onIdle,
-		last:       progress(),
 		lastChange: time.Now(),
+		// last stays 0 instead of sampling now: the first check then counts
+		// as activity, which delays detection by one period but keeps two
+		// getsockopt calls off the per-connection setup path.
 	}
 	w.mu.Lock()
 	w.t = time.AfterFunc(w.period, w.check)

@@ -73,16 +73,26 @@ func (f *family) with(values []string) *series {
 	if len(values) != len(f.labels) {
 		panic(fmt.Sprintf("metric %s: %d label values for %d labels", f.name, len(values), len(f.labels)))
 	}
-	key := strings.Join(values, "\xff")
+	// The key is built in a stack buffer and looked up as string(buf),
+	// which the compiler does without allocating: With is on the
+	// per-connection path.
+	var kb [128]byte
+	key := kb[:0]
+	for i, v := range values {
+		if i > 0 {
+			key = append(key, 0xff)
+		}
+		key = append(key, v...)
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	s := f.series[key]
+	s := f.series[string(key)]
 	if s == nil {
 		s = &series{values: slices.Clone(values)}
 		if f.buckets != nil {
 			s.counts = make([]atomic.Int64, len(f.buckets))
 		}
-		f.series[key] = s
+		f.series[string(key)] = s
 	}
 	return s
 }

@@ -432,3 +432,11 @@ func TestSetAcceptorAtRuntime(t *testing.T) {
 		t.Fatalf("after SetAcceptor(nil): %q, %v", got, err)
 	}
 }
+
+func TestMetricsWithDoesNotAllocate(t *testing.T) {
+	m := NewMetrics()
+	m.Connections.With("inbound", "ok")
+	if n := testing.AllocsPerRun(100, func() { m.Connections.With("inbound", "ok").Inc() }); n != 0 {
+		t.Fatalf("With allocates %.0f times per call", n)
+	}
+}

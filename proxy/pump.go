@@ -40,7 +40,8 @@ type PumpStats struct {
 // from one peer is passed on as a reset to the other.
 //
 // Idle: with idle > 0 the connection is closed after idle without a byte
-// received on either side (checked at idle/4, so between idle and 1.25×idle).
+// received on either side (checked every idle/4: closed between idle and
+// 1.5×idle after the last byte).
 // Progress of TCP legs is read from the kernel (TCP_INFO bytes_received), so
 // the splice path carries no per-byte bookkeeping.
 //
