@@ -274,7 +274,7 @@ func TestDatapathThroughput(t *testing.T) {
 		t.Skip("throughput measurement")
 	}
 	e := dpSetup(t)
-	srv := e.ext.Start(t, testbed.Proc{Name: "iperf3 -s"}, "iperf3", "-s", "-p", "5201")
+	srv := e.ext.Start(t, testbed.Proc{Name: "iperf3 -s"}, "iperf3", "-s", "-p", "5201", "--forceflush")
 	if err := srv.WaitOutput("Server listening", 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
