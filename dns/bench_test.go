@@ -29,6 +29,7 @@ func benchQueries(b *testing.B, s *Server, name string) {
 			}
 		}
 	})
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "queries/s")
 }
 
 func BenchmarkMeshName(b *testing.B) {

@@ -22,7 +22,17 @@ type cacheEntry struct {
 	msg     *mdns.Msg // without OPT; never handed out, only copies
 	stored  time.Time
 	expires time.Time
+	bytes   int
 }
+
+// cacheMaxBytes bounds the wire size of all cached answers together, and
+// cacheMaxEntryBytes a single one: answers come back over TCP up to 64 KiB,
+// and the entry bound alone would let a few thousand of those pin a lot of
+// memory in a sidecar.
+const (
+	cacheMaxBytes      = 4 << 20
+	cacheMaxEntryBytes = 16 << 10
+)
 
 // cache is a bounded LRU of forwarded answers that honours their TTLs.
 type cache struct {
@@ -33,6 +43,7 @@ type cache struct {
 	now     func() time.Time
 	entries map[cacheKey]*list.Element
 	lru     *list.List // front = most recently used
+	bytes   int        // sum of the entries' bytes
 }
 
 func newCache(size int, maxTTL, maxNeg time.Duration, now func() time.Time) *cache {
@@ -57,8 +68,7 @@ func (c *cache) get(k cacheKey) *mdns.Msg {
 	}
 	e := el.Value.(*cacheEntry)
 	if !now.Before(e.expires) {
-		c.lru.Remove(el)
-		delete(c.entries, k)
+		c.remove(el)
 		c.mu.Unlock()
 		return nil
 	}
@@ -98,21 +108,29 @@ func (c *cache) put(k cacheKey, m *mdns.Msg) {
 	if d <= 0 {
 		return
 	}
+	size := m.Len()
+	if size > cacheMaxEntryBytes {
+		return
+	}
 	now := c.now()
-	e := &cacheEntry{key: k, msg: m.Copy(), stored: now, expires: now.Add(d)}
+	e := &cacheEntry{key: k, msg: m.Copy(), stored: now, expires: now.Add(d), bytes: size}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if el, ok := c.entries[k]; ok {
-		el.Value = e
-		c.lru.MoveToFront(el)
-		return
+		c.remove(el)
 	}
 	c.entries[k] = c.lru.PushFront(e)
-	for c.lru.Len() > c.size {
-		old := c.lru.Back()
-		c.lru.Remove(old)
-		delete(c.entries, old.Value.(*cacheEntry).key)
+	c.bytes += size
+	for c.lru.Len() > c.size || c.bytes > cacheMaxBytes {
+		c.remove(c.lru.Back())
 	}
+}
+
+func (c *cache) remove(el *list.Element) {
+	e := el.Value.(*cacheEntry)
+	c.lru.Remove(el)
+	delete(c.entries, e.key)
+	c.bytes -= e.bytes
 }
 
 func (c *cache) len() int {

@@ -87,6 +87,26 @@ func TestCache(t *testing.T) {
 	if c.len() != 3 || c.get(k("1")) != nil || c.get(k("0")) == nil {
 		t.Fatalf("LRU bound broken: %d entries", c.len())
 	}
+	// Bounded in bytes too.
+	big := func(n int) *mdns.Msg {
+		m := aMsg("big.", 30)
+		for i := range n {
+			m.Answer = append(m.Answer, &mdns.TXT{Hdr: mdns.RR_Header{Name: "big.", Rrtype: mdns.TypeTXT, Class: mdns.ClassINET, Ttl: 30},
+				Txt: []string{fmt.Sprintf("%0200d", i)}})
+		}
+		return m
+	}
+	c.put(k("huge."), big(100)) // ~20 KB
+	if c.get(k("huge.")) != nil {
+		t.Fatal("oversized answer cached")
+	}
+	bc := newCache(10000, time.Minute, time.Minute, clk.now)
+	for i := range 1000 {
+		bc.put(k(fmt.Sprint(i)), big(40)) // ~8 KB each
+	}
+	if bc.bytes > cacheMaxBytes || bc.len() == 0 || bc.len() == 1000 {
+		t.Fatalf("byte bound: %d bytes in %d entries", bc.bytes, bc.len())
+	}
 	var nilCache *cache
 	nilCache.put(k("a."), aMsg("a.", 30))
 	if nilCache.get(k("a.")) != nil {

@@ -29,6 +29,9 @@ func (s *Server) ServeDNS(w mdns.ResponseWriter, req *mdns.Msg) {
 	if resp == nil {
 		return
 	}
+	if resp.Rcode == mdns.RcodeServerFailure {
+		s.stats.servFail.Add(1)
+	}
 	if err := w.WriteMsg(resp); err != nil {
 		s.log.Debug("write answer", "client", w.RemoteAddr(), "error", err)
 	}
@@ -39,6 +42,7 @@ func (s *Server) handle(ctx context.Context, req *mdns.Msg, tcp bool) *mdns.Msg 
 	if req.Response {
 		return nil // never answer answers: reflection loops
 	}
+	s.stats.queries.Add(1)
 	if req.Opcode != mdns.OpcodeQuery {
 		return s.finish(req, rcodeOnly(mdns.RcodeNotImplemented), tcp)
 	}
@@ -60,6 +64,7 @@ func (s *Server) handle(ctx context.Context, req *mdns.Msg, tcp bool) *mdns.Msg 
 		return s.finish(req, rcodeOnly(mdns.RcodeBadVers), tcp) // RFC 6891 section 6.1.3
 	}
 	if isLoop(req, s.nonce) {
+		s.stats.loops.Add(1)
 		s.log.Warn("query came back to us: forwarding loop; answering SERVFAIL", "name", q.Name)
 		return s.finish(req, rcodeOnly(mdns.RcodeServerFailure), tcp)
 	}
@@ -71,6 +76,7 @@ func (s *Server) handle(ctx context.Context, req *mdns.Msg, tcp bool) *mdns.Msg 
 	ni := classify(name, &s.cfg)
 	if ni.service != "" && (q.Qtype == mdns.TypeA || q.Qtype == mdns.TypeAAAA) {
 		if vip, ok := s.cfg.Mesh.VirtualIP(ni.service); ok {
+			s.stats.mesh.Add(1)
 			return s.finish(req, s.meshAnswer(req, ni, vip.Unmap()), tcp)
 		}
 		if ni.virtual {
@@ -155,6 +161,7 @@ func (s *Server) forward(ctx context.Context, req *mdns.Msg, name string, fwd *f
 		key.do = opt.Do()
 	}
 	if m := s.cache.get(key); m != nil {
+		s.stats.cacheHits.Add(1)
 		return m
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
@@ -162,7 +169,14 @@ func (s *Server) forward(ctx context.Context, req *mdns.Msg, name string, fwd *f
 
 	s.flightMu.Lock()
 	if f, ok := s.flights[key]; ok {
+		if s.waiting.Add(1) > int64(cap(s.sem)) {
+			s.waiting.Add(-1)
+			s.flightMu.Unlock()
+			return rcodeOnly(mdns.RcodeServerFailure)
+		}
+		defer s.waiting.Add(-1)
 		f.joined.Add(1)
+		s.stats.shared.Add(1)
 		s.flightMu.Unlock()
 		select {
 		case <-f.done:
@@ -192,6 +206,7 @@ func (s *Server) forward(ctx context.Context, req *mdns.Msg, name string, fwd *f
 		f.err = errBusy
 		return rcodeOnly(mdns.RcodeServerFailure)
 	}
+	s.stats.forwarded.Add(1)
 	f.msg, f.err = fwd.exchange(ctx, req)
 	if f.err != nil {
 		s.log.Debug("forward failed; answering SERVFAIL", "name", q.Name, "type", mdns.TypeToString[q.Qtype], "error", f.err)

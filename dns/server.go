@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -25,6 +26,8 @@ type Server struct {
 
 	flightMu sync.Mutex
 	flights  map[cacheKey]*flight
+	waiting  atomic.Int64 // queries waiting on a flight; bounded like sem
+	stats    counters
 
 	// ctx is cancelled by Close and ends pending upstream exchanges.
 	ctx    context.Context

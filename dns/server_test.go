@@ -59,6 +59,9 @@ func TestMeshNames(t *testing.T) {
 	if len(r.Answer) != 1 || r.Answer[0].(*mdns.AAAA).AAAA.String() != "fd00::7" {
 		t.Fatalf("v6 VIP: %v", r)
 	}
+	if st := s.Stats(); st.Mesh != st.Queries || st.Forwarded != 0 {
+		t.Fatalf("stats: %+v", st)
+	}
 }
 
 func TestNotMeshNoUpstream(t *testing.T) {
@@ -146,6 +149,9 @@ func TestCacheHonoursTTL(t *testing.T) {
 	}
 	if got := rec.queries.Load(); got != 2 {
 		t.Fatalf("upstream asked %d times, want 2 (positive and negative answer cached)", got)
+	}
+	if st := s.Stats(); st.CacheHits != 8 || st.Forwarded != 2 || st.CacheItems != 2 || st.Queries != 10 {
+		t.Fatalf("stats: %+v", st)
 	}
 	// The positive answer's TTL is 1s: after it the upstream is asked again.
 	time.Sleep(1100 * time.Millisecond)
@@ -335,6 +341,9 @@ func TestLoop(t *testing.T) {
 	if r.Rcode != mdns.RcodeServerFailure || time.Since(start) > 2*time.Second {
 		t.Fatalf("want a fast SERVFAIL, got %v after %v", r.Rcode, time.Since(start))
 	}
+	if a.Stats().Loops != 1 || a.Stats().ServFail != 2 { // the looped query and the client's
+		t.Fatalf("stats: %+v", a.Stats())
+	}
 	// A server never forwards to its own address.
 	self, err := New(Config{Mesh: testMesh(), Addr: "127.0.0.1:8600", Recursors: []string{"127.0.0.1:8600", "198.18.0.1"}})
 	if err != nil || len(self.cfg.Recursors) != 1 || self.cfg.Recursors[0] != "198.18.0.1:53" {
@@ -506,7 +515,7 @@ func TestBurstSharesOneUpstreamQuery(t *testing.T) {
 		}
 		n++
 	}
-	if n != 20 || slow.queries.Load() != 1 {
-		t.Fatalf("%d of 20 answered; upstream asked %d times, want once", n, slow.queries.Load())
+	if n != 20 || slow.queries.Load() != 1 || s.Stats().Shared != 19 {
+		t.Fatalf("%d of 20 answered; upstream asked %d times, want once; stats %+v", n, slow.queries.Load(), s.Stats())
 	}
 }
