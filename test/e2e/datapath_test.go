@@ -37,6 +37,8 @@ const (
 	dpHalfBytes = 256 << 10
 	dpConns     = 1000
 	dpConnBytes = 4096
+	dpIperfReps = 5
+	dpIperfSecs = 3
 )
 
 type dpEnv struct {
@@ -264,7 +266,7 @@ func TestDatapath(t *testing.T) {
 
 // TestDatapathThroughput compares one iperf3 stream from the app pod to the
 // ext pod through ferry (UID 0: redirected) and direct (UID 5995: excluded
-// by the rules), interleaved, same pods, same run. It logs the figures; the
+// by the rules), interleaved (5 × 3 s each), same pods, same run. It logs the figures; the
 // 0.8x target is checked by reading them, not asserted (timing on a shared
 // 2-vCPU machine is not a test oracle).
 //
@@ -280,7 +282,7 @@ func TestDatapathThroughput(t *testing.T) {
 	}
 	run := func(uid int) (gbps float64, cpu time.Duration) {
 		cpu0 := dpCPU(t, e.ferry.PID())
-		out, err := e.app.Exec(t, testbed.Proc{UID: uid, Name: "iperf3 -c"}, "iperf3", "-c", e.ext.IP.String(), "-p", "5201", "-t", "4", "-J")
+		out, err := e.app.Exec(t, testbed.Proc{UID: uid, Name: "iperf3 -c"}, "iperf3", "-c", e.ext.IP.String(), "-p", "5201", "-t", strconv.Itoa(dpIperfSecs), "-J")
 		if err != nil {
 			t.Fatalf("iperf3 (uid %d): %v\n%s", uid, err, out)
 		}
@@ -298,7 +300,7 @@ func TestDatapathThroughput(t *testing.T) {
 	}
 	var direct, ferry []float64
 	var ferryCPU time.Duration
-	for range 3 {
+	for range dpIperfReps {
 		d, _ := run(dpProxyUID)
 		f, c := run(0)
 		direct, ferry = append(direct, d), append(ferry, f)
@@ -309,9 +311,9 @@ func TestDatapathThroughput(t *testing.T) {
 	md, mf := direct[len(direct)/2], ferry[len(ferry)/2]
 	var gb float64
 	for _, f := range ferry {
-		gb += f * 4 / 8 // Gbit/s × 4 s / 8 = GB
+		gb += f * dpIperfSecs / 8 // Gbit/s × s / 8 = GB
 	}
-	t.Logf("iperf3 single stream, app pod -> ext pod, 3 × 4 s each, interleaved:")
+	t.Logf("iperf3 single stream, app pod -> ext pod, %d × %d s each, interleaved:", dpIperfReps, dpIperfSecs)
 	t.Logf("  direct (uid 5995, not redirected): %.2f Gbit/s (runs %.2f)", md, direct)
 	t.Logf("  through ferry (passthrough):      %.2f Gbit/s (runs %.2f)", mf, ferry)
 	t.Logf("  ratio ferry/direct (medians): %.2fx; ferry CPU %.2f s for %.1f GB = %.2f CPU-s/GB",
