@@ -25,12 +25,15 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 		return err
 	}
 	load0 := loadavg()
+	if pr.Pinned {
+		logf("pinned: proxies on CPU 1 (one thread each), load generator and servers on CPU 0")
+	}
 	logf("bench %s mode: %d repetitions, paths %s", pr.Mode, pr.Reps, strings.Join(ids, ","))
 	consul, err := testbed.Consul()
 	if err != nil {
 		return err
 	}
-	e := &env{self: self, consul: consul, logf: logf}
+	e := &env{self: self, consul: consul, logf: logf, pin: pr.Pinned}
 	if needsFerry(ids) {
 		logf("building ferry")
 		if e.ferry, err = testbed.Ferry(); err != nil {
@@ -74,6 +77,9 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 		return err
 	}
 	name := t0.Format("2006-01-02") + "-" + pr.Mode
+	if pr.Pinned {
+		name += "-pinned"
+	}
 	if tag != "" {
 		name += "-" + tag
 	}

@@ -122,14 +122,21 @@ func handle(c net.Conn) {
 		}
 		c.Write([]byte{1})
 	case modeEcho:
-		// Plain io.Copy on the *net.TCPConn: the kernel splices it.
-		io.Copy(c, c)
+		// A plain read/write loop, not io.Copy: io.Copy between TCP
+		// conns splices through a pipe held for the connection's life,
+		// two more fds per connection, which breaks the idle scenario.
+		buf := make([]byte, 4<<10)
+		io.CopyBuffer(writerOnly{c}, readerOnly{c}, buf)
 	}
 }
 
 // readerOnly hides io.Discard's ReaderFrom path (8 KiB reads) so the sink
 // reads with our 256 KiB buffer.
 type readerOnly struct{ io.Reader }
+
+// writerOnly hides the conn's ReadFrom (which would splice or allocate its
+// own buffer).
+type writerOnly struct{ io.Writer }
 
 // loadResult is what `bench load` prints as JSON on its last line.
 type loadResult struct {
@@ -409,12 +416,14 @@ func runIdle(ctx context.Context, c loadConfig) (loadResult, error) {
 			defer wg.Done()
 			for {
 				i := int(next.Add(1)) - 1
-				if i >= c.conns || ctx.Err() != nil {
+				// Stop opening after repeated failures (e.g. a proxy out of
+				// fds): the report shows how many opened and why not more.
+				if i >= c.conns || ctx.Err() != nil || errCount.Load() >= 64 {
 					return
 				}
 				tc, err := dial(ctx, c.addr)
 				if err == nil {
-					tc.SetDeadline(time.Now().Add(10 * time.Second))
+					tc.SetDeadline(time.Now().Add(5 * time.Second))
 					var b [2]byte
 					if _, err = tc.Write([]byte{modeEcho, 'x'}); err == nil {
 						_, err = io.ReadFull(tc, b[:1])

@@ -43,6 +43,7 @@ func run(args []string) error {
 // params sizes one run; quick mode trades precision for a < 2 min run.
 type params struct {
 	Mode       string
+	Pinned     bool
 	Reps       int
 	BulkBytes  int64 // single connection
 	Bulk64     int64 // total over 64 connections
@@ -78,6 +79,7 @@ func harnessMain(args []string) error {
 	idle := fs.Int("idle", 0, "idle connections for the RSS scenario (default: 1000 quick, 9500 full)")
 	only := fs.String("paths", "", "comma-separated path ids to run (default: all): "+strings.Join(allPathIDs, ","))
 	tag := fs.String("tag", "", "suffix for the report name (e.g. before/after a change)")
+	pin := fs.Bool("pin", false, "pin every proxy to CPU 1 with one thread (GOMAXPROCS=1, nbthread 1), load generator and servers to CPU 0")
 	from := fs.String("from", "", "re-render the report and charts of a saved run (its .json) without measuring")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: go run ./test/bench [flags]   (needs root: it builds network namespaces)\n")
@@ -99,6 +101,7 @@ func harnessMain(args []string) error {
 		return errors.New("needs root: the testbed creates network namespaces, veths and iptables rules")
 	}
 	p := paramsFor(*quick)
+	p.Pinned = *pin
 	if *reps > 0 {
 		p.Reps = min(*reps, 20)
 	}

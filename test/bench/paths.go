@@ -54,8 +54,11 @@ type env struct {
 	consul string
 	ferry  string
 	work   string // PEMs, configs, hold files
-	logf   func(string, ...any)
-	procs  []*testbed.Process
+	// pin puts every proxy on CPU 1 (one thread: GOMAXPROCS=1, nbthread 1)
+	// and the load generator and servers on CPU 0: "a sidecar gets a core".
+	pin   bool
+	logf  func(string, ...any)
+	procs []*testbed.Process
 }
 
 func (e *env) start(pod *testbed.Pod, o testbed.Proc, argv ...string) (*testbed.Process, error) {
@@ -65,6 +68,23 @@ func (e *env) start(pod *testbed.Pod, o testbed.Proc, argv ...string) (*testbed.
 	}
 	e.procs = append(e.procs, pr)
 	return pr, nil
+}
+
+// startProxy starts a proxy process, pinned when e.pin.
+func (e *env) startProxy(pod *testbed.Pod, o testbed.Proc, argv ...string) (*testbed.Process, error) {
+	if e.pin {
+		o.Env = append(o.Env, "GOMAXPROCS=1")
+		argv = append([]string{"taskset", "-c", "1"}, argv...)
+	}
+	return e.start(pod, o, argv...)
+}
+
+// app prefixes the argv of a load generator or server for pinning.
+func (e *env) app(argv ...string) []string {
+	if e.pin {
+		return append([]string{"taskset", "-c", "0"}, argv...)
+	}
+	return argv
 }
 
 func (e *env) stopAll() {
@@ -106,7 +126,7 @@ func (e *env) probe(pod *testbed.Pod, addr string) error {
 }
 
 func (e *env) server(pod *testbed.Pod, addr string) error {
-	pr, err := e.start(pod, testbed.Proc{Name: "server " + addr}, e.self, "server", "-addr", addr)
+	pr, err := e.start(pod, testbed.Proc{Name: "server " + addr}, e.app(e.self, "server", "-addr", addr)...)
 	if err != nil {
 		return err
 	}
@@ -201,11 +221,11 @@ func (e *env) setupConsul(p *path, cli, srv *testbed.Pod) error {
 	if err != nil {
 		return err
 	}
-	sp, err := e.start(srv, testbed.Proc{Name: "consul proxy (server)"}, e.consul, "connect", "proxy", "-sidecar-for", r.ID, "-log-level", "warn")
+	sp, err := e.startProxy(srv, testbed.Proc{Name: "consul proxy (server)"}, e.consul, "connect", "proxy", "-sidecar-for", r.ID, "-log-level", "warn")
 	if err != nil {
 		return err
 	}
-	cp, err := e.start(cli, testbed.Proc{Name: "consul proxy (client)"}, e.consul, "connect", "proxy",
+	cp, err := e.startProxy(cli, testbed.Proc{Name: "consul proxy (client)"}, e.consul, "connect", "proxy",
 		"-service", "bench-consul-client", "-upstream", "bench-consul:21000", "-log-level", "warn")
 	if err != nil {
 		return err
@@ -238,13 +258,13 @@ func (e *env) setupHAProxy(p *path, cli, srv *testbed.Pod) error {
 		}
 		files[svc+".pem"] = leaf.CertPEM + "\n" + leaf.PrivateKeyPEM + "\n"
 	}
-	files["server.cfg"] = haproxyConfig(fmt.Sprintf(`frontend mesh_in
+	files["server.cfg"] = e.haproxyConfig(fmt.Sprintf(`frontend mesh_in
   bind :20001 ssl crt %s ca-file %s verify required
   default_backend app
 backend app
   server app 127.0.0.1:8080
 `, e.file("bench-haproxy-server.pem"), e.file("roots.pem")))
-	files["client.cfg"] = haproxyConfig(fmt.Sprintf(`frontend app_out
+	files["client.cfg"] = e.haproxyConfig(fmt.Sprintf(`frontend app_out
   bind 127.0.0.1:21001
   default_backend mesh
 backend mesh
@@ -255,11 +275,11 @@ backend mesh
 			return err
 		}
 	}
-	sp, err := e.start(srv, testbed.Proc{Name: "haproxy (server)"}, bin, "-db", "-f", e.file("server.cfg"))
+	sp, err := e.startProxy(srv, testbed.Proc{Name: "haproxy (server)"}, bin, "-db", "-f", e.file("server.cfg"))
 	if err != nil {
 		return err
 	}
-	cp, err := e.start(cli, testbed.Proc{Name: "haproxy (client)"}, bin, "-db", "-f", e.file("client.cfg"))
+	cp, err := e.startProxy(cli, testbed.Proc{Name: "haproxy (client)"}, bin, "-db", "-f", e.file("client.cfg"))
 	if err != nil {
 		return err
 	}
@@ -270,9 +290,13 @@ backend mesh
 // haproxyConfig is Debian's HAProxy in TCP mode with defaults otherwise
 // (threads = CPUs). maxconn is what fits the 20,000-fd hard limit here
 // (two fds per proxied connection); HAProxy refuses to start otherwise.
-func haproxyConfig(body string) string {
+func (e *env) haproxyConfig(body string) string {
+	threads := ""
+	if e.pin {
+		threads = "  nbthread 1\n"
+	}
 	return `global
-  maxconn 9800
+` + threads + `  maxconn 9800
   log stdout format raw local0 err
 defaults
   mode tcp
@@ -304,7 +328,7 @@ func (e *env) meshPod(name, service string, port int) (*testbed.Pod, *testbed.Pr
 		"-proxy-uid", strconv.Itoa(proxyUID), "-proxy-id", r.ProxyID); err != nil {
 		return nil, nil, fmt.Errorf("ferry redirect: %v: %s", err, out)
 	}
-	pr, err := e.start(pod, testbed.Proc{UID: proxyUID, Name: "ferry run (" + name + ")"}, e.ferry, "run", "-proxy-id", r.ProxyID)
+	pr, err := e.startProxy(pod, testbed.Proc{UID: proxyUID, Name: "ferry run (" + name + ")"}, e.ferry, "run", "-proxy-id", r.ProxyID)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -348,7 +372,7 @@ func (e *env) setupFerryMTLS(p *path) error {
 		"-proxy-uid", strconv.Itoa(proxyUID), "-proxy-id", r.ProxyID); err != nil {
 		return fmt.Errorf("ferry redirect: %v: %s", err, out)
 	}
-	sp, err := e.start(fsrv, testbed.Proc{UID: proxyUID, Name: "ferry run (fsrv)"}, e.ferry, "run", "-proxy-id", r.ProxyID)
+	sp, err := e.startProxy(fsrv, testbed.Proc{UID: proxyUID, Name: "ferry run (fsrv)"}, e.ferry, "run", "-proxy-id", r.ProxyID)
 	if err != nil {
 		return err
 	}

@@ -59,13 +59,14 @@ var figures = []figure{
 	{sCRR, "new conn/s", "%.0f", func(s sample) float64 { return s.Rate }, true},
 	{sCRR, "new conn p99 µs", "%.0f", func(s sample) float64 { return s.P99 }, false},
 	{sCRR, "proxy CPU µs/conn", "%.0f", func(s sample) float64 { return s.CPUPerOp }, false},
+	{sIdle, "idle conns open", "%.0f", func(s sample) float64 { return float64(s.Open) }, true},
 	{sIdle, "idle KiB/conn", "%.1f", func(s sample) float64 { return s.KBPerConn }, false},
 	{sIdle, "proxy RSS MiB idle→loaded", "", nil, false},
 }
 
 // cell is one figure of one path, flagged when its spread is large.
 func cell(res results, id string, f figure) string {
-	if id == pDirect && (strings.Contains(f.title, "proxy") || f.scen == sIdle) {
+	if id == pDirect && (strings.Contains(f.title, "proxy") || f.title == "idle KiB/conn") {
 		return "–"
 	}
 	if f.get == nil {
@@ -101,10 +102,13 @@ func writeReport(dir, name string, paths []*path, res results, m runMeta) (strin
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	p := m.Params
 	w("# ferry benchmark — %s (%s mode)\n\n", m.Started.UTC().Format("2006-01-02 15:04 UTC"), p.Mode)
-	w("Produced by `go run ./test/bench%s` (`make bench%s`) in %.0f s. ", map[bool]string{true: " -quick", false: ""}[p.Mode == "quick"],
-		map[bool]string{true: " BENCH=quick", false: ""}[p.Mode == "quick"], m.Duration.Seconds())
+	flags := map[bool]string{true: " -quick", false: ""}[p.Mode == "quick"] + map[bool]string{true: " -pin", false: ""}[p.Pinned]
+	w("Produced by `go run ./test/bench%s` in %.0f s. ", flags, m.Duration.Seconds())
 	w("Every path ran in the same testbed (Consul agent + network-namespace pods on one bridge), interleaved: ")
 	w("for each of %d repetitions and each scenario, all paths back to back in a random order. ", p.Reps)
+	if p.Pinned {
+		w("**Pinned** (`-pin`): every proxy process on CPU 1 with one thread (GOMAXPROCS=1, HAProxy nbthread 1), load generator and servers on CPU 0. ")
+	}
 	w("Figures are medians over the repetitions; this machine is shared and CPU-bound, so compare the ratios measured side by side, not absolute figures across runs. See `docs/bench.md` for the method.\n\n")
 
 	w("Scenarios: **bulk** — one connection sends %s (and 64 connections send %s in total) to a sink; ", human(p.BulkBytes), human(p.Bulk64))
@@ -151,6 +155,13 @@ func writeReport(dir, name string, paths []*path, res results, m runMeta) (strin
 			w("\n")
 		}
 		w("\n")
+	}
+	for _, pa := range live {
+		for _, sm := range res[pa.ID][sIdle] {
+			if sm.Errors > 0 {
+				w("Idle connections through **%s**: %d failed to open (first error: `%s`); the loader stops after 64 failures.\n\n", pathNames[pa.ID], sm.Errors, sm.FirstErr)
+			}
+		}
 	}
 	w("\n`*` = spread (max−min)/median over the repetitions above 15 %%; ranges are in the detail table below.\n\n")
 
@@ -296,7 +307,7 @@ func writeDetail(w func(string, ...any), live []*path, res results) {
 	w("| path | figure | median | min | max | n |\n|---|---|---:|---:|---:|---:|\n")
 	for _, pa := range live {
 		for _, f := range figures {
-			if f.get == nil || (pa.ID == pDirect && (strings.Contains(f.title, "proxy") || f.scen == sIdle)) {
+			if f.get == nil || (pa.ID == pDirect && (strings.Contains(f.title, "proxy") || f.title == "idle KiB/conn")) {
 				continue
 			}
 			st := res.stat(pa.ID, f.scen, f.get)

@@ -35,6 +35,7 @@ type sample struct {
 	RSSLoaded float64 // idle: with the connections open
 	KBPerConn float64 // idle
 	Open      int
+	FirstErr  string    // idle: why a connection failed, if one did
 	Lat       []float64 // rr: all latencies (µs), for the CDF
 }
 
@@ -102,7 +103,7 @@ func proxyRSS(ps []*testbed.Process) float64 {
 // load runs `bench load` in the path's client pod and returns its result
 // and the proxies' CPU seconds spent meanwhile.
 func (e *env) load(p *path, timeout time.Duration, args ...string) (loadResult, float64, error) {
-	argv := append([]string{e.self, "load", "-addr", p.Addr, "-timeout", timeout.String()}, args...)
+	argv := e.app(append([]string{e.self, "load", "-addr", p.Addr, "-timeout", timeout.String()}, args...)...)
 	cpu0 := proxyCPU(p.Proxies)
 	out, err := e.exec(p.Client, testbed.Proc{Name: "load " + p.ID}, timeout+15*time.Second, argv...)
 	cpu := proxyCPU(p.Proxies) - cpu0
@@ -183,8 +184,8 @@ func (e *env) measureIdle(p *path, pr params) (sample, error) {
 	defer os.Remove(hold)
 	s.RSSBase = proxyRSS(p.Proxies)
 	timeout := 120 * time.Second
-	lp, err := p.Client.StartProcess(testbed.Proc{Name: "idle " + p.ID}, e.self, "load", "-addr", p.Addr,
-		"-scenario", "idle", "-conns", strconv.Itoa(pr.IdleConns), "-hold", hold, "-timeout", timeout.String())
+	lp, err := p.Client.StartProcess(testbed.Proc{Name: "idle " + p.ID}, e.app(e.self, "load", "-addr", p.Addr,
+		"-scenario", "idle", "-conns", strconv.Itoa(pr.IdleConns), "-hold", hold, "-timeout", timeout.String())...)
 	if err != nil {
 		return s, err
 	}
@@ -204,12 +205,13 @@ func (e *env) measureIdle(p *path, pr params) (sample, error) {
 	var r loadResult
 	if err := json.Unmarshal([]byte(lastLine(lp.Output())), &r); err == nil {
 		s.Errors = r.Errors
+		s.FirstErr = r.FirstErr
 	}
 	if s.Open > 0 {
 		s.KBPerConn = (s.RSSLoaded - s.RSSBase) * 1024 / float64(s.Open)
 	}
-	e.logf("  idle %-10s %d open in %.1fs, proxy RSS %.1f -> %.1f MiB (%.1f KiB/conn), %d errors",
-		p.ID, s.Open, time.Since(exec0).Seconds(), s.RSSBase, s.RSSLoaded, s.KBPerConn, s.Errors)
+	e.logf("  idle %-10s %d of %d open in %.1fs, proxy RSS %.1f -> %.1f MiB (%.1f KiB/conn), %d errors %s",
+		p.ID, s.Open, pr.IdleConns, time.Since(exec0).Seconds(), s.RSSBase, s.RSSLoaded, s.KBPerConn, s.Errors, s.FirstErr)
 	// Give the proxies time to see the closes before the next path runs.
 	time.Sleep(2 * time.Second)
 	return s, nil
