@@ -207,6 +207,11 @@ func (e *env) measureIdle(p *path, pr params) (sample, error) {
 		s.Errors = r.Errors
 		s.FirstErr = r.FirstErr
 	}
+	if s.Errors > 0 {
+		for _, pp := range p.Proxies {
+			s.FirstErr += "; " + pp.Name + " says: " + oneLine(lastLines(pp.Output(), 2))
+		}
+	}
 	if s.Open > 0 {
 		s.KBPerConn = (s.RSSLoaded - s.RSSBase) * 1024 / float64(s.Open)
 	}
