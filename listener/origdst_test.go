@@ -79,6 +79,9 @@ func TestOriginalDstRedirected(t *testing.T) {
 		name, iptables, listen, virtual, mask string
 	}{
 		{"ipv4", "iptables", "127.0.0.1:0", "198.18.250.1", "32"},
+		// What "0.0.0.0:port" gives with network "tcp": an AF_INET6
+		// dual-stack socket accepting IPv4 as v4-mapped addresses.
+		{"ipv4 on a dual-stack socket", "iptables", "0.0.0.0:0", "198.18.250.1", "32"},
 		{"ipv6", "ip6tables", "[::1]:0", "2001:db8::f1", "128"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
