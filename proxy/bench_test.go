@@ -62,7 +62,7 @@ func benchStream(b *testing.B, mid func(b *testing.B, a, c net.Conn)) {
 	// Whole-process CPU (sender, receiver and pump together) per GiB: the
 	// pump's own cost is the difference from BenchmarkStreamDirect.
 	gib := float64(b.N) * streamChunk / (1 << 30)
-	b.ReportMetric((processCPU() - cpu0).Seconds()/gib, "cpu-s/GiB")
+	b.ReportMetric((processCPU()-cpu0).Seconds()/gib, "cpu-s/GiB")
 }
 
 // processCPU is this process's user+system CPU time.
