@@ -440,3 +440,28 @@ func TestMetricsWithDoesNotAllocate(t *testing.T) {
 		t.Fatalf("With allocates %.0f times per call", n)
 	}
 }
+
+// blockingDialer never connects; it returns when the dial context ends.
+type blockingDialer struct{ deadline chan time.Time }
+
+func (d blockingDialer) DialContext(ctx context.Context, _, _ string) (net.Conn, error) {
+	dl, _ := ctx.Deadline()
+	d.deadline <- dl
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+func TestConnectTimeout(t *testing.T) {
+	checkLeaks(t)
+	d := blockingDialer{deadline: make(chan time.Time, 1)}
+	p := startProxy(t, Config{ConnectTimeout: 150 * time.Millisecond, Dialer: d}, "localhost:1")
+	in, _ := p.Addrs()
+	start := time.Now()
+	if _, err := exchange(t, in.String(), "x"); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("dial timeout: %v, want reset", err)
+	}
+	if dl := <-d.deadline; dl.Sub(start) > time.Second || dl.IsZero() {
+		t.Fatalf("dial deadline %v after start; want the 150 ms connect timeout", dl.Sub(start))
+	}
+	waitFor(t, "dial error counted", func() bool { return counter(p, "inbound", "dial_error") == 1 })
+}
