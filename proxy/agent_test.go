@@ -1,6 +1,9 @@
 package proxy
 
 import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -71,5 +74,35 @@ func TestEndpointsFromService(t *testing.T) {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tc.want)
 			}
 		})
+	}
+}
+
+func TestFindSidecar(t *testing.T) {
+	svcs := map[string]*api.AgentService{
+		"web":               {ID: "web", Service: "web"},
+		"web-sidecar-proxy": {ID: "web-sidecar-proxy", Kind: api.ServiceKindConnectProxy, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceID: "web"}},
+		"api-1-proxy":       {ID: "api-1-proxy", Kind: api.ServiceKindConnectProxy, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceID: "api"}},
+		"api-2-proxy":       {ID: "api-2-proxy", Kind: api.ServiceKindConnectProxy, Proxy: &api.AgentServiceConnectProxyConfig{DestinationServiceID: "API"}},
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/agent/services" {
+			http.NotFound(w, r)
+			return
+		}
+		json.NewEncoder(w).Encode(svcs)
+	}))
+	defer srv.Close()
+	c, err := api.NewClient(&api.Config{Address: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, err := FindSidecar(c.Agent(), "WEB"); err != nil || id != "web-sidecar-proxy" {
+		t.Fatalf("FindSidecar(WEB) = %q, %v", id, err)
+	}
+	if _, err := FindSidecar(c.Agent(), "db"); err == nil || !strings.Contains(err.Error(), "no connect-proxy") {
+		t.Fatalf("FindSidecar(db): %v", err)
+	}
+	if _, err := FindSidecar(c.Agent(), "api"); err == nil || !strings.Contains(err.Error(), "2 proxies") {
+		t.Fatalf("FindSidecar(api): %v", err)
 	}
 }
