@@ -118,6 +118,12 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		defer acfg.Transport.CloseIdleConnections()
 	}
 
+	// The mesh features plug in around here (see proxy/doc.go): hooks known
+	// up front go into Config (Router, Acceptor, Registry) together with
+	// p.AddReadyCheck and p.Metrics().Set.Register; hooks that need the
+	// registration (the destination service name for the leaf, the
+	// upstreams) are installed in the WatchService callback below with
+	// p.SetRouter / p.SetAcceptor before p.Apply.
 	p := proxy.New(proxy.Config{
 		Logger:         log.Named("proxy"),
 		ConnectTimeout: cfg.ConnectTimeout,
