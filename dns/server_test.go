@@ -299,28 +299,54 @@ func TestGarbage(t *testing.T) {
 		_, _ = c.Write(b)
 		defer c.Close()
 	}
+	// The flood can overflow the socket's receive queue, so the first query
+	// after it may be dropped by the kernel; resolvers retry, and so do we.
 	for _, netw := range []string{"udp", "tcp"} {
-		r := query(t, netw, s.Addr(), "backend.virtual.consul.", mdns.TypeA, false)
-		if len(r.Answer) != 1 {
-			t.Fatalf("%s after garbage: %v", netw, r)
+		m := new(mdns.Msg).SetQuestion("backend.virtual.consul.", mdns.TypeA)
+		var r *mdns.Msg
+		for try := 0; try < 5 && r == nil; try++ {
+			r, _, err = (&mdns.Client{Net: netw, Timeout: time.Second}).Exchange(m, s.Addr())
+		}
+		if r == nil || len(r.Answer) != 1 {
+			t.Fatalf("%s after garbage: %v, %v", netw, r, err)
 		}
 	}
-	// Answers are never answered.
+	// Answers are never answered. A fresh socket: the garbage socket may
+	// still get FORMERR replies to the flood.
 	m := new(mdns.Msg).SetQuestion("backend.virtual.consul.", mdns.TypeA)
 	m.Response = true
 	b, _ := m.Pack()
-	_ = conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	// Drain anything queued from the garbage phase first, then send.
+	fresh, err := net.Dial("udp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	_, _ = fresh.Write(b)
+	// Then a query on the same socket: only its answer may come back.
+	qm := new(mdns.Msg).SetQuestion("backend.virtual.consul.", mdns.TypeA)
+	qm.Id = m.Id + 1
+	q, _ := qm.Pack()
+	_, _ = fresh.Write(q)
 	buf := make([]byte, 2048)
+	answered := false
 	for {
-		if _, err := conn.Read(buf); err != nil {
+		wait := 5 * time.Second
+		if answered {
+			wait = 200 * time.Millisecond // a late reply to the response packet
+		}
+		_ = fresh.SetReadDeadline(time.Now().Add(wait))
+		n, err := fresh.Read(buf)
+		if err != nil {
+			if !answered {
+				t.Fatalf("query not answered: %v", err)
+			}
 			break
 		}
-	}
-	_, _ = conn.Write(b)
-	_ = conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	if n, err := conn.Read(buf); err == nil {
-		t.Fatalf("a response packet was answered (%d bytes)", n)
+		got := new(mdns.Msg)
+		if err := got.Unpack(buf[:n]); err != nil || got.Id != qm.Id {
+			t.Fatalf("a response packet was answered: %v %v", got, err)
+		}
+		answered = true
 	}
 }
 
@@ -334,12 +360,12 @@ func TestLoop(t *testing.T) {
 	addrA := pa.LocalAddr().String()
 	pa.Close()
 	la.Close()
-	b := startServer(t, Config{Recursors: []string{addrA}, UpstreamTimeout: 3 * time.Second, QueryTimeout: 10 * time.Second})
-	a := startServer(t, Config{Addr: addrA, Recursors: []string{b.Addr()}, UpstreamTimeout: 3 * time.Second, QueryTimeout: 10 * time.Second})
-	start := time.Now()
+	// Timeouts far above the client's (5s): only loop detection answers in time.
+	b := startServer(t, Config{Recursors: []string{addrA}, UpstreamTimeout: time.Minute, QueryTimeout: time.Minute})
+	a := startServer(t, Config{Addr: addrA, Recursors: []string{b.Addr()}, UpstreamTimeout: time.Minute, QueryTimeout: time.Minute})
 	r := query(t, "udp", a.Addr(), "loop.example.", mdns.TypeA, false)
-	if r.Rcode != mdns.RcodeServerFailure || time.Since(start) > 2*time.Second {
-		t.Fatalf("want a fast SERVFAIL, got %v after %v", r.Rcode, time.Since(start))
+	if r.Rcode != mdns.RcodeServerFailure {
+		t.Fatalf("want SERVFAIL, got %v", r.Rcode)
 	}
 	if a.Stats().Loops != 1 || a.Stats().ServFail != 2 { // the looped query and the client's
 		t.Fatalf("stats: %+v", a.Stats())
@@ -380,10 +406,11 @@ func TestSlowUpstreamDoesNotStall(t *testing.T) {
 	for slow.queries.Load() < 4 && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
-	start := time.Now()
+	// The upstream holds its queries until release: a stalled server would
+	// let the client time out here.
 	r := query(t, "udp", s.Addr(), "backend.virtual.consul.", mdns.TypeA, false)
-	if len(r.Answer) != 1 || time.Since(start) > time.Second {
-		t.Fatalf("mesh answer stalled behind slow upstream: %v after %v", r, time.Since(start))
+	if len(r.Answer) != 1 {
+		t.Fatalf("mesh answer: %v", r)
 	}
 	once.Do(func() { close(release) })
 	wg.Wait()
