@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -98,6 +99,11 @@ func TestDNS(t *testing.T) {
 			}
 		})
 	}
+	// The resolver really used TCP in the second round: the nat counters
+	// of the TCP DNAT rule count one packet per connection.
+	if n := dnsRuleCount(t, app, "tcp"); n < int64(len(meshNames)) {
+		t.Errorf("TCP DNAT rule matched %d connections, want at least %d", n, len(meshNames))
+	}
 	query := func(args ...string) string {
 		out, err := app.Exec(t, testbed.Proc{}, append([]string{bin, "query"}, args...)...)
 		if err != nil {
@@ -141,6 +147,25 @@ func TestDNS(t *testing.T) {
 	if got, err := resolve(t, "ext.example.test", "RES_OPTIONS=use-vc"); got != "198.18.77.77" {
 		t.Errorf("after garbage over TCP: got %q (%v)", got, err)
 	}
+}
+
+// dnsRuleCount returns the packet counter of the DNAT rule for proto in
+// the pod's CONSUL_DNS_REDIRECT chain.
+func dnsRuleCount(t *testing.T, p *testbed.Pod, proto string) int64 {
+	t.Helper()
+	out := p.ExecOK(t, testbed.Proc{}, "iptables", "-t", "nat", "-L", "CONSUL_DNS_REDIRECT", "-v", "-n", "-x")
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) > 3 && f[2] == "DNAT" && (f[3] == proto || f[3] == map[string]string{"tcp": "6", "udp": "17"}[proto]) {
+			n, err := strconv.ParseInt(f[0], 10, 64)
+			if err != nil {
+				t.Fatalf("counter in %q: %v", l, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no %s DNAT rule in:\n%s", proto, out)
+	return 0
 }
 
 // dnsBuildApp builds test/dnsapp into a directory any pod user can read.
