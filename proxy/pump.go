@@ -47,9 +47,10 @@ type PumpStats struct {
 //
 // Cancelling ctx aborts the pump with context.Cause(ctx).
 //
-// When a and b are both *net.TCPConn, each direction is a plain io.Copy
-// between them, which the runtime turns into splice(2) (zero user-space
-// copies); see TestPumpSplices. Other legs use pooled 32 KiB buffers.
+// When a and b are both *net.TCPConn, each direction moves data with
+// splice(2) through a pipe held only while data flows (zero user-space
+// copies; see splice.go for why not io.Copy, and TestPumpSplices). Other
+// legs use pooled 32 KiB buffers.
 func Pump(ctx context.Context, a, b net.Conn, idle time.Duration) PumpStats {
 	p := &pump{a: a, b: b}
 	stop := context.AfterFunc(ctx, func() { p.abort(context.Cause(ctx)) })
@@ -129,12 +130,17 @@ func (p *pump) progress() uint64 {
 		uint64(p.readA.Load()) + uint64(p.readB.Load())
 }
 
-// copyConn returns a nil error on EOF. TCP→TCP is a bare io.Copy so that
-// TCPConn.ReadFrom can splice; never wrap either side there.
+// copyConn returns a nil error on EOF. TCP→TCP splices (splice.go); when
+// the kernel has no decent pipe for this user it continues buffered.
 func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 	if d, ok := dst.(*net.TCPConn); ok {
 		if s, ok := src.(*net.TCPConn); ok {
-			return io.Copy(d, s)
+			n, fallback, err := spliceCopy(d, s, pipes)
+			if !fallback {
+				return n, err
+			}
+			m, err := copyBuffered(d, s, ctr)
+			return n + m, err
 		}
 	}
 	return copyBuffered(dst, src, ctr)

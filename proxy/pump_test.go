@@ -280,3 +280,51 @@ func TestCopyBufferedAllocs(t *testing.T) {
 		t.Fatalf("copyBuffered allocates %.1f times per copy; want pooled buffers", allocs)
 	}
 }
+
+// When the user is over the kernel's pipe budget (every new pipe is tiny),
+// TCP→TCP falls back to the buffered copy and still delivers everything.
+func TestPumpFallsBackWithoutPipes(t *testing.T) {
+	checkLeaks(t)
+	saved := pipes
+	pipes = newPipePool(pipeWant, 64<<20, 4) // no pipe can be this large
+	t.Cleanup(func() { pipes = saved })
+
+	client, server, run := pumped(t, context.Background(), time.Minute)
+	n := int64(4 << 20)
+	go func() {
+		io.Copy(client, &patternReader{n: n, seed: 3})
+		client.CloseWrite()
+	}()
+	h := sha256.New()
+	if m, err := io.Copy(h, server); err != nil || m != n {
+		t.Fatalf("server got %d, %v; want %d", m, err, n)
+	}
+	if want := patternSum(n, 3); !bytes.Equal(h.Sum(nil), want[:]) {
+		t.Fatal("checksum mismatch")
+	}
+	server.CloseWrite()
+	if st := run.wait(t, 5*time.Second); st.Err != nil || st.Sent != n {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestPipePool(t *testing.T) {
+	pp := newPipePool(pipeWant, pipeMin, 1)
+	a, err := pp.get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.size < pipeMin {
+		t.Fatalf("pipe size %d", a.size)
+	}
+	b, _ := pp.get()
+	pp.put(a)
+	pp.put(b) // pool holds one idle pipe: b is closed
+	if c, _ := pp.get(); c != a {
+		t.Fatal("idle pipe not reused")
+	}
+	a.close()
+	if _, err := newPipePool(pipeWant, 64<<20, 1).get(); !errors.Is(err, errSmallPipe) {
+		t.Fatalf("impossible minimum: %v", err)
+	}
+}
