@@ -61,6 +61,7 @@ var figures = []figure{
 	{sCRR, "proxy CPU µs/conn", "%.0f", func(s sample) float64 { return s.CPUPerOp }, false},
 	{sIdle, "idle conns open", "%.0f", func(s sample) float64 { return float64(s.Open) }, true},
 	{sIdle, "idle KiB/conn", "%.1f", func(s sample) float64 { return s.KBPerConn }, false},
+	{sIdle, "proxy fds/conn", "%.1f", func(s sample) float64 { return s.FDsPerConn }, false},
 	{sIdle, "proxy RSS MiB idle→loaded", "", nil, false},
 }
 
@@ -115,7 +116,7 @@ func writeReport(dir, name string, paths []*path, res results, m runMeta) (strin
 	w("**RR** — 1 KiB request/response at a fixed %d req/s over %d persistent connections for %v (a request delayed by a slow previous response is timed from its scheduled send time, so stalls are not hidden); ", p.RRRate, p.RRConns, p.RRDur)
 	w("**new conn** — %d closed-loop workers for %v: connect, 1 KiB echo, close; ", p.CRRWorkers, p.CRRDur)
 	w("**idle** — %d established idle connections through the proxies (once per path). ", p.IdleConns)
-	w("Proxy CPU is utime+stime from /proc of all the path's proxy processes (both sides of a pair); RSS is their summed VmRSS.\n\n")
+	w("Proxy CPU is utime+stime from /proc of all the path's proxy processes (both sides of a pair); RSS is their summed VmRSS (kernel memory — socket buffers, pipes — is not in it); fds/conn counts their open file descriptors (sockets, and pipes when a proxy splices).\n\n")
 
 	var live []*path
 	for _, pa := range paths {

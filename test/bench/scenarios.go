@@ -24,19 +24,20 @@ const (
 
 // sample is one measurement of one scenario on one path.
 type sample struct {
-	Gbps      float64 // bulk
-	CPUPerGB  float64 // bulk: proxy CPU seconds per GB moved (all proxy processes)
-	P50, P99  float64 // rr, crr: µs
-	P999      float64
-	Rate      float64 // crr: connections/s; rr: achieved req/s
-	CPUPerOp  float64 // rr, crr: proxy CPU µs per request / connection
-	Errors    int64
-	RSSBase   float64 // idle: proxy RSS (MiB) before
-	RSSLoaded float64 // idle: with the connections open
-	KBPerConn float64 // idle
-	Open      int
-	FirstErr  string    // idle: why a connection failed, if one did
-	Lat       []float64 // rr: all latencies (µs), for the CDF
+	Gbps       float64 // bulk
+	CPUPerGB   float64 // bulk: proxy CPU seconds per GB moved (all proxy processes)
+	P50, P99   float64 // rr, crr: µs
+	P999       float64
+	Rate       float64 // crr: connections/s; rr: achieved req/s
+	CPUPerOp   float64 // rr, crr: proxy CPU µs per request / connection
+	Errors     int64
+	RSSBase    float64 // idle: proxy RSS (MiB) before
+	RSSLoaded  float64 // idle: with the connections open
+	KBPerConn  float64 // idle
+	FDsPerConn float64 // idle: proxy file descriptors per connection
+	Open       int
+	FirstErr   string    // idle: why a connection failed, if one did
+	Lat        []float64 // rr: all latencies (µs), for the CDF
 }
 
 // results[path][scenario] holds one sample per repetition.
@@ -98,6 +99,19 @@ func proxyRSS(ps []*testbed.Process) float64 {
 		}
 	}
 	return kb / 1024
+}
+
+// proxyFDs counts the open file descriptors of the path's proxies: a
+// proxied connection costs sockets and, with splice, pipes too, and the
+// process's RLIMIT_NOFILE caps how many it can hold.
+func proxyFDs(ps []*testbed.Process) int {
+	n := 0
+	for _, p := range ps {
+		if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.PID())); err == nil {
+			n += len(ents)
+		}
+	}
+	return n
 }
 
 // load runs `bench load` in the path's client pod and returns its result
@@ -183,6 +197,7 @@ func (e *env) measureIdle(p *path, pr params) (sample, error) {
 	os.Remove(hold)
 	defer os.Remove(hold)
 	s.RSSBase = proxyRSS(p.Proxies)
+	fd0 := proxyFDs(p.Proxies)
 	timeout := 120 * time.Second
 	lp, err := p.Client.StartProcess(testbed.Proc{Name: "idle " + p.ID}, e.app(e.self, "load", "-addr", p.Addr,
 		"-scenario", "idle", "-conns", strconv.Itoa(pr.IdleConns), "-hold", hold, "-timeout", timeout.String())...)
@@ -197,6 +212,7 @@ func (e *env) measureIdle(p *path, pr params) (sample, error) {
 	// Let the proxies finish their side of the last handshakes.
 	time.Sleep(time.Second)
 	s.RSSLoaded = proxyRSS(p.Proxies)
+	fd1 := proxyFDs(p.Proxies)
 	fmt.Sscanf(lp.Output()[strings.Index(lp.Output(), "open "):], "open %d", &s.Open)
 	os.WriteFile(hold, nil, 0o644)
 	if err := lp.Wait(30 * time.Second); err != nil {
@@ -214,9 +230,10 @@ func (e *env) measureIdle(p *path, pr params) (sample, error) {
 	}
 	if s.Open > 0 {
 		s.KBPerConn = (s.RSSLoaded - s.RSSBase) * 1024 / float64(s.Open)
+		s.FDsPerConn = float64(fd1-fd0) / float64(s.Open)
 	}
-	e.logf("  idle %-10s %d of %d open in %.1fs, proxy RSS %.1f -> %.1f MiB (%.1f KiB/conn), %d errors %s",
-		p.ID, s.Open, pr.IdleConns, time.Since(exec0).Seconds(), s.RSSBase, s.RSSLoaded, s.KBPerConn, s.Errors, s.FirstErr)
+	e.logf("  idle %-10s %d of %d open in %.1fs, proxy RSS %.1f -> %.1f MiB (%.1f KiB/conn, %.1f fds/conn), %d errors %s",
+		p.ID, s.Open, pr.IdleConns, time.Since(exec0).Seconds(), s.RSSBase, s.RSSLoaded, s.KBPerConn, s.FDsPerConn, s.Errors, s.FirstErr)
 	// Give the proxies time to see the closes before the next path runs.
 	time.Sleep(2 * time.Second)
 	return s, nil
