@@ -41,7 +41,11 @@ func writeCharts(dir, name string, paths []*path, res results) ([]chart, error) 
 			return fmt.Errorf("%s: %w", title, err)
 		}
 		file := name + "-" + suffix + ".png"
-		if err := p.Save(9*vg.Inch, 5*vg.Inch, filepath.Join(dir, file)); err != nil {
+		width := 9 * vg.Inch
+		if suffix == "connrate" {
+			width = 6 * vg.Inch // one cluster of bars
+		}
+		if err := p.Save(width, 5*vg.Inch, filepath.Join(dir, file)); err != nil {
 			return fmt.Errorf("%s: %w", title, err)
 		}
 		out = append(out, chart{title, file})
