@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -110,14 +111,40 @@ func (f *fakeAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(svc)
 }
 
+// syncLog collects log output from several goroutines.
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// freeAddr returns a loopback address that is free now, below the
+// ephemeral range: a port handed out by the kernel (":0") and closed again
+// is soon reused as the source port of some other test's connection on
+// this busy machine, and the proxy's bind then fails.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 100 {
+		addr := "127.0.0.1:" + strconv.Itoa(21000+rand.IntN(11000))
+		l, err := net.Listen("tcp", addr)
+		if err == nil {
+			l.Close()
+			return addr
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no free port in 21000-32000")
+	return ""
 }
 
 func port(t *testing.T, addr string) int {
@@ -179,8 +206,14 @@ func TestRunLifecycle(t *testing.T) {
 		ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Minute}
 	sigs := make(chan os.Signal, 2)
 	done := make(chan error, 1)
+	logw := &syncLog{}
+	defer func() {
+		if t.Failed() {
+			t.Logf("ferry log:\n%s", logw.String())
+		}
+	}()
 	go func() {
-		done <- runProxy(cfg, hclog.New(&hclog.LoggerOptions{Output: io.Discard}), sigs)
+		done <- runProxy(cfg, hclog.New(&hclog.LoggerOptions{Output: logw, Level: hclog.Debug}), sigs)
 	}()
 
 	hc := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 2 * time.Second}
@@ -203,7 +236,15 @@ func TestRunLifecycle(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	poll("ready", func() bool { c, _ := ready(); return c == 200 })
+	poll("ready", func() bool {
+		select {
+		case err := <-done:
+			t.Fatalf("runProxy returned before it was ready: %v", err)
+		default:
+		}
+		c, _ := ready()
+		return c == 200
+	})
 
 	talk := func(msg string) string {
 		c, err := net.Dial("tcp", in)
