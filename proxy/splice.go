@@ -84,8 +84,8 @@ func (pp *pipePool) put(p *pipe) {
 }
 
 // spliceCopy moves src→dst with splice(2) until src's EOF (nil error).
-// fallback is true when no usable pipe was available before any byte moved
-// in the current chunk; the caller then continues with a buffered copy.
+// fallback is true when no usable pipe could be had (between chunks, so no
+// byte is in flight); the caller then continues with a buffered copy.
 func spliceCopy(dst, src *net.TCPConn, pp *pipePool) (written int64, fallback bool, err error) {
 	srcRC, err := src.SyscallConn()
 	if err != nil {
@@ -126,7 +126,9 @@ func spliceCopy(dst, src *net.TCPConn, pp *pipePool) (written int64, fallback bo
 		})
 		switch {
 		case perr != nil:
-			return written, errors.Is(perr, errSmallPipe), perr
+			// No pipe (over the pipe budget, or out of descriptors): the
+			// buffered copy needs neither, and nothing is in flight.
+			return written, true, perr
 		case rerr != nil:
 			return written, false, rerr
 		case serr != nil:
