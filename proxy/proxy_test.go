@@ -46,8 +46,12 @@ func exchange(t *testing.T, addr, msg string) (string, error) {
 		return "", err
 	}
 	defer c.Close()
-	c.Write([]byte(msg))
-	c.(*net.TCPConn).CloseWrite()
+	// A reset can arrive before the write: the write then reports it and
+	// the read sees a plain EOF, so the write's error counts too.
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return "", err
+	}
+	c.(*net.TCPConn).CloseWrite() // after a reset: ENOTCONN; the read reports the reset
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	b, err := io.ReadAll(c)
 	return string(b), err
