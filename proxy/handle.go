@@ -81,6 +81,9 @@ func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
 		c.Close()
 		return
 	}
+	if in.Done != nil {
+		defer in.Done()
+	}
 	dial := in.Dial
 	if dial == nil {
 		dial = p.dialTCP(p.localApp.Load())

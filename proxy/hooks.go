@@ -88,6 +88,9 @@ type Accepted struct {
 	// Keys are extra registry keys for the connection, e.g. the source
 	// service name, so a revocation can close exactly its connections.
 	Keys []string
+	// Done, when set, is called once the connection has ended (however it
+	// ended), e.g. to stop tracking it for intention revocation.
+	Done func()
 }
 
 // Acceptor is the inbound handshake and authorization hook. It gets the raw

@@ -64,7 +64,8 @@ type Proxy struct {
 	endpoints *Endpoints
 	inbound   *listener.Listener
 	outbound  *listener.Listener
-	all       []*listener.Listener // every listener ever started (drain waits for all)
+	all       []*listener.Listener         // every listener ever started (drain waits for all)
+	upstreams map[string]*upstreamListener // explicit upstreams by listen address
 	serveWG   sync.WaitGroup
 	checks    []namedCheck
 	draining  bool

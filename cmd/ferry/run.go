@@ -8,10 +8,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"sync"
 	"syscall"
 	"time"
 
+	"github.com/ferrymesh/ferry/dns"
 	"github.com/ferrymesh/ferry/proxy"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
@@ -29,6 +29,13 @@ type runConfig struct {
 	IdleTimeout         time.Duration
 	DrainTimeout        time.Duration
 	LogLevel            string
+	Permissive          bool
+	HandshakeTimeout    time.Duration
+	LiveRevocation      bool
+	DNSAddr             string
+	DNSRecursors        repeatedFlag
+	ClusterDomain       string
+	ConsulDNSAddr       string
 }
 
 func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
@@ -48,6 +55,13 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", proxy.DefaultIdleTimeout, "close a connection after this long without traffic in either direction (0 = never)")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM/SIGINT, how long established connections may finish")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "trace, debug, info, warn or error")
+	fs.BoolVar(&c.Permissive, "permissive", false, "let inbound clients that do not speak TLS through to the app (Consul's permissive MutualTLSMode); default: refuse them")
+	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "inbound TLS handshake deadline")
+	fs.BoolVar(&c.LiveRevocation, "live-revocation", true, "close established inbound connections whose source an intention change denies")
+	fs.StringVar(&c.DNSAddr, "dns-addr", dns.DefaultAddr, "DNS server address, UDP and TCP (empty disables)")
+	fs.Var(&c.DNSRecursors, "dns-recursor", "DNS recursor IP[:port] for names outside the mesh, repeatable (default: the nameservers of /etc/resolv.conf, minus -dns-addr)")
+	fs.StringVar(&c.ClusterDomain, "cluster-domain", dns.DefaultClusterDomain, "Kubernetes cluster domain (<svc>.<ns>.svc.<domain> names)")
+	fs.StringVar(&c.ConsulDNSAddr, "consul-dns-addr", "", "Consul agent DNS address for .consul names the sidecar does not answer itself (SRV, TXT, ...); default: the recursors")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return c, &exitError{code: 0, err: errHelp}
@@ -65,26 +79,14 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 		return c, usageError("run: -max-connections must be >= 0")
 	case c.ConnectTimeout <= 0:
 		return c, usageError("run: -connect-timeout must be > 0")
+	case c.HandshakeTimeout <= 0:
+		return c, usageError("run: -handshake-timeout must be > 0")
 	case c.IdleTimeout < 0 || c.DrainTimeout < 0:
 		return c, usageError("run: timeouts must be >= 0")
 	case hclog.LevelFromString(c.LogLevel) == hclog.NoLevel:
 		return c, usageError("run: unknown -log-level %q", c.LogLevel)
 	}
 	return c, nil
-}
-
-// applyOverrides replaces derived endpoints with the flags that were set.
-func (c runConfig) applyOverrides(e proxy.Endpoints) proxy.Endpoints {
-	if c.Inbound != "" {
-		e.Inbound = c.Inbound
-	}
-	if c.Outbound != "" {
-		e.Outbound = c.Outbound
-	}
-	if c.LocalApp != "" {
-		e.LocalApp = c.LocalApp
-	}
-	return e
 }
 
 func runRun(args []string, stdout, stderr io.Writer) error {
@@ -118,28 +120,6 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		defer acfg.Transport.CloseIdleConnections()
 	}
 
-	// The mesh features plug in around here (see proxy/doc.go): hooks known
-	// up front go into Config (Router, Acceptor, Registry) together with
-	// p.AddReadyCheck and p.Metrics().Set.Register; hooks that need the
-	// registration (the destination service name for the leaf, the
-	// upstreams) are installed in the WatchService callback below with
-	// p.SetRouter / p.SetAcceptor before p.Apply.
-	p := proxy.New(proxy.Config{
-		Logger:         log.Named("proxy"),
-		ConnectTimeout: cfg.ConnectTimeout,
-		IdleTimeout:    idleOrDisabled(cfg.IdleTimeout),
-		MaxConnections: cfg.MaxConnections,
-	})
-	admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(p.Ready, p.Metrics().Set), log.Named("admin"))
-	if err != nil {
-		return fmt.Errorf("run: %w", err)
-	}
-	defer admin.Close()
-	log.Info("admin listening", "addr", admin.Addr())
-
-	ctx, stop := context.WithCancel(context.Background())
-	defer stop()
-
 	id := cfg.ProxyID
 	if id == "" {
 		// The sidecar may be registered after the proxy starts (k8s
@@ -159,44 +139,46 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 	}
 	log = log.With("proxy_id", id)
 
-	// fatal carries a configuration the proxy cannot serve before the
-	// first successful Apply; afterwards a bad update is logged and the
-	// running configuration stays.
-	fatal := make(chan error, 1)
-	var watchWG sync.WaitGroup
-	watchWG.Add(1)
-	go func() {
-		defer watchWG.Done()
-		applied := false
-		proxy.WatchService(ctx, client.Agent(), id, log, func(svc *api.AgentService) {
-			eps, err := proxy.EndpointsFromService(svc)
-			if err == nil {
-				eps = cfg.applyOverrides(eps)
-				err = p.Apply(eps)
-			}
-			switch {
-			case err == nil:
-				applied = true
-			case !applied:
-				select {
-				case fatal <- err:
-				default:
-				}
-			default:
-				log.Error("ignoring proxy registration update", "error", err)
-			}
-		})
-	}()
+	sc, err := proxy.StartSidecar(proxy.SidecarConfig{
+		Client:    client,
+		ProxyID:   id,
+		Overrides: proxy.Endpoints{Inbound: cfg.Inbound, Outbound: cfg.Outbound, LocalApp: cfg.LocalApp},
+		Proxy: proxy.Config{
+			Logger:         log.Named("proxy"),
+			ConnectTimeout: cfg.ConnectTimeout,
+			IdleTimeout:    idleOrDisabled(cfg.IdleTimeout),
+			MaxConnections: cfg.MaxConnections,
+		},
+		Permissive:        cfg.Permissive,
+		HandshakeTimeout:  cfg.HandshakeTimeout,
+		DisableRevocation: !cfg.LiveRevocation,
+	})
+	if err != nil {
+		return fmt.Errorf("run: %w", err)
+	}
+	p := sc.Proxy()
+	admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(p.Ready, p.Metrics().Set), log.Named("admin"))
+	if err != nil {
+		sc.Shutdown(canceledContext())
+		return fmt.Errorf("run: %w", err)
+	}
+	defer admin.Close()
+	log.Info("admin listening", "addr", admin.Addr())
+
+	stopDNS, err := startDNS(cfg, sc.View(), log)
+	if err != nil {
+		sc.Shutdown(canceledContext())
+		return fmt.Errorf("run: %w", err)
+	}
+	defer stopDNS()
 
 	var runErr error
 	select {
 	case sig := <-sigs:
 		log.Info("signal received, draining", "signal", sig, "drain_timeout", cfg.DrainTimeout)
-	case runErr = <-fatal:
+	case runErr = <-sc.Fatal():
 		log.Error("cannot serve the proxy registration", "error", runErr)
 	}
-	stop()
-	watchWG.Wait()
 
 	dctx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
 	defer cancel()
@@ -208,7 +190,7 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		case <-dctx.Done():
 		}
 	}()
-	if err := p.Shutdown(dctx); err != nil {
+	if err := sc.Shutdown(dctx); err != nil {
 		log.Warn("shutdown", "error", err)
 	}
 	log.Info("stopped")
@@ -216,6 +198,12 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		return fmt.Errorf("run: %w", runErr)
 	}
 	return nil
+}
+
+func canceledContext() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
 }
 
 // idleOrDisabled maps the flag's "0 = never" to proxy.Config's "< 0 = never".

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
@@ -38,10 +39,19 @@ func TestParseRunFlags(t *testing.T) {
 		{"sidecar-for and overrides", []string{"-sidecar-for", "web", "-inbound-addr", "0.0.0.0:21000", "-outbound-addr", "127.0.0.1:15101",
 			"-local-app", "127.0.0.1:9090", "-max-connections", "100", "-idle-timeout", "0", "-http-addr", "198.18.0.1:8500", "-token", "t"}, 0, "",
 			func(c runConfig) bool {
-				e := c.applyOverrides(proxy.Endpoints{Inbound: "a", Outbound: "b", LocalApp: "c"})
-				return c.SidecarFor == "web" && e == proxy.Endpoints{Inbound: "0.0.0.0:21000", Outbound: "127.0.0.1:15101", LocalApp: "127.0.0.1:9090"} &&
+				return c.SidecarFor == "web" && c.Inbound == "0.0.0.0:21000" && c.Outbound == "127.0.0.1:15101" && c.LocalApp == "127.0.0.1:9090" &&
 					c.MaxConnections == 100 && c.IdleTimeout == 0 && c.HTTPAddr == "198.18.0.1:8500" && c.Token == "t"
 			}},
+		{"mesh defaults", []string{"-proxy-id", "a"}, 0, "", func(c runConfig) bool {
+			return !c.Permissive && c.LiveRevocation && c.HandshakeTimeout == proxy.DefaultHandshakeTimeout &&
+				c.DNSAddr == "127.0.0.1:8600" && c.ClusterDomain == "cluster.local" && len(c.DNSRecursors) == 0
+		}},
+		{"mesh flags", []string{"-proxy-id", "a", "-permissive", "-live-revocation=false", "-dns-addr", "", "-dns-recursor", "198.18.0.53",
+			"-dns-recursor", "198.18.0.54:5353", "-cluster-domain", "example.internal"}, 0, "", func(c runConfig) bool {
+			return c.Permissive && !c.LiveRevocation && c.DNSAddr == "" && c.ClusterDomain == "example.internal" &&
+				strings.Join(c.DNSRecursors, ",") == "198.18.0.53,198.18.0.54:5353"
+		}},
+		{"zero handshake timeout", []string{"-proxy-id", "a", "-handshake-timeout", "0s"}, 2, "handshake-timeout", nil},
 		{"no id", nil, 2, "one of -proxy-id or -sidecar-for", nil},
 		{"both ids", []string{"-proxy-id", "a", "-sidecar-for", "b"}, 2, "mutually exclusive", nil},
 		{"negative cap", []string{"-proxy-id", "a", "-max-connections", "-1"}, 2, "max-connections", nil},
@@ -69,12 +79,16 @@ func TestParseRunFlags(t *testing.T) {
 }
 
 // fakeAgent serves /v1/agent/service/<id> with hash-based blocking, like the
-// real agent, and lets the test change the registration.
+// real agent, and lets the test change the registration. It also answers
+// the mesh endpoints the sidecar watches (leaf, roots, intentions, catalog,
+// config entries) with fixed content: index 1, and a short block when asked
+// to wait past it.
 type fakeAgent struct {
 	mu      sync.Mutex
 	svc     *api.AgentService
 	hash    int
 	changed chan struct{}
+	static  map[string]any // path -> JSON body; a nil body is a 404
 }
 
 func (f *fakeAgent) set(svc *api.AgentService) {
@@ -89,6 +103,22 @@ func (f *fakeAgent) set(svc *api.AgentService) {
 }
 
 func (f *fakeAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if body, ok := f.static[r.URL.Path]; ok {
+		if r.URL.Query().Get("index") == "1" {
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(2 * time.Second):
+			}
+		}
+		w.Header().Set("X-Consul-Index", "1")
+		if body == nil {
+			http.NotFound(w, r)
+			return
+		}
+		json.NewEncoder(w).Encode(body)
+		return
+	}
 	if !strings.HasPrefix(r.URL.Path, "/v1/agent/service/") {
 		http.NotFound(w, r)
 		return
@@ -197,13 +227,30 @@ func TestRunLifecycle(t *testing.T) {
 			},
 		}
 	}
-	fa := &fakeAgent{}
+	ca := mtlstest.NewCA(t)
+	leaf, key := ca.Leaf(t, ca.ID("web"), mtlstest.EC256)
+	fa := &fakeAgent{static: map[string]any{
+		"/v1/agent/connect/ca/leaf/web": map[string]any{"SerialNumber": "01", "CertPEM": string(leaf), "PrivateKeyPEM": string(key),
+			"Service": "web", "ServiceURI": ca.ID("web").String(), "ValidAfter": time.Now().Add(-time.Minute), "ValidBefore": time.Now().Add(time.Hour)},
+		"/v1/agent/connect/ca/roots": map[string]any{"ActiveRootID": "r1", "TrustDomain": ca.TrustDomain,
+			"Roots": []map[string]any{{"ID": "r1", "Name": "test", "RootCert": string(ca.RootPEM), "Active": true}}},
+		"/v1/connect/intentions/match": map[string]any{"web": []any{}},
+		"/v1/agent/self":               map[string]any{"Config": map[string]any{"Datacenter": "dc1", "NodeName": "n1"}},
+		"/v1/catalog/services":         map[string]any{"consul": []string{}},
+		"/v1/internal/ui/nodes":        []any{},
+		"/v1/config/service-defaults":  []any{},
+		"/v1/config/proxy-defaults":    []any{},
+		"/v1/config/mesh":              []any{},
+	}}
 	fa.set(reg(app1))
 	agentSrv := httptest.NewServer(fa)
 	defer agentSrv.Close()
 
+	// Permissive: the test talks plain TCP to the inbound listener; the
+	// mTLS path is proven end to end in test/e2e.
 	cfg := runConfig{ProxyID: "web-sidecar-proxy", HTTPAddr: agentSrv.URL, AdminAddr: admin,
-		ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Minute}
+		ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Minute,
+		Permissive: true, HandshakeTimeout: time.Second, LiveRevocation: true}
 	sigs := make(chan os.Signal, 2)
 	done := make(chan error, 1)
 	logw := &syncLog{}

@@ -1,0 +1,253 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ferrymesh/ferry/mtls"
+	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/intentions"
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+)
+
+// SidecarConfig is everything a mesh sidecar needs beyond the data path.
+type SidecarConfig struct {
+	Client  *api.Client
+	ProxyID string
+	// Overrides replace the endpoints derived from the registration where
+	// set (flags -inbound-addr, -outbound-addr, -local-app).
+	Overrides Endpoints
+	// Proxy configures the data path (timeouts, cap, logger).
+	Proxy Config
+	// Permissive lets clients that do not speak TLS through to the app
+	// (Consul's permissive MutualTLSMode); otherwise they are refused.
+	Permissive        bool
+	HandshakeTimeout  time.Duration
+	DisableRevocation bool
+}
+
+// Sidecar is the whole sidecar: the data path plus the mesh view it routes
+// and authorizes by (catalog, identity, intentions), configured from and
+// kept in step with the proxy's registration.
+type Sidecar struct {
+	cfg   SidecarConfig
+	log   hclog.Logger
+	proxy *Proxy
+	view  *catalog.View
+	id    *mtls.Identity
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	fatal  chan error
+
+	mu         sync.Mutex
+	service    string // destination service, set by the first registration
+	intentions *intentions.Watcher
+	acceptor   *MeshAcceptor
+	router     *MeshRouter
+	ports      atomic.Pointer[portMap]
+	closeOnce  sync.Once
+}
+
+// StartSidecar starts watching the registration and the mesh and serves as
+// soon as the registration is known. Readiness (/ready) waits for the
+// identity, the intentions and the catalog.
+func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
+	if cfg.Client == nil || cfg.ProxyID == "" {
+		return nil, errors.New("sidecar: need a Consul client and a proxy ID")
+	}
+	log := cfg.Proxy.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+		cfg.Proxy.Logger = log
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Sidecar{cfg: cfg, log: log, ctx: ctx, cancel: cancel, fatal: make(chan error, 1), id: mtls.NewIdentity()}
+	s.proxy = New(cfg.Proxy)
+	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog")})
+	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
+	s.proxy.SetRouter(s.router)
+
+	denied := NewDeniedMetric()
+	s.proxy.Metrics().Set.Register(denied)
+	s.acceptor = &MeshAcceptor{Identity: s.id, HandshakeTimeout: cfg.HandshakeTimeout,
+		Permissive: cfg.Permissive, Logger: log.Named("inbound"), Denied: denied, Ports: s.localPort}
+	s.acceptor.Init()
+
+	s.proxy.AddReadyCheck("identity", func() error {
+		if st := s.id.Status(); !st.Ready {
+			return errors.New(st.Reason)
+		}
+		return nil
+	})
+	s.proxy.AddReadyCheck("intentions", func() error {
+		s.mu.Lock()
+		w := s.intentions
+		s.mu.Unlock()
+		if w == nil || !w.Loaded() {
+			return errors.New("not loaded")
+		}
+		return nil
+	})
+	s.proxy.AddReadyCheck("catalog", func() error {
+		select {
+		case <-s.view.Ready():
+			return nil
+		default:
+			return errors.New("not loaded")
+		}
+	})
+
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		applied := false
+		WatchService(ctx, cfg.Client.Agent(), cfg.ProxyID, log, func(svc *api.AgentService) {
+			err := s.apply(svc)
+			switch {
+			case err == nil:
+				applied = true
+			case !applied:
+				select {
+				case s.fatal <- err:
+				default:
+				}
+			default:
+				log.Error("ignoring proxy registration update", "error", err)
+			}
+		})
+	}()
+	return s, nil
+}
+
+// Proxy is the data path (admin, metrics, registry).
+func (s *Sidecar) Proxy() *Proxy { return s.proxy }
+
+// View is the catalog view (the DNS server reads it).
+func (s *Sidecar) View() *catalog.View { return s.view }
+
+// Identity is the sidecar's mesh identity.
+func (s *Sidecar) Identity() *mtls.Identity { return s.id }
+
+// Fatal delivers an error when the first registration cannot be served.
+func (s *Sidecar) Fatal() <-chan error { return s.fatal }
+
+// apply serves one version of the registration.
+func (s *Sidecar) apply(svc *api.AgentService) error {
+	if svc.Kind != api.ServiceKindConnectProxy || svc.Proxy == nil || svc.Proxy.DestinationServiceName == "" {
+		return fmt.Errorf("sidecar: %s is not a connect-proxy registration with a destination service", svc.ID)
+	}
+	eps, err := EndpointsFromService(svc)
+	if err != nil {
+		return err
+	}
+	eps = overrideEndpoints(eps, s.cfg.Overrides)
+	ports, err := portsFromService(svc)
+	if err != nil {
+		return err
+	}
+	s.ports.Store(ports)
+
+	dest := svc.Proxy.DestinationServiceName
+	s.mu.Lock()
+	if s.service == "" {
+		s.service = dest
+		s.startIdentity(dest)
+		w, err := intentions.Watch(s.ctx, intentions.Config{
+			Destination:       dest,
+			Fetch:             intentions.ConsulFetcher(s.cfg.Client, dest, 0),
+			Logger:            s.log.Named("intentions"),
+			DisableRevocation: s.cfg.DisableRevocation,
+		})
+		if err != nil {
+			s.mu.Unlock()
+			return err
+		}
+		s.intentions = w
+		s.acceptor.Intentions = w
+		s.acceptor.Service = dest
+		s.proxy.SetAcceptor(s.acceptor)
+	} else if s.service != dest {
+		cur := s.service
+		s.mu.Unlock()
+		return fmt.Errorf("sidecar: destination service changed from %s to %s; restart the sidecar", cur, dest)
+	}
+	s.mu.Unlock()
+
+	if err := s.proxy.Apply(eps); err != nil {
+		return err
+	}
+	return s.proxy.SetUpstreams(s.upstreams(svc.Proxy.Upstreams))
+}
+
+func (s *Sidecar) startIdentity(service string) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		_ = s.id.Watch(s.ctx, s.cfg.Client, service, mtls.WatchOptions{Logger: s.log})
+	}()
+}
+
+// upstreams turns the registration's explicit upstreams into listeners.
+func (s *Sidecar) upstreams(ups []api.Upstream) []Upstream {
+	var out []Upstream
+	for _, u := range ups {
+		if u.LocalBindPort == 0 {
+			continue
+		}
+		if u.DestinationType != "" && u.DestinationType != api.UpstreamDestTypeService {
+			s.log.Warn("upstream type not supported; skipped", "upstream", u.DestinationName, "type", u.DestinationType)
+			continue
+		}
+		host := u.LocalBindAddress
+		if host == "" {
+			host = "127.0.0.1"
+		}
+		svc := catalog.Service{Name: u.DestinationName, Datacenter: u.Datacenter}
+		out = append(out, Upstream{
+			Addr:  net.JoinHostPort(host, strconv.Itoa(u.LocalBindPort)),
+			Name:  u.DestinationName,
+			Route: func() Route { return s.router.Upstream(svc, false, netip.AddrPort{}) },
+		})
+	}
+	return out
+}
+
+// Shutdown drains the data path until ctx is done, then stops the watches.
+func (s *Sidecar) Shutdown(ctx context.Context) error {
+	err := s.proxy.Shutdown(ctx)
+	s.closeOnce.Do(func() {
+		s.cancel()
+		s.wg.Wait()
+		s.mu.Lock()
+		w := s.intentions
+		s.mu.Unlock()
+		if w != nil {
+			w.Close()
+		}
+		s.view.Close()
+	})
+	return err
+}
+
+func overrideEndpoints(e, o Endpoints) Endpoints {
+	if o.Inbound != "" {
+		e.Inbound = o.Inbound
+	}
+	if o.Outbound != "" {
+		e.Outbound = o.Outbound
+	}
+	if o.LocalApp != "" {
+		e.LocalApp = o.LocalApp
+	}
+	return e
+}
