@@ -68,6 +68,17 @@ func writeMarker(id string) error {
 
 func removeMarker(id string) { os.Remove(filepath.Join(markerDir, id)) }
 
+// addMarkerPID records a process outside the pods (the agent) that the
+// sweep must kill along with the testbed.
+func addMarkerPID(id string, pid int) {
+	f, err := os.OpenFile(filepath.Join(markerDir, id), os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fmt.Fprintf(f, "child %d\n", pid)
+}
+
 // sweepStale removes the namespaces, links, resolv.conf directories and
 // processes of testbeds whose owning process no longer exists.
 func sweepStale() {
@@ -81,9 +92,20 @@ func sweepStale() {
 		if err != nil {
 			continue
 		}
-		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		pid, err := strconv.Atoi(strings.TrimSpace(lines[0]))
 		if err == nil && syscall.Kill(pid, 0) == nil {
 			continue // owner alive
+		}
+		for _, l := range lines[1:] {
+			if c, ok := strings.CutPrefix(l, "child "); ok {
+				// Only if the pid still is this testbed's agent: pids get reused.
+				cpid, err := strconv.Atoi(c)
+				cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cpid))
+				if err == nil && strings.Contains(string(cmdline), "ferry-"+id) {
+					syscall.Kill(cpid, syscall.SIGKILL)
+				}
+			}
 		}
 		teardownByID(id)
 		removeMarker(id)

@@ -25,6 +25,7 @@ type Agent struct {
 	Client *api.Client
 
 	path    string
+	id      string
 	node    string
 	gateway netip.Addr
 	ports   agentPorts
@@ -45,6 +46,7 @@ func startAgent(path, id string, gateway netip.Addr, logf func(string, ...any)) 
 	}
 	a := &Agent{
 		path:    path,
+		id:      id,
 		node:    "ferry-" + id,
 		gateway: gateway,
 		ports:   agentPorts{ps[0], ps[1], ps[2], ps[3], ps[4], ps[5], ps[6]},
@@ -91,12 +93,14 @@ func (a *Agent) Start() error {
 	)
 	cmd.Stdout = a.log
 	cmd.Stderr = a.log
-	// The agent must not outlive a killed test process.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	// No Pdeathsig (see Pod.command); the agent's pid goes into the
+	// testbed's marker so the sweep can kill it if the test process dies.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		a.mu.Unlock()
 		return fmt.Errorf("testbed: start consul: %w", err)
 	}
+	addMarkerPID(a.id, cmd.Process.Pid)
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
 	a.cmd, a.done = cmd, done

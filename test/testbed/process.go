@@ -101,7 +101,11 @@ func (p *Pod) command(o Proc, argv ...string) *exec.Cmd {
 	args = append(args, argv...)
 	cmd := exec.Command("ip", args...)
 	cmd.Env = append(append(os.Environ(), p.env...), o.Env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	// No Pdeathsig: it fires when the OS *thread* that forked exits, and
+	// code that enters a namespace on a locked thread ends that thread, so
+	// it would kill pod processes at random. A dead test process's pods are
+	// reaped by the sweep instead (every process in the pod's netns).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	return cmd
 }
 
