@@ -1,6 +1,10 @@
 // Command demo shows ferry at work on a local Consul: two pods, frontend and
-// backend, registered in the mesh; it prints each step and tears everything
-// down at the end (also on Ctrl-C). Run it with `make demo` as root.
+// backend, each with ferry as its sidecar. The frontend app reaches the
+// backend by its Kubernetes DNS name; ferry resolves it to the backend's
+// virtual IP, carries the bytes over mutual TLS and the backend's ferry
+// checks intentions. Then an intention denies frontend and the same
+// connection is refused. Everything is torn down at the end (also on
+// Ctrl-C). Run it with `make demo` as root.
 package main
 
 import (
@@ -10,6 +14,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/test/testbed"
+	"github.com/hashicorp/consul/api"
 )
 
 func main() {
@@ -19,58 +24,64 @@ func main() {
 	}
 }
 
+// demo carries what the steps share.
+type demo struct {
+	tb                *testbed.Testbed
+	ferry, echo       string
+	frontend, backend *testbed.Pod
+	proxyIDs          map[string]string
+}
+
 func run() error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (network namespaces, iptables)")
 	}
-	step("building consul v1.14.11 and the test apps")
+	step("building consul v1.14.11, ferry and the test app")
 	consul, err := testbed.Consul()
 	if err != nil {
 		return err
 	}
-	echo, err := testbed.Echo()
-	if err != nil {
+	d := &demo{proxyIDs: map[string]string{}}
+	if d.echo, err = testbed.Echo(); err != nil {
+		return err
+	}
+	if d.ferry, err = testbed.Ferry(); err != nil {
 		return err
 	}
 	step("starting a Consul dev agent and two pods")
-	tb, err := testbed.Open(consul, func(f string, a ...any) { fmt.Printf("  "+f+"\n", a...) })
+	d.tb, err = testbed.Open(consul, func(f string, a ...any) { fmt.Printf("  "+f+"\n", a...) })
 	if err != nil {
 		return err
 	}
 	defer func() {
 		step("tearing down")
-		tb.Close()
+		d.tb.Close()
 	}()
-	frontend, err := tb.NewPod("frontend")
-	if err != nil {
+	if d.frontend, err = d.tb.NewPod("frontend"); err != nil {
 		return err
 	}
-	backend, err := tb.NewPod("backend")
-	if err != nil {
+	if d.backend, err = d.tb.NewPod("backend"); err != nil {
 		return err
 	}
-	fmt.Printf("  pod frontend %s (netns %s)\n  pod backend  %s (netns %s)\n", frontend.IP, frontend.NS, backend.IP, backend.NS)
+	fmt.Printf("  pod frontend %s (netns %s)\n  pod backend  %s (netns %s)\n", d.frontend.IP, d.frontend.NS, d.backend.IP, d.backend.NS)
 
 	step("registering frontend and backend with transparent-proxy sidecars")
-	var frontendProxy string
-	for _, s := range []testbed.Service{{Name: "frontend", Pod: frontend, Port: 8080}, {Name: "backend", Pod: backend, Port: 8080}} {
-		r, err := tb.RegisterService(s)
+	for _, s := range []testbed.Service{{Name: "frontend", Pod: d.frontend, Port: 8080}, {Name: "backend", Pod: d.backend, Port: 8080}} {
+		r, err := d.tb.RegisterService(s)
 		if err != nil {
 			return err
 		}
+		d.proxyIDs[s.Name] = r.ProxyID
 		fmt.Printf("  %s: service %s, sidecar %s\n", s.Name, r.ID, r.ProxyID)
-		if s.Pod == frontend {
-			frontendProxy = r.ProxyID
-		}
 	}
-	vip, err := waitVIP(tb, "backend")
+	vip, err := waitVIP(d.tb, "backend")
 	if err != nil {
 		return err
 	}
-	fmt.Printf("  backend's virtual IP: %s\n", vip)
+	fmt.Printf("  backend's virtual IP (consul-virtual): %s\n", vip)
 
-	step("starting the backend app (echo server on :8080)")
-	srv, err := backend.StartProcess(testbed.Proc{Name: "backend-app"}, echo, "server", "-addr", ":8080")
+	step("backend app: echo server on :8080")
+	srv, err := d.backend.StartProcess(testbed.Proc{Name: "backend-app"}, d.echo, "server", "-addr", ":8080")
 	if err != nil {
 		return err
 	}
@@ -79,58 +90,108 @@ func run() error {
 		return err
 	}
 
-	step("frontend -> backend pod IP, no proxy yet")
-	out, err := execIn(frontend, echo, "client", "-addr", backend.IP.String()+":8080", "-bytes", "1048576")
+	for _, p := range []*testbed.Pod{d.frontend, d.backend} {
+		stop, err := d.sidecar(p)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
+	step("frontend app -> backend.default.svc.cluster.local:8080 (DNS and TCP both through ferry)")
+	out, err := execIn(d.frontend, "getent", "hosts", "backend.default.svc.cluster.local")
+	fmt.Printf("  getent hosts: %s", indent(out))
+	if err != nil {
+		return fmt.Errorf("resolve backend: %w", err)
+	}
+	out, err = execIn(d.frontend, d.echo, "client", "-addr", "backend.default.svc.cluster.local:8080", "-bytes", "1048576", "-conns", "5")
 	fmt.Printf("  %s", indent(out))
 	if err != nil {
 		return err
 	}
-	return dataPath(frontend, backend, frontendProxy, echo)
+	out, _ = execIn(d.backend, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/19000 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3`)
+	fmt.Printf("  backend ferry /metrics (inbound connections):\n  %s", indent(lines(out, `ferry_connections_total{direction="inbound"`)))
+
+	step("a plain TCP client in a pod outside the mesh -> backend pod IP:8080: refused by the backend's ferry (no client certificate)")
+	outsider, err := d.tb.NewPod("outsider")
+	if err != nil {
+		return err
+	}
+	out, err = execIn(outsider, d.echo, "client", "-addr", d.backend.IP.String()+":8080", "-bytes", "1024", "-timeout", "5s")
+	fmt.Printf("  %s", indent(out))
+	if err == nil {
+		return fmt.Errorf("a plain client reached the backend app")
+	}
+	return d.deny()
 }
 
-// dataPath puts ferry in front of the frontend pod: its redirect rules send
-// every outbound connection to `ferry run` (UID 5995), which passes the
-// connection to backend through as plain TCP (mTLS routing arrives with
-// the mtls and routing work) and counts it in /metrics.
-func dataPath(frontend, backend *testbed.Pod, proxyID, echo string) error {
-	ferry, err := testbed.Ferry()
-	if err != nil {
-		return err
-	}
-	step("frontend: ferry redirect -proxy-uid 5995 -proxy-id " + proxyID)
-	out, err := execIn(frontend, ferry, "redirect", "-proxy-uid", "5995", "-proxy-id", proxyID)
+// sidecar installs the redirect rules in p and starts ferry as UID 5995.
+func (d *demo) sidecar(p *testbed.Pod) (stop func(), err error) {
+	id := d.proxyIDs[p.Name]
+	step(p.Name + ": ferry redirect -proxy-uid 5995 -proxy-id " + id + " -consul-dns-port 8600")
+	out, err := execIn(p, d.ferry, "redirect", "-proxy-uid", "5995", "-proxy-id", id, "-consul-dns-port", "8600")
 	fmt.Printf("  %s", indent(out))
 	if err != nil {
-		return err
+		return nil, err
 	}
-	step("frontend: ferry run -proxy-id " + proxyID + " (as UID 5995)")
-	sidecar, err := frontend.StartProcess(testbed.Proc{UID: 5995, Name: "ferry run"}, ferry, "run", "-proxy-id", proxyID)
+	step(p.Name + ": ferry run -proxy-id " + id + " (as UID 5995)")
+	sc, err := p.StartProcess(testbed.Proc{UID: 5995, Name: "ferry run"}, d.ferry, "run", "-proxy-id", id,
+		"-consul-dns-addr", d.tb.Consul.DNSAddr)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer sidecar.Stop()
-	if err := sidecar.WaitOutput("serving", 15*time.Second); err != nil {
-		return err
+	if err := waitReady(p); err != nil {
+		sc.Stop()
+		return nil, fmt.Errorf("%s: %w\n%s", p.Name, err, sc.Output())
 	}
-	fmt.Printf("  %s", indent(lines(sidecar.Output(), "serving")))
+	fmt.Printf("  %s", indent(lines(sc.Output(), "serving")))
+	fmt.Printf("  %s", indent(lines(sc.Output(), "leaf certificate loaded")))
+	return sc.Stop, nil
+}
 
-	step("frontend -> backend pod IP again, now through ferry's outbound listener")
-	out, err = execIn(frontend, echo, "client", "-addr", backend.IP.String()+":8080", "-bytes", "1048576", "-conns", "5")
-	fmt.Printf("  %s", indent(out))
+// deny writes an intention that denies frontend -> backend and shows the
+// connection refused, by the backend's sidecar, right after the handshake.
+func (d *demo) deny() error {
+	step("intention: frontend -> backend = deny")
+	_, _, err := d.tb.Consul.Client.ConfigEntries().Set(&api.ServiceIntentionsConfigEntry{
+		Kind: api.ServiceIntentions, Name: "backend",
+		Sources: []*api.SourceIntention{{Name: "frontend", Action: api.IntentionActionDeny}},
+	}, nil)
 	if err != nil {
 		return err
 	}
-	out, err = execIn(frontend, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/19000 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3`)
-	if err != nil {
-		return err
+	// The backend's sidecar watches intentions with a blocking query; give
+	// the change a moment to arrive rather than racing it.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := execIn(d.frontend, d.echo, "client", "-addr", "backend.default.svc.cluster.local:8080", "-bytes", "1024", "-timeout", "5s")
+		if err != nil {
+			fmt.Printf("  refused: %s", indent(out))
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("intention deny did not take effect: %s", out)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	fmt.Printf("  ferry /metrics (outbound):\n  %s", indent(lines(out, `direction="outbound"`)))
-
-	step("stopping ferry (SIGTERM: drain, then exit): the same connection is now refused")
-	sidecar.Stop()
-	out, _ = execIn(frontend, echo, "client", "-addr", backend.IP.String()+":8080", "-bytes", "1024")
-	fmt.Printf("  %s", indent(out))
+	out, _ := execIn(d.backend, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/19000 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3`)
+	fmt.Printf("  backend ferry /metrics (denied):\n  %s", indent(lines(out, "ferry_intentions_denied_total{")))
 	return nil
+}
+
+// waitReady polls the sidecar's /ready (admin on 127.0.0.1:19000 in the pod).
+func waitReady(p *testbed.Pod) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, _ := execIn(p, "bash", "-c", `exec 3<>/dev/tcp/127.0.0.1/19000 && printf 'GET /ready HTTP/1.0\r\n\r\n' >&3 && cat <&3`)
+		if strings.Contains(out, " 200 ") {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not ready: %s", out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // lines keeps the lines of s that contain sub, skipping comments, zero
