@@ -21,6 +21,9 @@ type Service struct {
 	ProxyConfig    map[string]any
 	DialedDirectly bool
 	NoSidecar      bool
+	// TaggedAddresses go on both the service and its sidecar, as
+	// consul-k8s registers a ClusterIP as the "virtual" tagged address.
+	TaggedAddresses map[string]api.ServiceAddress
 	// Direct registers the sidecar in the default (non-transparent) mode.
 	Direct bool
 }
@@ -46,10 +49,11 @@ func (tb *Testbed) RegisterService(s Service) (Registered, error) {
 	// No health checks: an instance without checks is passing, so tests
 	// control health by registering and deregistering.
 	if err := agent.ServiceRegister(&api.AgentServiceRegistration{
-		ID:      r.ID,
-		Name:    s.Name,
-		Port:    s.Port,
-		Address: s.Pod.IP.String(),
+		ID:              r.ID,
+		Name:            s.Name,
+		Port:            s.Port,
+		Address:         s.Pod.IP.String(),
+		TaggedAddresses: s.TaggedAddresses,
 	}); err != nil {
 		return r, fmt.Errorf("testbed: register %s: %w", r.ID, err)
 	}
@@ -66,11 +70,12 @@ func (tb *Testbed) RegisterService(s Service) (Registered, error) {
 	}
 	r.ProxyID = r.ID + "-sidecar-proxy"
 	err := agent.ServiceRegister(&api.AgentServiceRegistration{
-		Kind:    api.ServiceKindConnectProxy,
-		ID:      r.ProxyID,
-		Name:    s.Name + "-sidecar-proxy",
-		Port:    port,
-		Address: s.Pod.IP.String(),
+		Kind:            api.ServiceKindConnectProxy,
+		ID:              r.ProxyID,
+		Name:            s.Name + "-sidecar-proxy",
+		Port:            port,
+		Address:         s.Pod.IP.String(),
+		TaggedAddresses: s.TaggedAddresses,
 		Proxy: &api.AgentServiceConnectProxyConfig{
 			DestinationServiceName: s.Name,
 			DestinationServiceID:   r.ID,
