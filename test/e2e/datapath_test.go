@@ -99,7 +99,10 @@ func (e *dpEnv) installRedirect(t *testing.T) {
 func (e *dpEnv) startFerry(t *testing.T) {
 	t.Helper()
 	e.ferry = e.app.Start(t, testbed.Proc{UID: dpProxyUID, Name: "ferry"}, e.ferryBin, "run",
-		"-proxy-id", e.proxyID, "-admin-addr", dpAdmin, "-drain-timeout", "20s")
+		// -permissive: this test drives the plain data path in both
+		// directions; mtls_test.go proves that without it plain inbound
+		// clients are refused.
+		"-proxy-id", e.proxyID, "-admin-addr", dpAdmin, "-drain-timeout", "20s", "-permissive")
 	var last string
 	dpPoll(t, "ferry /ready = 200", 20*time.Second, func() bool {
 		code, body := e.get("/ready")
@@ -218,8 +221,9 @@ func TestDatapath(t *testing.T) {
 
 	t.Run("inbound to the local app", func(t *testing.T) {
 		// From outside the mesh to the app pod's service port: PREROUTING
-		// sends it to ferry's inbound listener, which forwards to the app
-		// on 127.0.0.1 (plain, until mTLS lands).
+		// sends it to ferry's inbound listener, which (permissive mode:
+		// the client opens without a TLS ClientHello) forwards it to the
+		// app on 127.0.0.1.
 		app := net.JoinHostPort(e.app.IP.String(), strconv.Itoa(dpAppPort))
 		out, err := e.ext.Exec(t, testbed.Proc{}, e.echoBin, "client", "-addr", app, "-bytes", "1048576")
 		if err != nil || !strings.HasPrefix(out, "ok conns=1") {
