@@ -84,3 +84,16 @@ func outside(tb *testbed.Testbed) string {
 }
 
 func hostPort(addr string) string { return strings.Replace(addr, ":", "/", 1) }
+
+// TestConsulVersion pins the test agent: the tools module must build Consul
+// v1.14.11, the last MPL-2.0 line this project may use.
+func TestConsulVersion(t *testing.T) {
+	testbed.RequireRoot(t)
+	out, err := exec.Command(testbed.ConsulBinary(t), "version").CombinedOutput()
+	if err != nil {
+		t.Fatalf("consul version: %v\n%s", err, out)
+	}
+	if !strings.HasPrefix(string(out), "Consul v1.14.11\n") {
+		t.Fatalf("consul version = %q, want Consul v1.14.11", out)
+	}
+}
