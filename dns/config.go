@@ -25,6 +25,13 @@ type MeshView interface {
 	VirtualIP(service string) (netip.Addr, bool)
 }
 
+// datacenterView is optionally implemented by a MeshView (proxy/catalog
+// does): when Config.Datacenter is empty, the server asks it for the local
+// datacenter at each query, so a view that learns it after start works.
+type datacenterView interface {
+	Datacenter() string // "" while unknown
+}
+
 // Config configures a Server. The zero value of every field except Mesh has
 // a usable default (see the field comments).
 type Config struct {
@@ -37,8 +44,9 @@ type Config struct {
 	// ConsulDomain is Consul's DNS domain. Default consul.
 	ConsulDomain string
 	// Datacenter is the local Consul datacenter: <svc>.service.<dc>.consul
-	// names are answered locally only for it. Empty: only the forms without
-	// a datacenter are answered locally.
+	// names are answered locally only for it. Empty: the Mesh view's
+	// Datacenter() if it has that method, else only the forms without a
+	// datacenter are answered locally.
 	Datacenter string
 	// Recursors receive every name that is not answered locally (host:port;
 	// a bare IP means port 53). Tried in order, failing over on errors and
@@ -167,22 +175,28 @@ func normalizeAddrs(in []string) ([]string, error) {
 
 // RecursorsFromResolvConf returns the nameservers of a resolv.conf file
 // (e.g. the pod's /etc/resolv.conf, read at start) as IP:53, leaving out
-// exclude — ferry's own DNS address (an IP or IP:port; only the IP counts,
-// since in a redirected pod queries to <ip>:53 are DNATed to ferry) — so
-// ferry never forwards to itself. IPv6 zones are kept.
-func RecursorsFromResolvConf(path, exclude string) ([]string, error) {
+// those that would reach ferry itself. self is ferry's own DNS address (an
+// IP or IP:port; only the IP counts). A nameserver equal to it is left out.
+// When self is a loopback or unspecified IP, every loopback nameserver is
+// left out too: in a redirected pod resolv.conf names 127.0.0.1 (::1) and
+// the DNS rules DNAT its port 53 to ferry, so forwarding there would loop
+// back to ferry (whatever port ferry listens on, and a wildcard listener
+// receives the DNATed loopback queries as well). IPv6 zones are kept.
+func RecursorsFromResolvConf(path, self string) ([]string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("dns: resolv.conf: %w", err)
 	}
 	defer f.Close()
 	var skip netip.Addr
-	if exclude != "" {
-		if h, _, err := net.SplitHostPort(exclude); err == nil {
-			exclude = h
+	if self != "" {
+		if h, _, err := net.SplitHostPort(self); err == nil {
+			self = h
 		}
-		skip, _ = netip.ParseAddr(exclude)
+		skip, _ = netip.ParseAddr(self)
+		skip = skip.Unmap()
 	}
+	skipLoopback := skip.IsValid() && (skip.IsLoopback() || skip.IsUnspecified())
 	var out []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
@@ -194,7 +208,7 @@ func RecursorsFromResolvConf(path, exclude string) ([]string, error) {
 		if err != nil {
 			continue // glibc ignores bad entries too
 		}
-		if skip.IsValid() && ip.Unmap() == skip.Unmap() {
+		if u := ip.Unmap(); (skip.IsValid() && u.WithZone("") == skip.WithZone("")) || (skipLoopback && u.IsLoopback()) {
 			continue
 		}
 		out = append(out, netip.AddrPortFrom(ip, 53).String())

@@ -73,7 +73,7 @@ func (s *Server) handle(ctx context.Context, req *mdns.Msg, tcp bool) *mdns.Msg 
 	if !mdns.IsFqdn(name) {
 		name = mdns.Fqdn(name)
 	}
-	ni := classify(name, &s.cfg)
+	ni := classify(name, &s.cfg, s.datacenter())
 	if ni.service != "" && (q.Qtype == mdns.TypeA || q.Qtype == mdns.TypeAAAA) {
 		if vip, ok := s.cfg.Mesh.VirtualIP(ni.service); ok {
 			s.stats.mesh.Add(1)
@@ -252,4 +252,14 @@ func rcodeOnly(rcode int) *mdns.Msg {
 
 func ttlSeconds(d time.Duration) uint32 {
 	return uint32(max(d/time.Second, 1))
+}
+
+// datacenter is the local datacenter for <svc>.service.<dc>.consul names:
+// the configured one, else what the mesh view has learned (the sidecar's
+// catalog view learns it from the agent after the server starts).
+func (s *Server) datacenter() string {
+	if s.cfg.Datacenter != "" || s.dcView == nil {
+		return s.cfg.Datacenter
+	}
+	return strings.ToLower(s.dcView.Datacenter())
 }

@@ -39,11 +39,12 @@ type nameInfo struct {
 //	<svc>.virtual.<consul domain>
 //	<svc>.service.<consul domain>
 //	<svc>.service.<dc>.<consul domain>
-//	<svc>.service.<dc>.dc.<consul domain>  (dc = the configured datacenter)
+//	<svc>.service.<dc>.dc.<consul domain>  (dc = the local datacenter, lower case;
+//	                                  "" while unknown)
 //
 // Everything else under the Consul domain (tags, SRV names, node, connect,
 // query, peers, other datacenters) is not a mesh form and goes to Consul.
-func classify(name string, c *Config) nameInfo {
+func classify(name string, c *Config, dc string) nameInfo {
 	if rest, ok := under(name, c.ClusterDomain); ok {
 		ni := nameInfo{kind: zoneCluster, zone: c.ClusterDomain}
 		l := labels(rest)
@@ -59,9 +60,9 @@ func classify(name string, c *Config) nameInfo {
 		case len(l) == 2 && (l[1] == "virtual" || l[1] == "service"):
 			ni.service = l[0]
 			ni.virtual = l[1] == "virtual"
-		case len(l) == 3 && l[1] == "service" && c.Datacenter != "" && l[2] == c.Datacenter:
+		case len(l) == 3 && l[1] == "service" && dc != "" && l[2] == dc:
 			ni.service = l[0]
-		case len(l) == 4 && l[1] == "service" && c.Datacenter != "" && l[2] == c.Datacenter && l[3] == "dc":
+		case len(l) == 4 && l[1] == "service" && dc != "" && l[2] == dc && l[3] == "dc":
 			ni.service = l[0]
 		}
 		// "_web._tcp" style SRV labels are never service names.

@@ -38,21 +38,21 @@ func TestClassify(t *testing.T) {
 		{"example.com.", zoneOther, ""},
 		{".", zoneOther, ""},
 	}
-	if !classify("web.virtual.consul.", &cfg).virtual || classify("web.service.consul.", &cfg).virtual {
+	if !classify("web.virtual.consul.", &cfg, cfg.Datacenter).virtual || classify("web.service.consul.", &cfg, cfg.Datacenter).virtual {
 		t.Error("virtual flag wrong")
 	}
 	for _, c := range cases {
-		ni := classify(c.name, &cfg)
+		ni := classify(c.name, &cfg, cfg.Datacenter)
 		if ni.kind != c.kind || ni.service != c.service {
 			t.Errorf("%s: got kind %d service %q, want %d %q", c.name, ni.kind, ni.service, c.kind, c.service)
 		}
 	}
 	// Custom domains, given in any case and with or without the dot.
 	cfg, _ = Config{Mesh: testMesh(), ClusterDomain: "Corp.Example.", ConsulDomain: "mesh"}.withDefaults()
-	if ni := classify("web.ns.svc.corp.example.", &cfg); ni.service != "web" || ni.zone != "corp.example." {
+	if ni := classify("web.ns.svc.corp.example.", &cfg, cfg.Datacenter); ni.service != "web" || ni.zone != "corp.example." {
 		t.Errorf("custom cluster domain: %+v", ni)
 	}
-	if ni := classify("web.virtual.mesh.", &cfg); ni.service != "web" {
+	if ni := classify("web.virtual.mesh.", &cfg, cfg.Datacenter); ni.service != "web" {
 		t.Errorf("custom consul domain: %+v", ni)
 	}
 }

@@ -22,6 +22,7 @@ type Server struct {
 	consul    *forwarder // nil when ConsulDNS is empty
 	cache     *cache     // nil when disabled
 	nonce     []byte
+	dcView    datacenterView // nil unless Mesh has one and Datacenter is unset
 	sem       chan struct{}
 
 	flightMu sync.Mutex
@@ -80,6 +81,9 @@ func New(cfg Config) (*Server, error) {
 		cancel:  cancel,
 		addr:    cfg.Addr,
 		stopped: make(chan struct{}),
+	}
+	if dv, ok := cfg.Mesh.(datacenterView); ok {
+		s.dcView = dv
 	}
 	if len(recs) > 0 {
 		s.recursors = newForwarder(recs, cfg.UpstreamTimeout, nonce)

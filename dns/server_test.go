@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -316,18 +317,39 @@ func TestLifecycle(t *testing.T) {
 }
 
 func TestRecursorsFromResolvConf(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "resolv.conf")
-	content := "# comment\nsearch default.svc.cluster.local svc.cluster.local\nnameserver 127.0.0.1\nnameserver 198.18.0.10\nnameserver bogus\n" +
+	// A consul-k8s pod with DNS redirection: 127.0.0.1 (DNATed to ferry)
+	// first, then kube-dns; plus entries glibc ignores.
+	pod := "# comment\nsearch default.svc.cluster.local svc.cluster.local\nnameserver 127.0.0.1\nnameserver 198.18.0.10\nnameserver bogus\n" +
 		"nameserver fd00::53\noptions ndots:5\n"
-	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	got, err := RecursorsFromResolvConf(p, "127.0.0.1:8600")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if want := "198.18.0.10:53 [fd00::53]:53"; strings.Join(got, " ") != want {
-		t.Fatalf("got %v, want %s", got, want)
+	for _, tc := range []struct {
+		name, conf, self, want string
+	}{
+		{"pod, default addr", pod, "127.0.0.1:8600", "198.18.0.10:53 [fd00::53]:53"},
+		{"pod, other loopback addr", pod, "127.0.0.2:8600", "198.18.0.10:53 [fd00::53]:53"},
+		{"pod, wildcard addr", pod, "0.0.0.0:8600", "198.18.0.10:53 [fd00::53]:53"},
+		{"pod, bare IP", pod, "127.0.0.1", "198.18.0.10:53 [fd00::53]:53"},
+		{"every loopback form", "nameserver 127.0.0.53\nnameserver ::1\nnameserver ::ffff:127.0.0.1\nnameserver 198.18.0.10\n",
+			"127.0.0.1:8600", "198.18.0.10:53"},
+		{"dual stack", "nameserver ::1\nnameserver 127.0.0.1\nnameserver fd00::53\n", "[::1]:8600", "[fd00::53]:53"},
+		// Not on loopback: only ferry's own IP is left out; a local
+		// resolver on loopback is a real recursor then.
+		{"pod IP addr", "nameserver 127.0.0.53\nnameserver 198.18.0.5\nnameserver 198.18.0.10\n", "198.18.0.5:8600", "127.0.0.53:53 198.18.0.10:53"},
+		{"no self", pod, "", "127.0.0.1:53 198.18.0.10:53 [fd00::53]:53"},
+		{"only ferry", "nameserver 127.0.0.1\n", "127.0.0.1:8600", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "resolv.conf")
+			if err := os.WriteFile(p, []byte(tc.conf), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			got, err := RecursorsFromResolvConf(p, tc.self)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Join(got, " ") != tc.want {
+				t.Fatalf("got %q, want %q", strings.Join(got, " "), tc.want)
+			}
+		})
 	}
 	if _, err := RecursorsFromResolvConf(filepath.Join(t.TempDir(), "missing"), ""); err == nil {
 		t.Fatal("missing file accepted")
@@ -383,5 +405,64 @@ func TestBurstSharesOneUpstreamQuery(t *testing.T) {
 	}
 	if n != 20 || slow.queries.Load() != 1 || s.Stats().Shared != 19 {
 		t.Fatalf("%d of 20 answered; upstream asked %d times, want once; stats %+v", n, slow.queries.Load(), s.Stats())
+	}
+}
+
+// TestWritePrometheus: the counters in the text format /metrics serves,
+// one HELP/TYPE/sample triple per family.
+func TestWritePrometheus(t *testing.T) {
+	rec := startUpstream(t, answerA("198.18.9.9", 60))
+	s := startServer(t, Config{Recursors: []string{rec.addr}})
+	query(t, "udp", s.Addr(), "backend.virtual.consul.", mdns.TypeA, false)
+	for range 3 {
+		query(t, "udp", s.Addr(), "www.example.", mdns.TypeA, false)
+	}
+	var b strings.Builder
+	s.WritePrometheus(&b)
+	out := b.String()
+	for _, want := range []string{
+		"# TYPE ferry_dns_queries_total counter\nferry_dns_queries_total 4\n",
+		"ferry_dns_mesh_answers_total 1\n",
+		"ferry_dns_cache_hits_total 2\n",
+		"ferry_dns_upstream_exchanges_total 1\n",
+		"ferry_dns_servfail_total 0\n",
+		"# TYPE ferry_dns_cache_entries gauge\nferry_dns_cache_entries 1\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing %q in:\n%s", want, out)
+		}
+	}
+	if n := strings.Count(out, "# HELP "); n != 8 || strings.Count(out, "# TYPE ") != 8 {
+		t.Errorf("%d families, want 8:\n%s", n, out)
+	}
+}
+
+// dcMesh is a mesh view that learns its datacenter later, like the
+// sidecar's catalog view.
+type dcMesh struct {
+	*fakeMesh
+	dc atomic.Pointer[string]
+}
+
+func (m *dcMesh) Datacenter() string {
+	if p := m.dc.Load(); p != nil {
+		return *p
+	}
+	return ""
+}
+
+// TestDatacenterFromView: with Config.Datacenter unset, <svc>.service.<dc>
+// names are mesh names once the view knows the datacenter.
+func TestDatacenterFromView(t *testing.T) {
+	m := &dcMesh{fakeMesh: testMesh()}
+	s := startServer(t, Config{Mesh: m})
+	if r := query(t, "udp", s.Addr(), "backend.service.dc1.consul.", mdns.TypeA, false); len(r.Answer) != 0 {
+		t.Fatalf("datacenter unknown yet, but answered: %v", r)
+	}
+	dc := "DC1"
+	m.dc.Store(&dc)
+	r := query(t, "udp", s.Addr(), "backend.service.dc1.consul.", mdns.TypeA, false)
+	if len(r.Answer) != 1 || r.Answer[0].(*mdns.A).A.String() != "240.0.0.7" {
+		t.Fatalf("want the VIP once the view knows dc1, got %v", r)
 	}
 }

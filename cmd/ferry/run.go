@@ -157,6 +157,15 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		return fmt.Errorf("run: %w", err)
 	}
 	p := sc.Proxy()
+	// DNS before admin: once /ready answers 200, names resolve.
+	dnsSrv, err := startDNS(cfg, sc.View(), p.Metrics().Set, log)
+	if err != nil {
+		sc.Shutdown(canceledContext())
+		return fmt.Errorf("run: %w", err)
+	}
+	if dnsSrv != nil {
+		defer dnsSrv.Close()
+	}
 	admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(p.Ready, p.Metrics().Set), log.Named("admin"))
 	if err != nil {
 		sc.Shutdown(canceledContext())
@@ -164,13 +173,6 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 	}
 	defer admin.Close()
 	log.Info("admin listening", "addr", admin.Addr())
-
-	stopDNS, err := startDNS(cfg, sc.View(), log)
-	if err != nil {
-		sc.Shutdown(canceledContext())
-		return fmt.Errorf("run: %w", err)
-	}
-	defer stopDNS()
 
 	var runErr error
 	select {
