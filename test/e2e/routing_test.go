@@ -260,12 +260,38 @@ func TestRouting(t *testing.T) {
 			t.Fatalf("no failed dial to back-b logged: did the balancer never pick it?\n%s", rtTail(e.clientFerry.Output(), 30))
 		}
 	})
+
+	t.Run("instance unreachable (SYNs dropped): connections still succeed, one waits a dial timeout", func(t *testing.T) {
+		// back-b's pod now drops everything, as a vanished node would:
+		// a dial there fails only by the catalog's dial timeout.
+		e.b.ExecOK(t, testbed.Proc{}, "ip", "link", "set", "eth0", "down")
+		start := time.Now()
+		var slowest time.Duration
+		n := 0
+		for len(rtDialFailures(e.clientFerry.Output(), e.b.IP.String(), start)) == 0 {
+			if time.Since(start) > 25*time.Second {
+				t.Fatalf("back-b never retried within 25s (its backoff should have ended)")
+			}
+			out := e.rtEcho(t, vip, 4096, 1)
+			n++
+			if m := rtElapsed.FindStringSubmatch(out); m != nil {
+				if d, err := time.ParseDuration(m[1]); err == nil && d > slowest {
+					slowest = d
+				}
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		t.Logf("%d/%d ok while back-b was unreachable; slowest connection %v (the one that hit back-b first)", n, n, slowest)
+	})
 }
+
+var rtElapsed = regexp.MustCompile(`elapsed=(\S+)`)
 
 var rtLogTime = regexp.MustCompile(`^(\S+) \[DEBUG\]`)
 
-// rtDialFailures returns, relative to since, when the catalog logged a
-// failed dial to an instance at ip (hclog's default timestamp layout).
+// rtDialFailures returns, relative to since, when (since then) the catalog
+// logged a failed dial to an instance at ip (hclog's default timestamp
+// layout).
 func rtDialFailures(log, ip string, since time.Time) []time.Duration {
 	var out []time.Duration
 	for _, l := range strings.Split(log, "\n") {
@@ -277,7 +303,7 @@ func rtDialFailures(log, ip string, since time.Time) []time.Duration {
 			continue
 		}
 		ts, err := time.Parse("2006-01-02T15:04:05.000Z0700", m[1])
-		if err != nil {
+		if err != nil || ts.Before(since.Truncate(time.Millisecond)) {
 			continue
 		}
 		out = append(out, ts.Sub(since).Round(10*time.Millisecond))
