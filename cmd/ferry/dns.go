@@ -44,7 +44,6 @@ func startDNS(cfg runConfig, view *catalog.View, metrics *proxy.MetricSet, log h
 	if metrics != nil {
 		metrics.Register(srv)
 	}
-	log.Info("dns listening", "addr", srv.Addr(), "recursors", recs, "consul_dns", cfg.ConsulDNSAddr)
 	return srv, nil
 }
 

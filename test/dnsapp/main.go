@@ -1,9 +1,6 @@
 // Command dnsapp is a test-only helper for the DNS end-to-end tests
-// (test/e2e/dns_test.go), until `ferry run` serves DNS itself.
+// (test/e2e/dns_test.go); the server under test is `ferry run` itself.
 //
-//	dnsapp serve  -addr A [-recursor R]... [-consul-dns A] [-cluster-domain D]
-//	    ferry's DNS server (package dns) with the mesh view of package
-//	    proxy/catalog, read from the agent at CONSUL_HTTP_ADDR.
 //	dnsapp static -addr A -record NAME=IP... [-big NAME]
 //	    a stand-in recursor: fixed A records, NXDOMAIN otherwise; -big NAME
 //	    answers with 100 A records, truncated over UDP.
@@ -14,21 +11,14 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"time"
 
-	ferrydns "github.com/ferrymesh/ferry/dns"
-	"github.com/ferrymesh/ferry/proxy/catalog"
-	"github.com/hashicorp/consul/api"
-	"github.com/hashicorp/go-hclog"
 	mdns "github.com/miekg/dns"
 )
 
@@ -39,13 +29,11 @@ func (m *multi) Set(s string) error { *m = append(*m, s); return nil }
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: dnsapp serve|static|query|garbage ...")
+		fmt.Fprintln(os.Stderr, "usage: dnsapp static|query|garbage ...")
 		os.Exit(2)
 	}
 	var err error
 	switch os.Args[1] {
-	case "serve":
-		err = serve(os.Args[2:])
 	case "static":
 		err = static(os.Args[2:])
 	case "query":
@@ -59,49 +47,6 @@ func main() {
 		fmt.Fprintln(os.Stderr, "dnsapp:", err)
 		os.Exit(1)
 	}
-}
-
-func serve(args []string) error {
-	fs := flag.NewFlagSet("serve", flag.ExitOnError)
-	addr := fs.String("addr", ferrydns.DefaultAddr, "listen address")
-	domain := fs.String("cluster-domain", ferrydns.DefaultClusterDomain, "cluster domain")
-	consulDNS := fs.String("consul-dns", "", "Consul agent DNS address for other .consul queries")
-	var recursors multi
-	fs.Var(&recursors, "recursor", "recursor (repeatable; default: /etc/resolv.conf minus -addr)")
-	_ = fs.Parse(args)
-
-	log := hclog.New(&hclog.LoggerOptions{Name: "dnsapp", Level: hclog.Debug})
-	client, err := api.NewClient(api.DefaultConfig())
-	if err != nil {
-		return err
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	view := catalog.Start(ctx, catalog.ConsulSource{Client: client}, catalog.Options{Logger: log})
-	defer view.Close()
-	select {
-	case <-view.Ready():
-	case <-ctx.Done():
-		return nil
-	}
-	if len(recursors) == 0 {
-		if recursors, err = ferrydns.RecursorsFromResolvConf("/etc/resolv.conf", *addr); err != nil {
-			return err
-		}
-	}
-	srv, err := ferrydns.New(ferrydns.Config{
-		Addr: *addr, ClusterDomain: *domain, Datacenter: view.Datacenter(),
-		Recursors: recursors, ConsulDNS: *consulDNS, Mesh: view, Logger: log,
-	})
-	if err != nil {
-		return err
-	}
-	if err := srv.Start(ctx); err != nil {
-		return err
-	}
-	fmt.Println("ready", srv.Addr())
-	<-ctx.Done()
-	return srv.Close()
 }
 
 func static(args []string) error {
