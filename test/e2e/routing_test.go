@@ -236,15 +236,16 @@ func TestRouting(t *testing.T) {
 				t.Fatalf("%s exited cleanly after SIGKILL?", pr.Name)
 			}
 		}
-		// One connection every 400ms for ~12s, long enough to see the dead
-		// instance come out of its backoff and be retried.
+		// One connection every 400ms (on a fixed schedule, so a slow machine
+		// does not stretch it) for ~12s: long enough to see the dead
+		// instance come out of its first backoff (5s) and be retried.
 		var failed []string
 		for i := range 30 {
+			time.Sleep(time.Until(killed.Add(time.Duration(i) * 400 * time.Millisecond)))
 			out, err := meshEchoClient(t, e.client, vip, 4096, 1, "-timeout", "10s")
 			if err != nil {
 				failed = append(failed, strconv.Itoa(i)+": "+strings.TrimSpace(out))
 			}
-			time.Sleep(400 * time.Millisecond)
 		}
 		elapsed := time.Since(killed)
 		if len(failed) > 0 {
@@ -269,8 +270,10 @@ func TestRouting(t *testing.T) {
 		var slowest time.Duration
 		n := 0
 		for len(rtDialFailures(e.clientFerry.Output(), e.b.IP.String(), start)) == 0 {
-			if time.Since(start) > 25*time.Second {
-				t.Fatalf("back-b never retried within 25s (its backoff should have ended)")
+			// Its backoff is 10s after the second failure above, 20s after
+			// a third (a slow run); 45s covers both.
+			if time.Since(start) > 45*time.Second {
+				t.Fatalf("back-b never retried within 45s (its backoff should have ended)")
 			}
 			out := e.rtEcho(t, vip, 4096, 1)
 			n++
