@@ -203,11 +203,13 @@ func TestRouting(t *testing.T) {
 		rejected := `ferry_connections_total{direction="outbound",outcome="rejected"}`
 		r0 := meshMetric(t, e.client, rejected)
 		setMeshOnly(true)
+		var refusal string
 		took := meshPoll(t, "passthrough refused", 10*time.Second, func() bool {
-			_, err := meshEchoClient(t, e.client, ext, 1024, 1, "-timeout", "5s")
+			out, err := meshEchoClient(t, e.client, ext, 1024, 1, "-timeout", "5s")
+			refusal = strings.TrimSpace(out)
 			return err != nil
 		})
-		t.Logf("MeshDestinationsOnly applied within %v", took.Round(time.Millisecond))
+		t.Logf("MeshDestinationsOnly applied within %v; the app saw: %s", took.Round(time.Millisecond), refusal)
 		if r1 := meshMetric(t, e.client, rejected); r1 <= r0 {
 			t.Fatalf("rejected metric %d -> %d", r0, r1)
 		}
@@ -240,12 +242,14 @@ func TestRouting(t *testing.T) {
 		// does not stretch it) for ~12s: long enough to see the dead
 		// instance come out of its first backoff (5s) and be retried.
 		var failed []string
+		var slowest time.Duration
 		for i := range 30 {
 			time.Sleep(time.Until(killed.Add(time.Duration(i) * 400 * time.Millisecond)))
 			out, err := meshEchoClient(t, e.client, vip, 4096, 1, "-timeout", "10s")
 			if err != nil {
 				failed = append(failed, strconv.Itoa(i)+": "+strings.TrimSpace(out))
 			}
+			slowest = max(slowest, rtElapsedOf(out))
 		}
 		elapsed := time.Since(killed)
 		if len(failed) > 0 {
@@ -256,7 +260,8 @@ func TestRouting(t *testing.T) {
 			t.Fatalf("back-a accepted %d, want 30", got)
 		}
 		retries := rtDialFailures(e.clientFerry.Output(), e.b.IP.String(), killed)
-		t.Logf("30/30 ok over %v; dials to dead back-b retried on back-a at %v after the kill", elapsed.Round(time.Millisecond), retries)
+		t.Logf("30/30 ok over %v (slowest %v); dials to dead back-b retried on back-a at %v after the kill",
+			elapsed.Round(time.Millisecond), slowest, retries)
 		if len(retries) == 0 {
 			t.Fatalf("no failed dial to back-b logged: did the balancer never pick it?\n%s", rtTail(e.clientFerry.Output(), 30))
 		}
@@ -277,11 +282,7 @@ func TestRouting(t *testing.T) {
 			}
 			out := e.rtEcho(t, vip, 4096, 1)
 			n++
-			if m := rtElapsed.FindStringSubmatch(out); m != nil {
-				if d, err := time.ParseDuration(m[1]); err == nil && d > slowest {
-					slowest = d
-				}
-			}
+			slowest = max(slowest, rtElapsedOf(out))
 			time.Sleep(250 * time.Millisecond)
 		}
 		t.Logf("%d/%d ok while back-b was unreachable; slowest connection %v (the one that hit back-b first)", n, n, slowest)
@@ -289,6 +290,15 @@ func TestRouting(t *testing.T) {
 }
 
 var rtElapsed = regexp.MustCompile(`elapsed=(\S+)`)
+
+// rtElapsedOf reads the echo client's "elapsed=" figure (0 if absent).
+func rtElapsedOf(out string) time.Duration {
+	if m := rtElapsed.FindStringSubmatch(out); m != nil {
+		d, _ := time.ParseDuration(m[1])
+		return d
+	}
+	return 0
+}
 
 var rtLogTime = regexp.MustCompile(`^(\S+) \[DEBUG\]`)
 
