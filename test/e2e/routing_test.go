@@ -68,7 +68,9 @@ func rtSetup(t *testing.T) *rtEnv {
 	t.Cleanup(func() { c.ConfigEntries().Delete(api.ServiceDefaults, "backend", nil) })
 
 	clientID := e.tb.Register(t, testbed.Service{Name: "client", Pod: e.client, Port: rtAppPort,
-		Upstreams: []api.Upstream{{DestinationName: "backend", LocalBindPort: 9191}}}).ProxyID
+		Upstreams: []api.Upstream{{DestinationName: "backend", LocalBindPort: 9191},
+			// The local datacenter named explicitly: the same instances.
+			{DestinationName: "backend", LocalBindPort: 9192, Datacenter: "dc1"}}}).ProxyID
 	aID := e.tb.Register(t, testbed.Service{Name: "backend", Pod: e.a, Port: rtAppPort, TaggedAddresses: virtual,
 		ProxyConfig: map[string]any{"ferry_local_ports": []any{rtExtraPort}}}).ProxyID
 	bID := e.tb.Register(t, testbed.Service{Name: "backend", Pod: e.b, Port: rtAppPort, TaggedAddresses: virtual}).ProxyID
@@ -129,6 +131,10 @@ func TestRouting(t *testing.T) {
 		a1, b1 := backends()
 		if got := a1 - a0 + b1 - b0; got != 4 {
 			t.Fatalf("backends accepted %d connections, want 4", got)
+		}
+		e.rtEcho(t, "127.0.0.1:9192", 4096, 2)
+		if a2, b2 := backends(); a2-a1+b2-b1 != 2 {
+			t.Fatalf("upstream with Datacenter dc1: backends accepted %d, want 2", a2-a1+b2-b1)
 		}
 		out := e.rtEcho(t, rtUpstream, 100<<20, 1)
 		t.Logf("explicit upstream, 100 MiB each way through two sidecars over mTLS: %s", strings.TrimSpace(out))
