@@ -295,9 +295,28 @@ func TestIntentionsMesh(t *testing.T) {
 			}
 			live.conn.Close()
 		}},
+		{"L7PermissionsDenyTCP", func(t *testing.T) {
+			// L7 Permissions need an http destination; ferry is L4, so it
+			// denies as the agent's L4 authorize does, and says so.
+			sd := &api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "legacy", Protocol: "http"}
+			if ok, _, err := c.ConfigEntries().Set(sd, nil); err != nil || !ok {
+				t.Fatalf("set service-defaults legacy: ok=%v err=%v", ok, err)
+			}
+			ixnSet(t, c, "legacy", ixnL7Src("web"))
+			meshPoll(t, "legacy sidecar warns about the L7 intention", ixeLimit, func() bool {
+				return meshLogHas(m.legacySC, "intention has L7 permissions", "default/web => default/legacy")
+			})
+			m.mustFail(t, m.web, m.legacyAddr)
+			if !meshLogHas(m.legacySC, ixeDeniedLog, "source=web ", "destination=legacy", "Permissions: 1") {
+				t.Fatalf("no deny log naming the L7 intention:\n%s", meshGrep(m.legacySC.Output(), ixeDeniedLog))
+			}
+		}},
 		{"AgentPaused", func(t *testing.T) {
-			// batch is allowed since DenyToAllow but has never connected:
-			// its first connection is decided while the agent is frozen.
+			// batch has only ever been denied; the allow written for it
+			// in DenyToAllow is first exercised while the agent is frozen.
+			// (batch did connect before: its own sidecar watches an
+			// upstream's instances from the first dial on, and a first
+			// dial to an upstream needs the agent.)
 			m.tb.Consul.Pause()
 			resumed := false
 			t.Cleanup(func() {
