@@ -311,6 +311,14 @@ func TestIntentionsMesh(t *testing.T) {
 				t.Fatalf("no deny log naming the L7 intention:\n%s", meshGrep(m.legacySC.Output(), ixeDeniedLog))
 			}
 		}},
+		{"EntryDeletedFallsBackToDefault", func(t *testing.T) {
+			if _, err := c.ConfigEntries().Delete(api.ServiceIntentions, "legacy", nil); err != nil {
+				t.Fatal(err)
+			}
+			t0 := time.Now()
+			d := m.until(t, m.web, m.legacyAddr, true, t0, ixeLimit)
+			t.Logf("entry deleted: default allow reached new connections in %v", d.Round(time.Millisecond))
+		}},
 		{"AgentPaused", func(t *testing.T) {
 			// batch has only ever been denied; the allow written for it
 			// in DenyToAllow is first exercised while the agent is frozen.
