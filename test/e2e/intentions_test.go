@@ -217,8 +217,7 @@ func TestIntentionsMesh(t *testing.T) {
 			m.mustFail(t, m.batch, m.backendAddr)
 		}},
 		{"DeniedNeverReachesApp", func(t *testing.T) {
-			deniedBefore := meshMetric(t, m.backend, `ferry_connections_total{direction="inbound",outcome="denied"}`)
-			before := meshAccepts(m.backendApp)
+			before, denied := meshAccepts(m.backendApp), m.denied(t)
 			for range 3 {
 				m.mustFail(t, m.other, m.backendAddr)
 			}
@@ -226,14 +225,9 @@ func TestIntentionsMesh(t *testing.T) {
 			// the backend's sidecar has decided them: if one had reached
 			// the app, its accept line would precede the allowed one's.
 			m.mustPass(t, m.web, m.backendAddr)
-			if got := meshAccepts(m.backendApp) - before; got != 1 {
-				t.Fatalf("backend app accepted %d connections for 3 denied + 1 allowed, want 1:\n%s", got, m.backendApp.Output())
-			}
+			m.expect(t, before, 1, denied, 3)
 			if !strings.Contains(m.backendApp.Output(), fmt.Sprintf("\naccept %d ", before+1)) {
 				t.Fatalf("no accept line %d:\n%s", before+1, m.backendApp.Output())
-			}
-			if got := meshMetric(t, m.backend, `ferry_connections_total{direction="inbound",outcome="denied"}`) - deniedBefore; got != 3 {
-				t.Fatalf("backend sidecar counted %d denied inbound connections, want 3", got)
 			}
 		}},
 		{"DenyMetricAndLog", func(t *testing.T) {
@@ -338,15 +332,13 @@ func TestIntentionsMesh(t *testing.T) {
 			if err == nil {
 				t.Fatal("the paused agent still answers")
 			}
-			before := meshAccepts(m.backendApp)
+			before, denied := meshAccepts(m.backendApp), m.denied(t)
 			for range 2 {
 				m.mustPass(t, m.batch, m.backendAddr)
 				m.mustPass(t, m.web, m.backendAddr)
 				m.mustFail(t, m.other, m.backendAddr)
 			}
-			if got := meshAccepts(m.backendApp) - before; got != 4 {
-				t.Fatalf("backend app accepted %d connections while the agent was paused, want 4", got)
-			}
+			m.expect(t, before, 4, denied, 2)
 			m.tb.Consul.Resume()
 			resumed = true
 			// Recovered: a change written after the resume applies.
@@ -365,11 +357,13 @@ func TestIntentionsMesh(t *testing.T) {
 			meshPoll(t, "backend sidecar notices the agent is gone", 15*time.Second, func() bool {
 				return meshLogHas(m.backendSC, "cannot fetch intentions; deciding from the last known list")
 			})
+			before, denied := meshAccepts(m.backendApp), m.denied(t)
 			for range 2 {
 				m.mustPass(t, m.web, m.backendAddr)
 				m.mustFail(t, m.other, m.backendAddr)
 				m.mustFail(t, m.batch, m.backendAddr)
 			}
+			m.expect(t, before, 2, denied, 4)
 			if code, body := meshAdminGet(t, m.backend, "/ready"); code != 200 {
 				t.Logf("backend /ready with the agent stopped: %d %s", code, strings.TrimSpace(body))
 			}
@@ -379,6 +373,26 @@ func TestIntentionsMesh(t *testing.T) {
 		if !t.Run(s.name, s.f) {
 			return
 		}
+	}
+}
+
+// denied is the backend sidecar's count of inbound connections refused by
+// intentions.
+func (m *ixeMesh) denied(t *testing.T) int64 {
+	t.Helper()
+	return meshMetric(t, m.backend, `ferry_connections_total{direction="inbound",outcome="denied"}`)
+}
+
+// expect checks that, since accepts and denied were read, the backend app
+// accepted wantAccepts more connections and its sidecar denied wantDenied
+// more: the refusals were intention denials, not failures elsewhere.
+func (m *ixeMesh) expect(t *testing.T, accepts, wantAccepts int, denied, wantDenied int64) {
+	t.Helper()
+	if got := meshAccepts(m.backendApp) - accepts; got != wantAccepts {
+		t.Errorf("backend app accepted %d connections, want %d", got, wantAccepts)
+	}
+	if got := m.denied(t) - denied; got != wantDenied {
+		t.Errorf("backend sidecar denied %d connections, want %d", got, wantDenied)
 	}
 }
 
