@@ -3,7 +3,7 @@
 // byte stream, half-closes, and verifies what comes back by SHA-256.
 //
 //	echo server -addr :8080
-//	echo client -addr 240.0.0.1:80 -bytes 1048576 [-conns 10] [-hold 5s]
+//	echo client -addr 240.0.0.1:80 -bytes 1048576 [-conns 10] [-hold 5s] [-pace 20s] [-no-half-close]
 package main
 
 import (
@@ -89,6 +89,8 @@ func client(args []string) error {
 	conns := fs.Int("conns", 1, "concurrent connections")
 	hold := fs.Duration("hold", 0, "after connecting, wait this long before sending")
 	timeout := fs.Duration("timeout", 60*time.Second, "deadline for each connection")
+	pace := fs.Duration("pace", 0, "spread the sending of -bytes evenly over this long (a live, slow stream)")
+	noHalfClose := fs.Bool("no-half-close", false, "do not half-close after sending; read back exactly -bytes, then close (for proxies that cut half-closed streams)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -99,7 +101,8 @@ func client(args []string) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := roundTrip(*addr, uint64(i), *size, *hold, *timeout); err != nil {
+			o := tripOptions{hold: *hold, timeout: *timeout, pace: *pace, halfClose: !*noHalfClose}
+			if err := roundTrip(*addr, uint64(i), *size, o); err != nil {
 				errs <- fmt.Errorf("conn %d: %w", i, err)
 			}
 		}()
@@ -121,30 +124,45 @@ func client(args []string) error {
 	return nil
 }
 
+type tripOptions struct {
+	hold, timeout, pace time.Duration
+	halfClose           bool
+}
+
 // roundTrip sends size pseudo-random bytes (seeded by id), half-closes, and
-// checks that exactly the same bytes come back before EOF.
-func roundTrip(addr string, id uint64, size int64, hold, timeout time.Duration) error {
+// checks that exactly the same bytes come back before EOF. Without
+// halfClose it reads back exactly size bytes instead of waiting for EOF.
+func roundTrip(addr string, id uint64, size int64, o tripOptions) error {
 	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if hold > 0 {
-		time.Sleep(hold)
+	if o.hold > 0 {
+		time.Sleep(o.hold)
 	}
-	c.SetDeadline(time.Now().Add(timeout))
+	c.SetDeadline(time.Now().Add(o.timeout))
 	sent := sha256.New()
 	werr := make(chan error, 1)
 	go func() {
-		src := io.LimitReader(&prng{r: rand.New(rand.NewPCG(id, 42))}, size)
+		var src io.Reader = io.LimitReader(&prng{r: rand.New(rand.NewPCG(id, 42))}, size)
+		if o.pace > 0 {
+			src = &pacedReader{r: src, total: size, over: o.pace, start: time.Now()}
+		}
 		_, err := io.Copy(io.MultiWriter(c, sent), src)
-		if err == nil {
+		if err == nil && o.halfClose {
 			err = c.(*net.TCPConn).CloseWrite()
 		}
 		werr <- err
 	}()
 	got := sha256.New()
-	n, rerr := io.Copy(got, c)
+	var n int64
+	var rerr error
+	if o.halfClose {
+		n, rerr = io.Copy(got, c)
+	} else {
+		n, rerr = io.CopyN(got, c, size)
+	}
 	if err := <-werr; err != nil {
 		return fmt.Errorf("send: %w", err)
 	}
@@ -171,4 +189,34 @@ func (p *prng) Read(b []byte) (int, error) {
 		}
 	}
 	return len(b), nil
+}
+
+// pacedReader releases total bytes of r evenly over the duration over.
+type pacedReader struct {
+	r     io.Reader
+	total int64
+	over  time.Duration
+	start time.Time
+	done  int64
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	if p.done >= p.total {
+		return p.r.Read(b) // all released: let r report its EOF
+	}
+	for {
+		due := p.total
+		if el := time.Since(p.start); el < p.over {
+			due = int64(float64(p.total) * float64(el) / float64(p.over))
+		}
+		if allowed := due - p.done; allowed > 0 || p.done >= p.total {
+			if allowed > 0 && int64(len(b)) > allowed {
+				b = b[:allowed]
+			}
+			n, err := p.r.Read(b)
+			p.done += int64(n)
+			return n, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
