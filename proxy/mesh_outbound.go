@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync"
 
 	"github.com/ferrymesh/ferry/mtls"
@@ -23,6 +24,8 @@ type MeshRouter struct {
 	identity *mtls.Identity
 	dialer   *net.Dialer
 	log      hclog.Logger
+	// handshakes counts completed outbound handshakes by resumed=true|false.
+	handshakes *CounterVec
 
 	mu      sync.Mutex
 	configs map[catalog.Service]*tls.Config
@@ -34,8 +37,13 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 		log = hclog.NewNullLogger()
 	}
 	return &MeshRouter{view: view, identity: identity, dialer: &net.Dialer{}, log: log,
-		configs: map[catalog.Service]*tls.Config{}}
+		configs: map[catalog.Service]*tls.Config{},
+		handshakes: NewCounterVec("ferry_outbound_tls_handshakes_total",
+			"Outbound mTLS handshakes completed, by whether they resumed a session.", "resumed")}
 }
+
+// HandshakeMetric is the router's handshake counter, for the metrics set.
+func (r *MeshRouter) HandshakeMetric() *CounterVec { return r.handshakes }
 
 // RouteOutbound implements Router. It answers from memory.
 func (r *MeshRouter) RouteOutbound(_ context.Context, dst netip.AddrPort) Route {
@@ -80,6 +88,7 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) 
 		raw.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
+	r.handshakes.With(strconv.FormatBool(tc.ConnectionState().DidResume)).Inc()
 	return tc, nil
 }
 

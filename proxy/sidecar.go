@@ -76,6 +76,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog")})
 	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
 	s.proxy.SetRouter(s.router)
+	s.proxy.Metrics().Set.Register(s.router.HandshakeMetric())
 
 	denied := NewDeniedMetric()
 	s.proxy.Metrics().Set.Register(denied)
