@@ -2,12 +2,16 @@ package e2e
 
 import (
 	"fmt"
+	"net"
+	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/test/testbed"
+	"golang.org/x/sys/unix"
 )
 
 // Helpers for tests whose pods are meshed the way test/demo meshes them:
@@ -120,4 +124,47 @@ func meshPoll(t *testing.T, what string, limit time.Duration, cond func() bool) 
 		time.Sleep(50 * time.Millisecond)
 	}
 	return time.Since(start)
+}
+
+// meshVIP waits for svc's Consul-assigned virtual IP (its sidecar must be
+// registered) and returns it.
+func meshVIP(t *testing.T, tb *testbed.Testbed, svc string) string {
+	t.Helper()
+	var vip string
+	meshPoll(t, svc+" virtual IP", 10*time.Second, func() bool {
+		var err error
+		vip, err = tb.VirtualIP(svc)
+		return err == nil
+	})
+	return vip
+}
+
+// meshDialIn opens a TCP connection to addr from inside pod's network
+// namespace (as root, so the pod's rules apply to it). The dial runs on a
+// locked OS thread that enters the namespace and is never unlocked: the
+// goroutine exits and the runtime discards the thread, so no other
+// goroutine ever runs in the pod's namespace. The socket stays in it.
+func meshDialIn(pod *testbed.Pod, addr string, timeout time.Duration) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		f, err := os.Open(pod.NSPath)
+		if err != nil {
+			ch <- result{err: err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{err: fmt.Errorf("setns %s: %w", pod.NS, err)}
+			return
+		}
+		c, err := net.DialTimeout("tcp", addr, timeout)
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
 }
