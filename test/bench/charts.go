@@ -1,11 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"image/color"
 	"math"
 	"path/filepath"
 	"sort"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -35,7 +37,14 @@ func writeCharts(dir, name string, paths []*path, res results) ([]chart, error) 
 		return nil, nil
 	}
 	var out []chart
-	add := func(title, suffix string, make func() (*plot.Plot, error)) error {
+	add := func(title, suffix string, make func() (*plot.Plot, error)) (err error) {
+		// gonum/plot panics on degenerate input (e.g. a log axis with no
+		// data); a chart is not worth losing the report over.
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("%s: %v", title, r)
+			}
+		}()
 		p, err := make()
 		if err != nil {
 			return fmt.Errorf("%s: %w", title, err)
@@ -72,12 +81,22 @@ func writeCharts(dir, name string, paths []*path, res results) ([]chart, error) 
 		{"1 KiB request/response latency CDF", "latency", func() (*plot.Plot, error) { return latencyCDF(live, res) }},
 		{"1 KiB request/response latency by percentile (tail)", "latency-tail", func() (*plot.Plot, error) { return latencyTail(live, res) }},
 	}
-	for _, s := range steps {
-		if err := add(s.title, s.suffix, s.make); err != nil {
-			return out, err
+	hasRR := false
+	for _, id := range live {
+		for _, s := range res[id][sRR] {
+			hasRR = hasRR || len(s.Lat) > 0
 		}
 	}
-	return out, nil
+	var errs []error
+	for _, s := range steps {
+		if strings.HasPrefix(s.suffix, "latency") && !hasRR {
+			continue
+		}
+		if err := add(s.title, s.suffix, s.make); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return out, errors.Join(errs...)
 }
 
 func withoutDirect(ids []string) []string {

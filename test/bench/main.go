@@ -15,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 )
@@ -53,7 +54,16 @@ type params struct {
 	CRRWorkers int
 	CRRDur     time.Duration
 	IdleConns  int
+	// Scenarios limits the run to these (for profiling one scenario);
+	// empty runs all.
+	Scenarios []string
 }
+
+func (p params) runs(scen string) bool {
+	return len(p.Scenarios) == 0 || slices.Contains(p.Scenarios, scen)
+}
+
+var allScenarios = []string{sBulk1, sBulk64, sRR, sCRR, sIdle}
 
 func paramsFor(quick bool) params {
 	if quick {
@@ -80,6 +90,7 @@ func harnessMain(args []string) error {
 	only := fs.String("paths", "", "comma-separated path ids to run (default: all): "+strings.Join(allPathIDs, ","))
 	tag := fs.String("tag", "", "suffix for the report name (e.g. before/after a change)")
 	pin := fs.Bool("pin", false, "pin every proxy to CPU 1 with one thread (GOMAXPROCS=1, nbthread 1), load generator and servers to CPU 0")
+	scens := fs.String("scenarios", "", "comma-separated scenarios to run (default: all): "+strings.Join(allScenarios, ","))
 	from := fs.String("from", "", "re-render the report and charts of a saved run (its .json) without measuring")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: go run ./test/bench [flags]   (needs root: it builds network namespaces)\n")
@@ -107,6 +118,15 @@ func harnessMain(args []string) error {
 	}
 	if *idle > 0 {
 		p.IdleConns = min(*idle, maxIdle)
+	}
+	if *scens != "" {
+		for _, sc := range strings.Split(*scens, ",") {
+			sc = strings.TrimSpace(sc)
+			if !slices.Contains(allScenarios, sc) {
+				return fmt.Errorf("-scenarios: unknown scenario %q (known: %s)", sc, strings.Join(allScenarios, ","))
+			}
+			p.Scenarios = append(p.Scenarios, sc)
+		}
 	}
 	var ids []string
 	if *only != "" {

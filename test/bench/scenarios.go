@@ -256,8 +256,13 @@ func (e *env) runMatrix(paths []*path, pr params) (results, []string) {
 		e.load(p, 30*time.Second, "-scenario", "bulk", "-bytes", strconv.Itoa(32<<20))
 		e.load(p, 30*time.Second, "-scenario", "crr", "-conns", "4", "-dur", "300ms")
 	}
-	scens := []string{sBulk1, sBulk64, sRR, sCRR}
-	for rep := 1; rep <= pr.Reps; rep++ {
+	var scens []string
+	for _, sc := range []string{sBulk1, sBulk64, sRR, sCRR} {
+		if pr.runs(sc) {
+			scens = append(scens, sc)
+		}
+	}
+	for rep := 1; rep <= pr.Reps && len(scens) > 0; rep++ {
 		for _, scen := range scens {
 			order := append([]*path(nil), live...)
 			rand.Shuffle(len(order), func(i, j int) { order[i], order[j] = order[j], order[i] })
@@ -275,6 +280,9 @@ func (e *env) runMatrix(paths []*path, pr params) (results, []string) {
 				e.logf("  rep %d/%d %-6s %-10s %s", rep, pr.Reps, scen, p.ID, s.brief(scen))
 			}
 		}
+	}
+	if !pr.runs(sIdle) {
+		return res, failures
 	}
 	e.logf("idle connections (%d per path, once per path)", pr.IdleConns)
 	for _, p := range live {
