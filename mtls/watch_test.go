@@ -145,3 +145,14 @@ func TestWatchArgs(t *testing.T) {
 		t.Fatal("Watch without client succeeded")
 	}
 }
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, state func() any) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s; state: %+v", d, what, state())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
