@@ -198,6 +198,10 @@ func TestMTLSRotation(t *testing.T) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
+	// And once both new leaves are in place.
+	if out, err := meshEchoClient(t, m.frontend, m.vip, 64<<10, 4, "-timeout", "10s"); err != nil {
+		t.Fatalf("new connections with both new leaves: %v\n%s", err, out)
+	}
 	if err := stream.Wait(time.Second); err != nil || !strings.Contains(stream.Output(), "ok conns=1") {
 		t.Fatalf("the live stream did not survive the rotation: %v\n%s", err, stream.Output())
 	}
