@@ -241,6 +241,8 @@ func TestIntentionsMesh(t *testing.T) {
 			if !meshLogHas(m.backendSC, "revoked live connections", "source=default/default/web") {
 				t.Fatalf("backend sidecar did not log the revocation:\n%s", m.backendSC.Output())
 			}
+			_, metrics := meshAdminGet(t, m.backend, "/metrics")
+			t.Logf("backend sidecar inbound outcomes:\n%s", meshGrep(metrics, `ferry_connections_total{direction="inbound"`))
 			// The first refused probe may have been admitted just before
 			// the change and then revoked; this one is decided by it.
 			m.mustFail(t, m.web, m.backendAddr)
