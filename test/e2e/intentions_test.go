@@ -223,24 +223,46 @@ func TestIntentionsMesh(t *testing.T) {
 			m.checkDenyEvidence(t, "other", "/* => default/backend")
 		}},
 		{"AllowToDenyNewAndLive", func(t *testing.T) {
-			live := m.stream(t, m.web, m.backendAddr)
+			// other is allowed for this step only, so that its live
+			// connection shows revocation cuts only the newly denied source.
+			ixnSet(t, c, "backend", ixnSrc("web", ixnAllow), ixnSrc("other", ixnAllow), ixnSrc("*", ixnDeny))
+			m.until(t, m.other, m.backendAddr, true, time.Now(), ixeLimit)
+			lives := []*ixeStream{m.stream(t, m.web, m.backendAddr), m.stream(t, m.web, m.backendAddr)}
+			keep := m.stream(t, m.other, m.backendAddr)
+
 			t0 := time.Now()
-			ixnSet(t, c, "backend", ixnSrc("web", ixnDeny), ixnSrc("*", ixnDeny))
+			ixnSet(t, c, "backend", ixnSrc("web", ixnDeny), ixnSrc("other", ixnAllow), ixnSrc("*", ixnDeny))
 			dNew := m.until(t, m.web, m.backendAddr, false, t0, ixeLimit)
-			select {
-			case <-live.broken:
-			case <-time.After(10 * time.Second):
-				t.Fatalf("live connection from web still open 10s after the deny (%d bytes echoed)", live.echoed.Load())
+			var dLive time.Duration
+			for i, live := range lives {
+				select {
+				case <-live.broken:
+				case <-time.After(10 * time.Second):
+					t.Fatalf("live connection %d from web still open 10s after the deny (%d bytes echoed)", i, live.echoed.Load())
+				}
+				dLive = max(dLive, live.at.Sub(t0))
+				t.Logf("live connection %d from web: cut after %v (%d bytes echoed; %v)",
+					i, live.at.Sub(t0).Round(100*time.Microsecond), live.echoed.Load(), live.err)
 			}
-			dLive := live.at.Sub(t0)
-			t.Logf("allow -> deny: new connections refused after %v, live connection cut after %v (%d bytes echoed; %v)",
-				dNew.Round(time.Millisecond), dLive.Round(100*time.Microsecond), live.echoed.Load(), live.err)
+			t.Logf("allow -> deny: new connections refused after %v, both live connections cut within %v",
+				dNew.Round(time.Millisecond), dLive.Round(100*time.Microsecond))
 			if dLive > ixeLimit {
 				t.Fatalf("live connection cut %v after the change, want <= %v", dLive, ixeLimit)
 			}
 			if !meshLogHas(m.backendSC, "revoked live connections", "source=default/default/web") {
 				t.Fatalf("backend sidecar did not log the revocation:\n%s", m.backendSC.Output())
 			}
+			// other's connection, still allowed, keeps echoing.
+			echoed := keep.echoed.Load()
+			meshPoll(t, "other's live connection echoes after the revocation", 5*time.Second, func() bool {
+				return keep.echoed.Load() > echoed+4*ixeChunk
+			})
+			select {
+			case <-keep.broken:
+				t.Fatalf("other's live connection broke (%v), but other is still allowed", keep.err)
+			default:
+			}
+			keep.conn.Close()
 			_, metrics := meshAdminGet(t, m.backend, "/metrics")
 			t.Logf("backend sidecar inbound outcomes:\n%s", meshGrep(metrics, `ferry_connections_total{direction="inbound"`))
 			// The first refused probe may have been admitted just before
