@@ -202,6 +202,17 @@ func TestMTLSRotation(t *testing.T) {
 	if out, err := meshEchoClient(t, m.frontend, m.vip, 64<<10, 4, "-timeout", "10s"); err != nil {
 		t.Fatalf("new connections with both new leaves: %v\n%s", err, out)
 	}
+	// Sessions from before the rotation are no longer offered, but the new
+	// ones resume again.
+	resumed := meshMetric(t, m.frontend, mtResumed)
+	for i := range 3 {
+		if out, err := meshEchoClient(t, m.frontend, m.vip, 4096, 1, "-timeout", "10s"); err != nil {
+			t.Fatalf("connection %d after the rotation: %v\n%s", i, err, out)
+		}
+	}
+	if d := meshMetric(t, m.frontend, mtResumed) - resumed; d < 2 {
+		t.Fatalf("only %d of 3 connections after the rotation resumed", d)
+	}
 	if err := stream.Wait(time.Second); err != nil || !strings.Contains(stream.Output(), "ok conns=1") {
 		t.Fatalf("the live stream did not survive the rotation: %v\n%s", err, stream.Output())
 	}
