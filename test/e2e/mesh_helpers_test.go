@@ -141,9 +141,12 @@ func meshVIP(t *testing.T, tb *testbed.Testbed, svc string) string {
 
 // meshDialIn opens a TCP connection to addr from inside pod's network
 // namespace (as root, so the pod's rules apply to it). The dial runs on a
-// locked OS thread that enters the namespace and is never unlocked: the
-// goroutine exits and the runtime discards the thread, so no other
-// goroutine ever runs in the pod's namespace. The socket stays in it.
+// locked OS thread that enters the namespace and then returns to the host's;
+// the socket stays in the pod's. The thread must not be discarded in the
+// pod's namespace instead: if it is the main thread, the runtime keeps it
+// (wedged) for good, /proc/<pid>/ns/net then names the pod's namespace, and
+// the pod's teardown (which SIGKILLs every process in the namespace) kills
+// the test binary. Only if switching back fails is the thread discarded.
 func meshDialIn(pod *testbed.Pod, addr string, timeout time.Duration) (net.Conn, error) {
 	type result struct {
 		c   net.Conn
@@ -152,17 +155,29 @@ func meshDialIn(pod *testbed.Pod, addr string, timeout time.Duration) (net.Conn,
 	ch := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer orig.Close()
 		f, err := os.Open(pod.NSPath)
 		if err != nil {
+			runtime.UnlockOSThread()
 			ch <- result{err: err}
 			return
 		}
 		defer f.Close()
 		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
 			ch <- result{err: fmt.Errorf("setns %s: %w", pod.NS, err)}
 			return
 		}
 		c, err := net.DialTimeout("tcp", addr, timeout)
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
 		ch <- result{c, err}
 	}()
 	r := <-ch
