@@ -103,6 +103,20 @@ func meshAccepts(pr *testbed.Process) int {
 	return strings.Count(pr.Output(), "\naccept ")
 }
 
+// meshAcceptsAtLeast waits (up to 10 s) until pr has printed at least n
+// accept lines and returns the count: the lines travel through the
+// process's output pipe and can arrive after the client has finished.
+func meshAcceptsAtLeast(t *testing.T, pr *testbed.Process, n int) int {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if got := meshAccepts(pr); got >= n || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // meshEchoClient runs test/echo's client in pod as root (so the pod's
 // rules redirect it like any app connection) and returns its output.
 func meshEchoClient(t *testing.T, pod *testbed.Pod, addr string, bytes, conns int, extra ...string) (string, error) {
