@@ -292,14 +292,19 @@ func writeTargets(w func(string, ...any), paths []*path, res results) {
 		limit        float64
 		atMost       bool
 		ourID, refID string
+		// scen and get name the figure whose spread decides whether the
+		// verdict is flagged as noisy.
+		scen string
+		get  func(sample) float64
 	}{
-		{"proxy CPU s/GB (1 conn) ≤ 0.5× built-in", "s/GB", g(pFerryMTLS, sBulk1, func(s sample) float64 { return s.CPUPerGB }), g(pConsul, sBulk1, func(s sample) float64 { return s.CPUPerGB }), 0.5, true, pFerryMTLS, pConsul},
-		{"single-stream throughput ≥ 1.5× built-in", "Gbit/s", g(pFerryMTLS, sBulk1, func(s sample) float64 { return s.Gbps }), g(pConsul, sBulk1, func(s sample) float64 { return s.Gbps }), 1.5, false, pFerryMTLS, pConsul},
-		{"added RR p99 (vs direct) ≤ 0.8× built-in", "µs", g(pFerryMTLS, sRR, p99) - d99, g(pConsul, sRR, p99) - d99, 0.8, true, pFerryMTLS, pConsul},
-		{"new-connection rate ≥ 3× built-in", "conn/s", g(pFerryMTLS, sCRR, func(s sample) float64 { return s.Rate }), g(pConsul, sCRR, func(s sample) float64 { return s.Rate }), 3, false, pFerryMTLS, pConsul},
-		{"RSS per idle connection ≤ 0.5× built-in", "KiB", g(pFerryMTLS, sIdle, func(s sample) float64 { return s.KBPerConn }), g(pConsul, sIdle, func(s sample) float64 { return s.KBPerConn }), 0.5, true, pFerryMTLS, pConsul},
-		{"passthrough throughput ≥ 0.8× direct", "Gbit/s", g(pFerryPT, sBulk1, func(s sample) float64 { return s.Gbps }), g(pDirect, sBulk1, func(s sample) float64 { return s.Gbps }), 0.8, false, pFerryPT, pDirect},
+		{"proxy CPU s/GB (1 conn) ≤ 0.5× built-in", "s/GB", g(pFerryMTLS, sBulk1, func(s sample) float64 { return s.CPUPerGB }), g(pConsul, sBulk1, func(s sample) float64 { return s.CPUPerGB }), 0.5, true, pFerryMTLS, pConsul, sBulk1, func(s sample) float64 { return s.CPUPerGB }},
+		{"single-stream throughput ≥ 1.5× built-in", "Gbit/s", g(pFerryMTLS, sBulk1, func(s sample) float64 { return s.Gbps }), g(pConsul, sBulk1, func(s sample) float64 { return s.Gbps }), 1.5, false, pFerryMTLS, pConsul, sBulk1, func(s sample) float64 { return s.Gbps }},
+		{"added RR p99 (vs direct) ≤ 0.8× built-in", "µs", g(pFerryMTLS, sRR, p99) - d99, g(pConsul, sRR, p99) - d99, 0.8, true, pFerryMTLS, pConsul, sRR, p99},
+		{"new-connection rate ≥ 3× built-in", "conn/s", g(pFerryMTLS, sCRR, func(s sample) float64 { return s.Rate }), g(pConsul, sCRR, func(s sample) float64 { return s.Rate }), 3, false, pFerryMTLS, pConsul, sCRR, func(s sample) float64 { return s.Rate }},
+		{"RSS per idle connection ≤ 0.5× built-in", "KiB", g(pFerryMTLS, sIdle, func(s sample) float64 { return s.KBPerConn }), g(pConsul, sIdle, func(s sample) float64 { return s.KBPerConn }), 0.5, true, pFerryMTLS, pConsul, sIdle, func(s sample) float64 { return s.KBPerConn }},
+		{"passthrough throughput ≥ 0.8× direct", "Gbit/s", g(pFerryPT, sBulk1, func(s sample) float64 { return s.Gbps }), g(pDirect, sBulk1, func(s sample) float64 { return s.Gbps }), 0.8, false, pFerryPT, pDirect, sBulk1, func(s sample) float64 { return s.Gbps }},
 	}
+	anyNoisy := false
 	for _, r := range rows {
 		met := "–"
 		rat := math.NaN()
@@ -324,9 +329,31 @@ func writeTargets(w func(string, ...any), paths []*path, res results) {
 		if ratCell == "" {
 			ratCell = fmtNum("%.2f×", rat)
 		}
+		if met != "–" && noisy(res, r.scen, r.get, r.ourID, r.refID, pDirect) {
+			met += "†"
+			anyNoisy = true
+		}
 		w("| %s | %s | %s | %s | %s |\n", r.name, ours, fmtNum("%.2f ", r.ref)+r.unit, ratCell, met)
 	}
+	if anyNoisy {
+		w("\n† a figure behind this verdict varies by more than 50 %% between repetitions: one run does not settle it.\n")
+	}
 	w("\n")
+}
+
+// noisy reports whether the figure varies by more than 50 % across the
+// repetitions on any of the paths a target compares.
+func noisy(res results, scen string, get func(sample) float64, ids ...string) bool {
+	for _, id := range ids {
+		if id == pDirect && scen != sRR {
+			continue
+		}
+		st := res.stat(id, scen, get)
+		if st.ok() && st.spread() > 0.5 {
+			return true
+		}
+	}
+	return false
 }
 
 func writeDetail(w func(string, ...any), live []*path, res results) {
