@@ -129,14 +129,16 @@ func TestMTLSMesh(t *testing.T) {
 
 	t.Run("backend inbound presents the backend SPIFFE ID and requires a client certificate", func(t *testing.T) {
 		pool, want := mtRoots(t, c), mtServiceID(t, c, "backend")
+		accepts := meshAccepts(m.backendApp)
 		cs, err := mtTLSEcho(m.outsider, inbound, mtLeaf(t, c, "frontend"))
 		if err != nil {
 			t.Fatalf("TLS with the frontend's leaf: %v", err)
 		}
 		mtCheckPeer(t, cs, pool, want)
 		t.Logf("backend inbound: %s, %s, peer %s", tls.VersionName(cs.Version), cs.CurveID, want)
+		accepts++
+		m.waitAccepts(t, accepts)
 
-		accepts := meshAccepts(m.backendApp)
 		if _, err := mtTLSEcho(m.outsider, inbound, tls.Certificate{}); err == nil {
 			t.Fatal("TLS without a client certificate reached the app")
 		} else {
