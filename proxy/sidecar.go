@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strconv"
@@ -80,6 +81,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 
 	denied := NewDeniedMetric()
 	s.proxy.Metrics().Set.Register(denied)
+	s.proxy.Metrics().Set.Register(intentionsCollector{s})
 	s.acceptor = &MeshAcceptor{Identity: s.id, HandshakeTimeout: cfg.HandshakeTimeout,
 		Permissive: cfg.Permissive, Logger: log.Named("inbound"), Denied: denied, Ports: s.localPort}
 	s.acceptor.Init()
@@ -251,4 +253,28 @@ func overrideEndpoints(e, o Endpoints) Endpoints {
 		e.LocalApp = o.LocalApp
 	}
 	return e
+}
+
+// intentionsCollector publishes the intentions watcher's counters.
+type intentionsCollector struct{ s *Sidecar }
+
+func (c intentionsCollector) WritePrometheus(w io.Writer) {
+	c.s.mu.Lock()
+	iw := c.s.intentions
+	c.s.mu.Unlock()
+	if iw == nil {
+		return
+	}
+	st := iw.Stats()
+	b2i := func(b bool) int {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	fmt.Fprintf(w, "# HELP ferry_intentions_loaded Whether the destination's intentions have been loaded.\n# TYPE ferry_intentions_loaded gauge\nferry_intentions_loaded %d\n", b2i(st.Loaded))
+	fmt.Fprintf(w, "# HELP ferry_intentions_stale Whether the last fetch of intentions failed (decisions use the last known list).\n# TYPE ferry_intentions_stale gauge\nferry_intentions_stale %d\n", b2i(st.Failing))
+	fmt.Fprintf(w, "# HELP ferry_intentions_fetch_errors_total Failed fetches of the destination's intentions.\n# TYPE ferry_intentions_fetch_errors_total counter\nferry_intentions_fetch_errors_total %d\n", st.FetchErrors)
+	fmt.Fprintf(w, "# HELP ferry_intentions_updates_total Changes of the intentions in force.\n# TYPE ferry_intentions_updates_total counter\nferry_intentions_updates_total %d\n", st.Updates)
+	fmt.Fprintf(w, "# HELP ferry_intentions_revoked_total Established connections closed because an intention change denied their source.\n# TYPE ferry_intentions_revoked_total counter\nferry_intentions_revoked_total %d\n", st.Revoked)
 }
