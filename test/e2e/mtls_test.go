@@ -171,6 +171,11 @@ func TestMTLSRotation(t *testing.T) {
 	c := m.tb.Consul.Client
 	oldLeaf := mtLeaf(t, c, "frontend")
 	leaves := func(pr *testbed.Process) int { return strings.Count(pr.Output(), "leaf certificate loaded") }
+	// Both logged their first leaf before /ready; wait for the lines to
+	// arrive so that they are not mistaken for the new ones.
+	meshPoll(t, "first leaf logged by both sidecars", 5*time.Second, func() bool {
+		return leaves(m.fe) > 0 && leaves(m.be) > 0
+	})
 	feLeaves, beLeaves := leaves(m.fe), leaves(m.be)
 
 	accepts := meshAccepts(m.backendApp)
