@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"time"
 
 	"github.com/ferrymesh/ferry/listener"
@@ -144,24 +143,17 @@ func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.
 	}
 }
 
-// tcpDialer is the allocation-light dial of *net.Dialer (Go 1.26).
-type tcpDialer interface {
-	DialTCP(ctx context.Context, network string, laddr, raddr netip.AddrPort) (*net.TCPConn, error)
-}
-
 func (p *Proxy) dialTCP(t *target) DialFunc {
+	// Not net.Dialer.DialTCP with a zero local address: that becomes a
+	// non-nil *TCPAddr, i.e. an explicit bind to port 0 before connect,
+	// which reserves ephemeral ports per pod instead of per destination
+	// (bind: address already in use under connection churn, and
+	// tcp_tw_reuse cannot help).
+	addr := t.addr
+	if addr == "" {
+		addr = t.ap.String()
+	}
 	return func(ctx context.Context) (net.Conn, error) {
-		if d, ok := p.cfg.Dialer.(tcpDialer); ok && t.ap.IsValid() {
-			c, err := d.DialTCP(ctx, "tcp", netip.AddrPort{}, t.ap)
-			if err != nil {
-				return nil, err // not a typed nil in the interface
-			}
-			return c, nil
-		}
-		addr := t.addr
-		if addr == "" {
-			addr = t.ap.String()
-		}
 		return p.cfg.Dialer.DialContext(ctx, "tcp", addr)
 	}
 }
