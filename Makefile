@@ -17,8 +17,9 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ferry ./cmd/ferry
 
+# The e2e bench smoke test runs HAProxy too, so tests install it as well.
 deps:
-	@test/scripts/deps.sh
+	@WITH_BENCH=1 test/scripts/deps.sh
 
 # consul builds the test agent (Consul v1.14.11) once; tests reuse it.
 consul:
@@ -39,9 +40,10 @@ test: deps vet unit e2e
 demo: deps consul
 	$(GO) run ./test/demo
 
+# make bench: the full run (~6 min); make bench BENCH=quick: < 2 min;
+# BENCH_FLAGS passes more flags (e.g. -pin, -paths, -scenarios).
 bench: deps consul
-	WITH_BENCH=1 test/scripts/deps.sh
-	@echo "bench: not yet (issue 9)"; exit 2
+	$(GO) run ./test/bench $(if $(filter quick,$(BENCH)),-quick) $(BENCH_FLAGS)
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
