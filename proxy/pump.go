@@ -149,13 +149,43 @@ func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 // copyBuffered is io.CopyBuffer without the ReaderFrom/WriterTo shortcuts,
 // which for a TCPConn destination would fall back to a fresh 32 KiB buffer
 // per call (net.genericReadFrom).
+//
+// The buffer is held only while data flows: after a short read (the sender
+// paused) it goes back to the pool and the direction waits for the socket
+// to become readable without one (see readWaiter), so an idle connection
+// costs no copy buffer at all.
 func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error) {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
+	w := newReadWaiter(src)
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+	}()
 	var written int64
+	probe := false
 	for {
-		nr, rerr := src.Read(buf)
+		if bp == nil {
+			bp = bufPool.Get().(*[]byte)
+		}
+		buf := *bp
+		var nr int
+		var rerr error
+		if probe {
+			probe = false
+			nr, rerr = w.tryRead(buf)
+			if isTimeout(rerr) {
+				if nr == 0 {
+					bufPool.Put(bp)
+					bp = nil
+					w.wait()
+					continue
+				}
+				rerr = nil
+			}
+		} else {
+			nr, rerr = src.Read(buf)
+		}
 		if nr > 0 {
 			ctr.Add(int64(nr))
 			nw, werr := dst.Write(buf[:nr])
@@ -175,6 +205,15 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 				return written, nil
 			}
 			return written, rerr
+		}
+		if w != nil && nr < w.full {
+			if w.tls != nil {
+				probe = true // it may hold the next record already
+			} else {
+				bufPool.Put(bp)
+				bp = nil
+				w.wait()
+			}
 		}
 	}
 }

@@ -1,0 +1,104 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"net"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// tlsMaxPlaintext is the payload of a full TLS record: a read from a
+// *tls.Conn returns at most one record, so anything less is a short read.
+const tlsMaxPlaintext = 16 << 10
+
+// aLongTimeAgo is a read deadline that has passed: a read then fails at
+// once, without a syscall, unless it can be served from user-space buffers.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// readWaiter lets copyBuffered wait for the next bytes of an idle source
+// without holding a copy buffer: it parks on the socket under the source
+// with a MSG_PEEK probe that reports "not yet" on EAGAIN, so the runtime
+// poller keeps the goroutine asleep until the kernel has data (or EOF, or
+// an error, which the following real read then reports).
+//
+// A *tls.Conn may already hold bytes read from the socket (a complete
+// record in its input buffer) while the socket itself is empty; waiting on
+// the socket then would hang. pending checks that first with a read under
+// an expired deadline, which crypto/tls serves from its buffer or fails
+// with a timeout it treats as temporary (the connection stays usable).
+type readWaiter struct {
+	rc    syscall.RawConn
+	tls   *tls.Conn
+	full  int // a read shorter than this means the sender paused
+	first bool
+	b     [1]byte
+	probe func(fd uintptr) bool
+}
+
+// newReadWaiter returns nil for sources it cannot see through: only a
+// plain *net.TCPConn or a *tls.Conn directly over one, whose buffering is
+// known.
+func newReadWaiter(src any) *readWaiter {
+	var tc *net.TCPConn
+	var tlsc *tls.Conn
+	full := bufSize
+	switch s := src.(type) {
+	case *net.TCPConn:
+		tc = s
+	case *tls.Conn:
+		if c, ok := s.NetConn().(*net.TCPConn); ok {
+			tc, tlsc, full = c, s, tlsMaxPlaintext
+		}
+	}
+	if tc == nil {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	w := &readWaiter{rc: rc, tls: tlsc, full: full}
+	w.probe = w.peek
+	return w
+}
+
+// tryRead reads from the *tls.Conn only what it has already buffered: it
+// returns data, a real error, or a timeout when a read would have to wait
+// for the socket (a partial record may stay buffered; the socket becomes
+// readable when the rest of it arrives).
+func (w *readWaiter) tryRead(buf []byte) (int, error) {
+	if err := w.tls.SetReadDeadline(aLongTimeAgo); err != nil {
+		return w.tls.Read(buf)
+	}
+	n, err := w.tls.Read(buf)
+	_ = w.tls.SetReadDeadline(time.Time{})
+	return n, err
+}
+
+// wait parks until the socket is readable. Errors are left to the next
+// read, which reports them with the connection's context.
+func (w *readWaiter) wait() {
+	w.first = true
+	_ = w.rc.Read(w.probe)
+}
+
+func (w *readWaiter) peek(fd uintptr) bool {
+	if !w.first {
+		// Woken by the poller: let the real read find out what arrived.
+		return true
+	}
+	w.first = false
+	for {
+		_, _, err := unix.Recvfrom(int(fd), w.b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		if err == unix.EINTR {
+			continue
+		}
+		return err != unix.EAGAIN
+	}
+}
+
+func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }

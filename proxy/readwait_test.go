@@ -1,0 +1,60 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"testing"
+	"time"
+)
+
+// A *tls.Conn can hold a complete record in its own buffer while its socket
+// is empty. After a short read the pump releases its buffer and would wait
+// on the socket; it must first drain what crypto/tls already holds, or the
+// second record would sit there until the peer sends again.
+func TestPumpTLSBufferedRecordNotStuck(t *testing.T) {
+	checkLeaks(t)
+	srvCfg, cliCfg := selfSignedTLS(t)
+	rawClient, rawA := tcpPair(t)
+	b, server := tcpPair(t)
+	tlsClient := tls.Client(rawClient, cliCfg)
+	tlsA := tls.Server(rawA, srvCfg)
+	hs := make(chan error, 1)
+	go func() { hs <- tlsA.Handshake() }()
+	if err := tlsClient.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-hs; err != nil {
+		t.Fatal(err)
+	}
+	// Two records, both in the socket before the pump's first read, so that
+	// read pulls both into tls.Conn's buffer and returns only the first.
+	for _, s := range []string{"first", "second"} {
+		if _, err := tlsClient.Write([]byte(s)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // let both records land (not a readiness signal: only makes the case likelier)
+	startPump(t, context.Background(), tlsA, b, time.Minute)
+
+	server.SetReadDeadline(time.Now().Add(3 * time.Second))
+	got := make([]byte, len("firstsecond"))
+	if _, err := io.ReadFull(server, got); err != nil || string(got) != "firstsecond" {
+		t.Fatalf("server read %q, %v; want firstsecond without further client data", got, err)
+	}
+	// The connection still works both ways after the idle wait.
+	if _, err := tlsClient.Write([]byte("third")); err != nil {
+		t.Fatal(err)
+	}
+	got = got[:5]
+	if _, err := io.ReadFull(server, got); err != nil || string(got) != "third" {
+		t.Fatalf("server read %q, %v", got, err)
+	}
+	if _, err := server.Write([]byte("back")); err != nil {
+		t.Fatal(err)
+	}
+	tlsClient.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.ReadFull(tlsClient, got[:4]); err != nil || string(got[:4]) != "back" {
+		t.Fatalf("client read %q, %v", got[:4], err)
+	}
+}
