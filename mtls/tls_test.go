@@ -3,9 +3,6 @@ package mtls_test
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
-	"io"
-	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -15,99 +12,24 @@ import (
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 )
 
-// tlsServer is a real loopback TLS listener that handshakes every
-// accepted connection, answers "ok" on success and reports each result.
-type tlsServer struct {
-	addr    string
-	results chan serverResult
-}
+func startServer(t *testing.T, cfg *tls.Config) *mtlstest.Server { return mtlstest.StartServer(t, cfg) }
 
-type serverResult struct {
-	state tls.ConnectionState
-	err   error
-}
-
-func startServer(t *testing.T, cfg *tls.Config) *tlsServer {
+func mustOK(t *testing.T, cerr error, sr mtlstest.ServerResult) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &tlsServer{addr: ln.Addr().String(), results: make(chan serverResult, 64)}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			tc := tls.Server(c, cfg)
-			_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
-			err = tc.Handshake()
-			if err == nil {
-				_, err = tc.Write([]byte("ok"))
-			}
-			s.results <- serverResult{tc.ConnectionState(), err}
-			tc.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return s
+	mtlstest.MustOK(t, cerr, sr)
 }
 
-// dial handshakes as a client and reads the server's "ok", so a client
-// certificate rejected by a TLS 1.3 server (after the client's handshake
-// returned) also surfaces as an error. It returns the server's result too.
-func (s *tlsServer) dial(t *testing.T, cfg *tls.Config) (tls.ConnectionState, error, serverResult) {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", s.addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc := tls.Client(c, cfg)
-	defer tc.Close()
-	_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
-	err = tc.Handshake()
-	if err == nil {
-		var b [2]byte
-		if _, err = io.ReadFull(tc, b[:]); err == nil && string(b[:]) != "ok" {
-			err = errors.New("bad greeting")
-		}
-		if err == nil {
-			// Let the TLS 1.3 session ticket (sent after the
-			// handshake) be processed before the connection closes.
-			_ = tc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-			_, _ = tc.Read(b[:])
-		}
-	}
-	select {
-	case r := <-s.results:
-		return tc.ConnectionState(), err, r
-	case <-time.After(5 * time.Second):
-		t.Fatal("server did not report")
-	}
-	panic("unreachable")
-}
-
-func mustOK(t *testing.T, cerr error, sr serverResult) {
-	t.Helper()
-	if cerr != nil || sr.err != nil {
-		t.Fatalf("handshake failed: client: %v; server: %v", cerr, sr.err)
-	}
-}
-
-func mustFail(t *testing.T, cerr error, sr serverResult, side, want string) {
+func mustFail(t *testing.T, cerr error, sr mtlstest.ServerResult, side, want string) {
 	t.Helper()
 	if cerr == nil {
 		t.Fatalf("client succeeded; want failure (%s: %q)", side, want)
 	}
-	err := sr.err
+	err := sr.Err
 	if side == "client" {
 		err = cerr
 	}
 	if err == nil || !strings.Contains(err.Error(), want) {
-		t.Fatalf("%s error = %v; want it to contain %q (client: %v, server: %v)", side, err, want, cerr, sr.err)
+		t.Fatalf("%s error = %v; want it to contain %q (client: %v, server: %v)", side, err, want, cerr, sr.Err)
 	}
 }
 
@@ -131,13 +53,13 @@ func TestMutualTLSKeyTypes(t *testing.T) {
 			for _, v := range []uint16{tls.VersionTLS13, tls.VersionTLS12} {
 				cfg := web.ClientConfig(ca.ID("api"))
 				cfg.MaxVersion = v
-				cs, cerr, sr := srv.dial(t, cfg)
+				cs, cerr, sr := srv.Dial(t, cfg)
 				mustOK(t, cerr, sr)
 				if cs.Version != v {
 					t.Errorf("version = %x, want %x", cs.Version, v)
 				}
-				if cs.ServerName != ca.ID("api").SNI() || sr.state.ServerName != ca.ID("api").SNI() {
-					t.Errorf("SNI client %q server %q, want %q", cs.ServerName, sr.state.ServerName, ca.ID("api").SNI())
+				if cs.ServerName != ca.ID("api").SNI() || sr.State.ServerName != ca.ID("api").SNI() {
+					t.Errorf("SNI client %q server %q, want %q", cs.ServerName, sr.State.ServerName, ca.ID("api").SNI())
 				}
 				if cs.NegotiatedProtocol != "" {
 					t.Errorf("ALPN %q negotiated; want none", cs.NegotiatedProtocol)
@@ -145,7 +67,7 @@ func TestMutualTLSKeyTypes(t *testing.T) {
 				if id, err := mtls.PeerID(cs); err != nil || id != ca.ID("api") {
 					t.Errorf("client PeerID = %v, %v; want %v", id, err, ca.ID("api"))
 				}
-				if id, err := mtls.PeerID(sr.state); err != nil || id != ca.ID("web") {
+				if id, err := mtls.PeerID(sr.State); err != nil || id != ca.ID("web") {
 					t.Errorf("server PeerID = %v, %v; want %v", id, err, ca.ID("web"))
 				}
 			}
@@ -158,25 +80,25 @@ func TestWrongServerIdentityRejected(t *testing.T) {
 	web := ca.Identity(t, "web", mtlstest.EC256)
 	impostor := ca.Identity(t, "db", mtlstest.EC256) // valid leaf, wrong service
 	srv := startServer(t, impostor.ServerConfig())
-	_, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	_, cerr, sr := srv.Dial(t, web.ClientConfig(ca.ID("api")))
 	mustFail(t, cerr, sr, "client", `server identity "`+ca.ID("db").String()+`" is not the expected`)
 
 	// Same service, other datacenter: exact matching rejects it, the
 	// lenient (built-in proxy) rule accepts it as long as the service matches.
 	other := ca.ID("api")
 	other.Datacenter = "dc2"
-	_, cerr, sr = srv.dial(t, web.ClientConfig(other))
+	_, cerr, sr = srv.Dial(t, web.ClientConfig(other))
 	mustFail(t, cerr, sr, "client", "is not the expected")
 
 	api := ca.Identity(t, "api", mtlstest.EC256)
 	srv2 := startServer(t, api.ServerConfig())
 	tdOther := ca.ID("API")
 	tdOther.TrustDomain = "elsewhere.consul"
-	_, cerr, sr = srv2.dial(t, web.ClientConfig(tdOther))
+	_, cerr, sr = srv2.Dial(t, web.ClientConfig(tdOther))
 	mustFail(t, cerr, sr, "client", "is not the expected")
-	_, cerr, sr = srv2.dial(t, web.ClientConfig(tdOther, mtls.WithLenientSANMatch()))
+	_, cerr, sr = srv2.Dial(t, web.ClientConfig(tdOther, mtls.WithLenientSANMatch()))
 	mustOK(t, cerr, sr)
-	_, cerr, sr = srv.dial(t, web.ClientConfig(tdOther, mtls.WithLenientSANMatch()))
+	_, cerr, sr = srv.Dial(t, web.ClientConfig(tdOther, mtls.WithLenientSANMatch()))
 	mustFail(t, cerr, sr, "client", "is not the expected")
 }
 
@@ -195,15 +117,15 @@ func TestOtherCARejected(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := startServer(t, fake.ServerConfig())
-	_, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	_, cerr, sr := srv.Dial(t, web.ClientConfig(ca.ID("api")))
 	mustFail(t, cerr, sr, "client", "not trusted")
 
 	// Client leaf from another CA.
 	srv = startServer(t, api.ServerConfig())
-	_, cerr, sr = srv.dial(t, fake.ClientConfig(ca.ID("api")))
+	_, cerr, sr = srv.Dial(t, fake.ClientConfig(ca.ID("api")))
 	mustFail(t, cerr, sr, "server", "client certificate")
-	if !strings.Contains(sr.err.Error(), "not trusted") {
-		t.Errorf("server error %v; want 'not trusted'", sr.err)
+	if !strings.Contains(sr.Err.Error(), "not trusted") {
+		t.Errorf("server error %v; want 'not trusted'", sr.Err)
 	}
 }
 
@@ -226,11 +148,11 @@ func TestExpiredRejected(t *testing.T) {
 	}
 	web := ca.Identity(t, "web", mtlstest.EC256)
 	srv := startServer(t, expired("api").ServerConfig())
-	_, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	_, cerr, sr := srv.Dial(t, web.ClientConfig(ca.ID("api")))
 	mustFail(t, cerr, sr, "client", "expired")
 
 	srv = startServer(t, ca.Identity(t, "api", mtlstest.EC256).ServerConfig())
-	_, cerr, sr = srv.dial(t, expired("web").ClientConfig(ca.ID("api")))
+	_, cerr, sr = srv.Dial(t, expired("web").ClientConfig(ca.ID("api")))
 	mustFail(t, cerr, sr, "server", "expired")
 }
 
@@ -240,7 +162,7 @@ func TestClientCertificateRequired(t *testing.T) {
 	srv := startServer(t, api.ServerConfig())
 
 	// No certificate at all.
-	_, cerr, sr := srv.dial(t, &tls.Config{InsecureSkipVerify: true})
+	_, cerr, sr := srv.Dial(t, &tls.Config{InsecureSkipVerify: true})
 	mustFail(t, cerr, sr, "server", "client didn't provide a certificate")
 
 	// Trusted certificate, but no URI SAN.
@@ -255,7 +177,7 @@ func TestClientCertificateRequired(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, cerr, sr := srv.dial(t, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}})
+			_, cerr, sr := srv.Dial(t, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}})
 			mustFail(t, cerr, sr, "server", "client certificate")
 		})
 	}
@@ -273,7 +195,7 @@ func TestNotReadyRefuses(t *testing.T) {
 		t.Fatalf("status = %+v", st)
 	}
 	srv := startServer(t, empty.ServerConfig())
-	_, cerr, sr := srv.dial(t, ca.Identity(t, "web", mtlstest.EC256).ClientConfig(ca.ID("api")))
+	_, cerr, sr := srv.Dial(t, ca.Identity(t, "web", mtlstest.EC256).ClientConfig(ca.ID("api")))
 	mustFail(t, cerr, sr, "server", "no leaf certificate loaded yet")
 
 	c, k := ca.Leaf(t, ca.ID("api"), mtlstest.EC256)
@@ -312,7 +234,7 @@ func TestRotation(t *testing.T) {
 	srv := startServer(t, api.ServerConfig())
 	client := web.ClientConfig(oldCA.ID("api"))
 
-	_, cerr, sr := srv.dial(t, client)
+	_, cerr, sr := srv.Dial(t, client)
 	mustOK(t, cerr, sr)
 	oldSerial := api.Leaf().Serial
 
@@ -326,7 +248,7 @@ func TestRotation(t *testing.T) {
 	if err := api.SetLeaf(c, k); err != nil {
 		t.Fatal(err)
 	}
-	cs, cerr, sr := srv.dial(t, client) // overlap: new server leaf, old client leaf
+	cs, cerr, sr := srv.Dial(t, client) // overlap: new server leaf, old client leaf
 	mustOK(t, cerr, sr)
 	if got := cs.PeerCertificates[0].SerialNumber; mtlsSerial(got.Bytes()) == oldSerial {
 		t.Fatal("server still presents the old leaf")
@@ -336,14 +258,14 @@ func TestRotation(t *testing.T) {
 	if err := api.SetRoots(oldCA.TrustDomain, newCA.RootPEM); err != nil {
 		t.Fatal(err)
 	}
-	_, cerr, sr = srv.dial(t, client)
+	_, cerr, sr = srv.Dial(t, client)
 	mustFail(t, cerr, sr, "server", "not trusted")
 	// ...until the client gets its new leaf, with the same config.
 	c, k = newCA.Leaf(t, oldCA.ID("web"), mtlstest.EC256)
 	if err := web.SetLeaf(c, k); err != nil {
 		t.Fatal(err)
 	}
-	_, cerr, sr = srv.dial(t, client)
+	_, cerr, sr = srv.Dial(t, client)
 	mustOK(t, cerr, sr)
 }
 
@@ -380,31 +302,31 @@ func TestResumption(t *testing.T) {
 				return verify(cs)
 			}
 
-			cs, cerr, sr := srv.dial(t, client)
+			cs, cerr, sr := srv.Dial(t, client)
 			mustOK(t, cerr, sr)
 			if cs.DidResume {
 				t.Fatal("first connection resumed")
 			}
-			cs, cerr, sr = srv.dial(t, client)
+			cs, cerr, sr = srv.Dial(t, client)
 			mustOK(t, cerr, sr)
-			if !cs.DidResume || !sr.state.DidResume {
-				t.Fatalf("second connection did not resume (client %v, server %v)", cs.DidResume, sr.state.DidResume)
+			if !cs.DidResume || !sr.State.DidResume {
+				t.Fatalf("second connection did not resume (client %v, server %v)", cs.DidResume, sr.State.DidResume)
 			}
 			if resumedVerifies.Load() != 1 {
 				t.Fatalf("VerifyConnection ran %d times on resumed handshakes, want 1", resumedVerifies.Load())
 			}
-			if id, err := mtls.PeerID(sr.state); err != nil || id != ca.ID("web") {
+			if id, err := mtls.PeerID(sr.State); err != nil || id != ca.ID("web") {
 				t.Fatalf("server PeerID on resumed conn = %v, %v", id, err)
 			}
 
 			// A per-instance config keeps its own sessions: first use is full.
 			inst := mtls.InstanceConfig(client, "198.18.0.9:20000")
-			cs, cerr, sr = srv.dial(t, inst)
+			cs, cerr, sr = srv.Dial(t, inst)
 			mustOK(t, cerr, sr)
 			if cs.DidResume {
 				t.Fatal("instance config resumed another instance's session")
 			}
-			cs, cerr, sr = srv.dial(t, inst)
+			cs, cerr, sr = srv.Dial(t, inst)
 			mustOK(t, cerr, sr)
 			if !cs.DidResume {
 				t.Fatal("instance config did not resume its own session")
@@ -415,12 +337,12 @@ func TestResumption(t *testing.T) {
 			if err := api.SetRoots(ca.TrustDomain, ca.RootPEM); err != nil {
 				t.Fatal(err)
 			}
-			cs, cerr, sr = srv.dial(t, client)
+			cs, cerr, sr = srv.Dial(t, client)
 			mustOK(t, cerr, sr)
 			if cs.DidResume {
 				t.Fatal("resumed a ticket issued under the previous root set")
 			}
-			cs, cerr, sr = srv.dial(t, client)
+			cs, cerr, sr = srv.Dial(t, client)
 			mustOK(t, cerr, sr)
 			if !cs.DidResume {
 				t.Fatal("no resumption after the new ticket")
@@ -431,12 +353,12 @@ func TestResumption(t *testing.T) {
 			if err := web.SetLeaf(c, k); err != nil {
 				t.Fatal(err)
 			}
-			cs, cerr, sr = srv.dial(t, client)
+			cs, cerr, sr = srv.Dial(t, client)
 			mustOK(t, cerr, sr)
 			if cs.DidResume {
 				t.Fatal("resumed a session made with the previous leaf")
 			}
-			if got, _ := mtls.PeerID(sr.state); sr.state.PeerCertificates[0].SerialNumber.Cmp(web.Leaf().X509.SerialNumber) != 0 || got != ca.ID("web") {
+			if got, _ := mtls.PeerID(sr.State); sr.State.PeerCertificates[0].SerialNumber.Cmp(web.Leaf().X509.SerialNumber) != 0 || got != ca.ID("web") {
 				t.Fatal("server did not see the new client leaf")
 			}
 		})
@@ -452,7 +374,7 @@ func TestResumedHandshakeReverified(t *testing.T) {
 	api := ca.Identity(t, "api", mtlstest.EC256)
 	srv := startServer(t, api.ServerConfig())
 	good := web.ClientConfig(ca.ID("api"))
-	_, cerr, sr := srv.dial(t, good)
+	_, cerr, sr := srv.Dial(t, good)
 	mustOK(t, cerr, sr)
 
 	// Same session cache, but expecting another identity: Go resumes, and
@@ -460,9 +382,9 @@ func TestResumedHandshakeReverified(t *testing.T) {
 	bad := web.ClientConfig(ca.ID("db"))
 	bad.ServerName = good.ServerName
 	bad.ClientSessionCache = good.ClientSessionCache
-	_, cerr, sr = srv.dial(t, bad)
+	_, cerr, sr = srv.Dial(t, bad)
 	mustFail(t, cerr, sr, "client", "is not the expected")
-	if !sr.state.DidResume {
+	if !sr.State.DidResume {
 		t.Fatal("server did not resume: the test did not exercise the resumed path")
 	}
 }
@@ -473,14 +395,14 @@ func TestKeyExchange(t *testing.T) {
 	ca := mtlstest.NewCA(t)
 	web := ca.Identity(t, "web", mtlstest.EC256)
 	srv := startServer(t, ca.Identity(t, "api", mtlstest.EC256).ServerConfig())
-	cs, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api")))
+	cs, cerr, sr := srv.Dial(t, web.ClientConfig(ca.ID("api")))
 	mustOK(t, cerr, sr)
 	if cs.CurveID != tls.X25519 {
 		t.Errorf("ferry client negotiated %v, want X25519", cs.CurveID)
 	}
 	pq := web.ClientConfig(ca.ID("api"))
 	pq.CurvePreferences = nil // Go's default: X25519MLKEM768 first
-	cs, cerr, sr = srv.dial(t, pq)
+	cs, cerr, sr = srv.Dial(t, pq)
 	mustOK(t, cerr, sr)
 	if cs.CurveID != tls.X25519MLKEM768 {
 		t.Errorf("PQ-preferring client negotiated %v, want X25519MLKEM768", cs.CurveID)
@@ -529,11 +451,11 @@ func TestConcurrentRotation(t *testing.T) {
 		}
 	}()
 	for i := 0; i < 40; i++ {
-		_, cerr, sr := srv.dial(t, client)
-		if cerr != nil || sr.err != nil {
+		_, cerr, sr := srv.Dial(t, client)
+		if cerr != nil || sr.Err != nil {
 			close(stop)
 			<-rotated
-			t.Fatalf("handshake %d: client %v, server %v", i, cerr, sr.err)
+			t.Fatalf("handshake %d: client %v, server %v", i, cerr, sr.Err)
 		}
 	}
 	close(stop)
@@ -555,7 +477,7 @@ func TestClientOptions(t *testing.T) {
 		t.Fatal("InstanceConfig copied a config without a session cache")
 	}
 	for range 2 {
-		cs, cerr, sr := srv.dial(t, noCache)
+		cs, cerr, sr := srv.Dial(t, noCache)
 		mustOK(t, cerr, sr)
 		if cs.DidResume {
 			t.Fatal("resumed without a session cache")
@@ -565,10 +487,10 @@ func TestClientOptions(t *testing.T) {
 	// Peered / discovery-chain targets bring their own SNI; "" sends none
 	// (as the built-in proxy does) and the server accepts either.
 	for _, sni := range []string{"api.default.default.peer1.external.other.consul", ""} {
-		cs, cerr, sr := srv.dial(t, web.ClientConfig(ca.ID("api"), mtls.WithServerName(sni)))
+		cs, cerr, sr := srv.Dial(t, web.ClientConfig(ca.ID("api"), mtls.WithServerName(sni)))
 		mustOK(t, cerr, sr)
-		if sr.state.ServerName != sni || cs.ServerName != sni {
-			t.Fatalf("SNI %q: server saw %q", sni, sr.state.ServerName)
+		if sr.State.ServerName != sni || cs.ServerName != sni {
+			t.Fatalf("SNI %q: server saw %q", sni, sr.State.ServerName)
 		}
 	}
 }

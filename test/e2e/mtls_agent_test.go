@@ -11,7 +11,6 @@ import (
 	"crypto/elliptic"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -23,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/mtls/mtlstest"
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
@@ -109,11 +110,11 @@ func TestMTLSWatchAgent(t *testing.T) {
 	}
 
 	// Real Consul leaves through the package's configs, built once.
-	srv := maStartServer(t, apiID.ServerConfig())
+	srv := mtlstest.StartServer(t, apiID.ServerConfig())
 	clientCfg := web.ClientConfig(mtls.ServiceID(roots.TrustDomain, dc, "api"))
-	_, cerr, sr := srv.dial(t, clientCfg)
-	maMustOK(t, cerr, sr)
-	if id, _ := mtls.PeerID(sr.state); id != want {
+	_, cerr, sr := srv.Dial(t, clientCfg)
+	mtlstest.MustOK(t, cerr, sr)
+	if id, _ := mtls.PeerID(sr.State); id != want {
 		t.Fatalf("server saw %v, want %v", id, want)
 	}
 
@@ -152,14 +153,14 @@ func TestMTLSWatchAgent(t *testing.T) {
 		t.Fatalf("status after rotation = %+v", st)
 	}
 	// Same configs, new leaves on both sides.
-	cs, cerr, sr := srv.dial(t, clientCfg)
-	maMustOK(t, cerr, sr)
+	cs, cerr, sr := srv.Dial(t, clientCfg)
+	mtlstest.MustOK(t, cerr, sr)
 	if alg := cs.PeerCertificates[0].SignatureAlgorithm; alg != x509.SHA256WithRSA {
 		t.Fatalf("server presented a leaf signed with %v after rotation, want SHA256-RSA", alg)
 	}
 	// A peer still on its old leaf (old root) is accepted during the overlap.
-	_, cerr, sr = srv.dial(t, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{*oldLeaf.Cert}})
-	maMustOK(t, cerr, sr)
+	_, cerr, sr = srv.Dial(t, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{*oldLeaf.Cert}})
+	mtlstest.MustOK(t, cerr, sr)
 
 	// Agent restart: a dev agent comes back with a new CA and trust domain
 	// and lower indexes. The watch must recover on its own.
@@ -420,87 +421,5 @@ func maRetryUntil(t *testing.T, d time.Duration, op func() error) {
 			t.Fatalf("still failing after %v: %v", d, err)
 		}
 		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// maTLSServer is a real loopback TLS listener that handshakes every
-// accepted connection, answers "ok" on success and reports each result.
-type maTLSServer struct {
-	addr    string
-	results chan maServerResult
-}
-
-type maServerResult struct {
-	state tls.ConnectionState
-	err   error
-}
-
-func maStartServer(t *testing.T, cfg *tls.Config) *maTLSServer {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &maTLSServer{addr: ln.Addr().String(), results: make(chan maServerResult, 64)}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			tc := tls.Server(c, cfg)
-			_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
-			err = tc.Handshake()
-			if err == nil {
-				_, err = tc.Write([]byte("ok"))
-			}
-			s.results <- maServerResult{tc.ConnectionState(), err}
-			tc.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return s
-}
-
-// dial handshakes as a client and reads the server's "ok", so a client
-// certificate rejected by a TLS 1.3 server (after the client's handshake
-// returned) also surfaces as an error. It returns the server's result too.
-func (s *maTLSServer) dial(t *testing.T, cfg *tls.Config) (tls.ConnectionState, error, maServerResult) {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", s.addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc := tls.Client(c, cfg)
-	defer tc.Close()
-	_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
-	err = tc.Handshake()
-	if err == nil {
-		var b [2]byte
-		if _, err = io.ReadFull(tc, b[:]); err == nil && string(b[:]) != "ok" {
-			err = errors.New("bad greeting")
-		}
-		if err == nil {
-			// Let the TLS 1.3 session ticket (sent after the
-			// handshake) be processed before the connection closes.
-			_ = tc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-			_, _ = tc.Read(b[:])
-		}
-	}
-	select {
-	case r := <-s.results:
-		return tc.ConnectionState(), err, r
-	case <-time.After(5 * time.Second):
-		t.Fatal("server did not report")
-	}
-	panic("unreachable")
-}
-
-func maMustOK(t *testing.T, cerr error, sr maServerResult) {
-	t.Helper()
-	if cerr != nil || sr.err != nil {
-		t.Fatalf("handshake failed: client: %v; server: %v", cerr, sr.err)
 	}
 }
