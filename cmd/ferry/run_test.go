@@ -89,6 +89,8 @@ type fakeAgent struct {
 	hash    int
 	changed chan struct{}
 	static  map[string]any // path -> JSON body; a nil body is a 404
+	// gates hold the first answer of a path until the channel is closed.
+	gates map[string]chan struct{}
 }
 
 func (f *fakeAgent) set(svc *api.AgentService) {
@@ -104,6 +106,13 @@ func (f *fakeAgent) set(svc *api.AgentService) {
 
 func (f *fakeAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if body, ok := f.static[r.URL.Path]; ok {
+		if g, ok := f.gates[r.URL.Path]; ok {
+			select {
+			case <-g:
+			case <-r.Context().Done():
+				return
+			}
+		}
 		if r.URL.Query().Get("index") == "1" {
 			select {
 			case <-r.Context().Done():
@@ -242,6 +251,9 @@ func TestRunLifecycle(t *testing.T) {
 		"/v1/config/proxy-defaults":    []any{},
 		"/v1/config/mesh":              []any{},
 	}}
+	// The leaf is held back at first: /ready must say why it is not ready.
+	leafGate := make(chan struct{})
+	fa.gates = map[string]chan struct{}{"/v1/agent/connect/ca/leaf/web": leafGate}
 	fa.set(reg(app1))
 	agentSrv := httptest.NewServer(fa)
 	defer agentSrv.Close()
@@ -283,6 +295,11 @@ func TestRunLifecycle(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
+	poll("503 until the leaf certificate arrives", func() bool {
+		c, b := ready()
+		return c == 503 && strings.Contains(b, "identity")
+	})
+	close(leafGate)
 	poll("ready", func() bool {
 		select {
 		case err := <-done:
