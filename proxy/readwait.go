@@ -39,20 +39,29 @@ type readWaiter struct {
 	probe func(fd uintptr) bool
 }
 
-// newReadWaiter returns nil for sources it cannot see through: only a
-// plain *net.TCPConn or a *tls.Conn directly over one, whose buffering is
-// known.
+// newReadWaiter returns nil for sources it cannot see through. It looks
+// through pass-through wrappers that expose NetConn() (catalog's tracked
+// upstream conns) down to a plain *net.TCPConn or a *tls.Conn directly
+// over one, whose buffering is known. A wrapper with NetConn() must not
+// buffer reads itself.
 func newReadWaiter(src any) *readWaiter {
 	var tc *net.TCPConn
 	var tlsc *tls.Conn
 	full := bufSize
-	switch s := src.(type) {
-	case *net.TCPConn:
-		tc = s
-	case *tls.Conn:
-		if c, ok := s.NetConn().(*net.TCPConn); ok {
-			tc, tlsc, full = c, s, tlsMaxPlaintext
+	c, _ := src.(net.Conn)
+	for range 4 { // bounded unwrap
+		switch s := c.(type) {
+		case *net.TCPConn:
+			tc = s
+		case *tls.Conn:
+			if raw, ok := s.NetConn().(*net.TCPConn); ok {
+				tc, tlsc, full = raw, s, tlsMaxPlaintext
+			}
+		case interface{ NetConn() net.Conn }:
+			c = s.NetConn()
+			continue
 		}
+		break
 	}
 	if tc == nil {
 		return nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"io"
+	"net"
 	"testing"
 	"time"
 )
@@ -13,6 +14,17 @@ import (
 // on the socket; it must first drain what crypto/tls already holds, or the
 // second record would sit there until the peer sends again.
 func TestPumpTLSBufferedRecordNotStuck(t *testing.T) {
+	t.Run("tls", func(t *testing.T) { testBufferedRecord(t, false) })
+	// Upstream conns come wrapped by the catalog (a NetConn() pass-through).
+	t.Run("wrapped", func(t *testing.T) { testBufferedRecord(t, true) })
+}
+
+type passThrough struct{ net.Conn }
+
+func (p passThrough) NetConn() net.Conn { return p.Conn }
+func (p passThrough) CloseWrite() error { return p.Conn.(*tls.Conn).CloseWrite() }
+
+func testBufferedRecord(t *testing.T, wrap bool) {
 	checkLeaks(t)
 	srvCfg, cliCfg := selfSignedTLS(t)
 	rawClient, rawA := tcpPair(t)
@@ -35,7 +47,11 @@ func TestPumpTLSBufferedRecordNotStuck(t *testing.T) {
 		}
 	}
 	time.Sleep(50 * time.Millisecond) // let both records land (not a readiness signal: only makes the case likelier)
-	startPump(t, context.Background(), tlsA, b, time.Minute)
+	var src net.Conn = tlsA
+	if wrap {
+		src = passThrough{tlsA}
+	}
+	startPump(t, context.Background(), src, b, time.Minute)
 
 	server.SetReadDeadline(time.Now().Add(3 * time.Second))
 	got := make([]byte, len("firstsecond"))
