@@ -71,7 +71,7 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 			return Accepted{Conn: raw, Keys: []string{"plain"}}, nil
 		}
 	}
-	tc := tls.Server(raw, a.cfg)
+	tc := tls.Server(newBatchConn(raw), a.cfg)
 	hctx, cancel := context.WithDeadline(ctx, deadline)
 	err := tc.HandshakeContext(hctx)
 	cancel()

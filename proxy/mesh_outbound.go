@@ -83,7 +83,7 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) 
 	if err != nil {
 		return nil, err
 	}
-	tc := tls.Client(raw, mtls.InstanceConfig(cfg, addr))
+	tc := tls.Client(newBatchConn(raw), mtls.InstanceConfig(cfg, addr))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)

@@ -156,6 +156,7 @@ func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 // costs no copy buffer at all.
 func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error) {
 	w := newReadWaiter(src)
+	batch := batcherOf(dst)
 	var bp *[]byte
 	defer func() {
 		if bp != nil {
@@ -188,7 +189,18 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 		}
 		if nr > 0 {
 			ctr.Add(int64(nr))
-			nw, werr := dst.Write(buf[:nr])
+			var nw int
+			var werr error
+			if batch != nil && nr > tlsMaxPlaintext {
+				// Several records: send them in one write(2).
+				batch.begin()
+				nw, werr = dst.Write(buf[:nr])
+				if ferr := batch.flush(); werr == nil {
+					werr = ferr
+				}
+			} else {
+				nw, werr = dst.Write(buf[:nr])
+			}
 			written += int64(nw)
 			if werr != nil {
 				return written, werr

@@ -19,7 +19,7 @@ func BenchmarkStreamPumpTLS(b *testing.B) {
 		srvCfg.DynamicRecordSizingDisabled = true
 		cliCfg.DynamicRecordSizingDisabled = true
 		x, y := tcpPair(b)
-		tx, ty := tls.Client(x, cliCfg), tls.Server(y, srvCfg)
+		tx, ty := tls.Client(newBatchConn(x), cliCfg), tls.Server(newBatchConn(y), srvCfg)
 		hs := make(chan error, 1)
 		go func() { hs <- ty.Handshake() }()
 		if err := tx.Handshake(); err != nil {

@@ -54,8 +54,13 @@ func newReadWaiter(src any) *readWaiter {
 		case *net.TCPConn:
 			tc = s
 		case *tls.Conn:
-			if raw, ok := s.NetConn().(*net.TCPConn); ok {
-				tc, tlsc, full = raw, s, tlsMaxPlaintext
+			// Only our own batchConn may sit between: it buffers no reads.
+			var raw net.Conn = s.NetConn()
+			if b, ok := raw.(*batchConn); ok {
+				raw = b.TCPConn
+			}
+			if r, ok := raw.(*net.TCPConn); ok {
+				tc, tlsc, full = r, s, tlsMaxPlaintext
 			}
 		case interface{ NetConn() net.Conn }:
 			c = s.NetConn()
