@@ -186,6 +186,11 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 			}
 		} else {
 			nr, rerr = src.Read(buf)
+			if w != nil && w.tls != nil && rerr == nil && nr == tlsMaxPlaintext {
+				// Full records keep coming: take the ones crypto/tls
+				// already holds too, and pass them on in one write.
+				nr, rerr = w.more(buf, nr)
+			}
 		}
 		if nr > 0 {
 			ctr.Add(int64(nr))

@@ -93,6 +93,22 @@ func (w *readWaiter) tryRead(buf []byte) (int, error) {
 	return n, err
 }
 
+// more appends to buf[:n] the full records the *tls.Conn has buffered,
+// without waiting for the socket.
+func (w *readWaiter) more(buf []byte, n int) (int, error) {
+	for len(buf)-n >= tlsMaxPlaintext {
+		m, err := w.tryRead(buf[n:])
+		n += m
+		if isTimeout(err) {
+			return n, nil
+		}
+		if err != nil || m < tlsMaxPlaintext {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
 // wait parks until the socket is readable. Errors are left to the next
 // read, which reports them with the connection's context.
 func (w *readWaiter) wait() {
