@@ -136,6 +136,13 @@ func benchConns(b *testing.B, addr string) {
 // echoServer echoes every connection until EOF, then half-closes.
 func echoServer(tb testing.TB) string {
 	tb.Helper()
+	return prefixServer(tb, "")
+}
+
+// prefixServer is echoServer that first writes prefix on each connection,
+// to tell apps apart.
+func prefixServer(tb testing.TB, prefix string) string {
+	tb.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		tb.Fatal(err)
@@ -150,6 +157,9 @@ func echoServer(tb testing.TB) string {
 			}
 			go func() {
 				defer c.Close()
+				if prefix != "" {
+					c.Write([]byte(prefix))
+				}
 				io.Copy(c, c)
 				c.(*net.TCPConn).CloseWrite()
 			}()

@@ -320,30 +320,6 @@ func TestApplyRebindsAndSwitchesApp(t *testing.T) {
 	}
 }
 
-func prefixServer(t *testing.T, prefix string) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.Write([]byte(prefix))
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String()
-}
-
 func TestAdmin(t *testing.T) {
 	checkLeaks(t)
 	p := New(Config{})

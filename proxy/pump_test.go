@@ -225,19 +225,8 @@ func TestPumpContextCancel(t *testing.T) {
 // CloseWrite on the TLS leg sends close_notify and then a TCP FIN.
 func TestPumpTLSHalfClose(t *testing.T) {
 	checkLeaks(t)
-	srvCfg, cliCfg := selfSignedTLS(t)
-	rawClient, rawA := tcpPair(t)
+	tlsClient, tlsA := tlsPair(t)
 	b, server := tcpPair(t)
-	tlsClient := tls.Client(rawClient, cliCfg)
-	tlsA := tls.Server(rawA, srvCfg)
-	hs := make(chan error, 1)
-	go func() { hs <- tlsA.Handshake() }()
-	if err := tlsClient.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-hs; err != nil {
-		t.Fatal(err)
-	}
 	run := startPump(t, context.Background(), tlsA, b, time.Minute)
 
 	payload := bytes.Repeat([]byte("0123456789abcdef"), 10000) // several records
@@ -258,6 +247,7 @@ func TestPumpTLSHalfClose(t *testing.T) {
 		t.Fatalf("tls client read %q, %v", got, err)
 	}
 	// close_notify has been consumed; the TCP stream must end too (FIN).
+	rawClient := tlsClient.NetConn()
 	rawClient.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, err := rawClient.Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("raw read after close_notify: %d, %v; want EOF (FIN)", n, err)
@@ -327,4 +317,23 @@ func TestPipePool(t *testing.T) {
 	if _, err := newPipePool(pipeWant, 64<<20, 1).get(); !errors.Is(err, errSmallPipe) {
 		t.Fatalf("impossible minimum: %v", err)
 	}
+}
+
+// tlsPair returns the two ends of a TLS connection over loopback TCP, with
+// the handshake done.
+func tlsPair(t *testing.T) (client, server *tls.Conn) {
+	t.Helper()
+	srvCfg, cliCfg := selfSignedTLS(t)
+	rawClient, rawServer := tcpPair(t)
+	client = tls.Client(rawClient, cliCfg)
+	server = tls.Server(rawServer, srvCfg)
+	hs := make(chan error, 1)
+	go func() { hs <- server.Handshake() }()
+	if err := client.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-hs; err != nil {
+		t.Fatal(err)
+	}
+	return client, server
 }

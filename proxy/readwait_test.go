@@ -26,19 +26,8 @@ func (p passThrough) CloseWrite() error { return p.Conn.(*tls.Conn).CloseWrite()
 
 func testBufferedRecord(t *testing.T, wrap bool) {
 	checkLeaks(t)
-	srvCfg, cliCfg := selfSignedTLS(t)
-	rawClient, rawA := tcpPair(t)
+	tlsClient, tlsA := tlsPair(t)
 	b, server := tcpPair(t)
-	tlsClient := tls.Client(rawClient, cliCfg)
-	tlsA := tls.Server(rawA, srvCfg)
-	hs := make(chan error, 1)
-	go func() { hs <- tlsA.Handshake() }()
-	if err := tlsClient.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-hs; err != nil {
-		t.Fatal(err)
-	}
 	// Two records, both in the socket before the pump's first read, so that
 	// read pulls both into tls.Conn's buffer and returns only the first.
 	for _, s := range []string{"first", "second"} {
