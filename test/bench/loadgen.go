@@ -237,15 +237,7 @@ func runRR(ctx context.Context, c loadConfig) (loadResult, error) {
 		}()
 	}
 	wg.Wait()
-	r := loadResult{Seconds: time.Since(start).Seconds(), Errors: errCount.Load()}
-	for _, l := range lats {
-		r.LatUS = append(r.LatUS, l...)
-	}
-	r.Ops = int64(len(r.LatUS))
-	if e, ok := firstErr.Load().(string); ok {
-		r.FirstErr = e
-	}
-	return r, nil
+	return latencyResult(start, lats, errCount.Load(), &firstErr), nil
 }
 
 // runCRR runs conns closed-loop workers: connect, 1 KiB echo, close.
@@ -293,15 +285,7 @@ func runCRR(ctx context.Context, c loadConfig) (loadResult, error) {
 		}()
 	}
 	wg.Wait()
-	r := loadResult{Seconds: time.Since(start).Seconds(), Errors: errCount.Load()}
-	for _, l := range lats {
-		r.LatUS = append(r.LatUS, l...)
-	}
-	r.Ops = int64(len(r.LatUS))
-	if e, ok := firstErr.Load().(string); ok {
-		r.FirstErr = e
-	}
-	return r, nil
+	return latencyResult(start, lats, errCount.Load(), &firstErr), nil
 }
 
 // runIdle opens conns echo connections (32 dialers at a time), proves each
@@ -399,4 +383,18 @@ func median(xs []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// latencyResult merges the workers' latency samples (one op each) of a run
+// that began at start.
+func latencyResult(start time.Time, lats [][]float64, errs int64, firstErr *atomic.Value) loadResult {
+	r := loadResult{Seconds: time.Since(start).Seconds(), Errors: errs}
+	for _, l := range lats {
+		r.LatUS = append(r.LatUS, l...)
+	}
+	r.Ops = int64(len(r.LatUS))
+	if e, ok := firstErr.Load().(string); ok {
+		r.FirstErr = e
+	}
+	return r
 }

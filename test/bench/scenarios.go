@@ -157,14 +157,8 @@ func (e *env) measure(p *path, scen string, pr params) (sample, error) {
 		if err != nil {
 			return s, err
 		}
-		sort.Float64s(r.LatUS)
-		s.P50, s.P99, s.P999 = percentile(r.LatUS, 50), percentile(r.LatUS, 99), percentile(r.LatUS, 99.9)
-		s.Rate = float64(r.Ops) / r.Seconds
-		s.Errors = r.Errors
+		s.latencies(r, cpu)
 		s.Lat = r.LatUS
-		if r.Ops > 0 {
-			s.CPUPerOp = cpu * 1e6 / float64(r.Ops)
-		}
 		if r.Ops == 0 {
 			return s, fmt.Errorf("no request completed: %s", r.FirstErr)
 		}
@@ -173,13 +167,7 @@ func (e *env) measure(p *path, scen string, pr params) (sample, error) {
 		if err != nil {
 			return s, err
 		}
-		sort.Float64s(r.LatUS)
-		s.P50, s.P99, s.P999 = percentile(r.LatUS, 50), percentile(r.LatUS, 99), percentile(r.LatUS, 99.9)
-		s.Rate = float64(r.Ops) / r.Seconds
-		s.Errors = r.Errors
-		if r.Ops > 0 {
-			s.CPUPerOp = cpu * 1e6 / float64(r.Ops)
-		}
+		s.latencies(r, cpu)
 		if r.Ops == 0 {
 			return s, fmt.Errorf("no connection completed: %s", r.FirstErr)
 		}
@@ -308,4 +296,16 @@ func (s sample) brief(scen string) string {
 		return fmt.Sprintf("%6.0f conn/s  p99 %5.0f µs  %4.0f proxy CPU µs/conn  %d errors", s.Rate, s.P99, s.CPUPerOp, s.Errors)
 	}
 	return ""
+}
+
+// latencies fills the percentiles, rate, errors and CPU per operation of a
+// latency run (rr, crr); it sorts r.LatUS.
+func (s *sample) latencies(r loadResult, cpu float64) {
+	sort.Float64s(r.LatUS)
+	s.P50, s.P99, s.P999 = percentile(r.LatUS, 50), percentile(r.LatUS, 99), percentile(r.LatUS, 99.9)
+	s.Rate = float64(r.Ops) / r.Seconds
+	s.Errors = r.Errors
+	if r.Ops > 0 {
+		s.CPUPerOp = cpu * 1e6 / float64(r.Ops)
+	}
 }
