@@ -33,7 +33,7 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 	if err != nil {
 		return err
 	}
-	e := &env{self: self, consul: consul, logf: logf, pin: pr.Pinned}
+	e := &env{self: self, consul: consul, logf: logf, pin: pr.Pinned, ferryB: pr.FerryB}
 	if needsFerry(ids) {
 		logf("building ferry")
 		if e.ferry, err = testbed.Ferry(); err != nil {
@@ -70,7 +70,7 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 		Params:   pr,
 		Started:  t0,
 		Duration: time.Since(t0),
-		Env:      append(describeEnv(consul, e.ferry), "load average (1/5/15 min) at start: "+load0+"; at end: "+loadavg()),
+		Env:      append(describeEnv(consul, e.ferry, e.ferryB), "load average (1/5/15 min) at start: "+load0+"; at end: "+loadavg()),
 		Failures: failures,
 	}
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
@@ -96,7 +96,7 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 
 func needsFerry(ids []string) bool {
 	for _, id := range ids {
-		if id == pFerryPT || id == pFerryMTLS {
+		if id == pFerryPT || id == pFerryMTLS || id == pFerryPTB || id == pFerryMTLSB {
 			return true
 		}
 	}
@@ -145,7 +145,7 @@ type runMeta struct {
 }
 
 // describeEnv records what the figures depend on.
-func describeEnv(consul, ferry string) []string {
+func describeEnv(consul, ferry, ferryB string) []string {
 	first := func(argv ...string) string {
 		out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
 		if err != nil {
@@ -169,6 +169,9 @@ func describeEnv(consul, ferry string) []string {
 	env = append(env, "haproxy: "+first("haproxy", "-v"))
 	if ferry != "" {
 		env = append(env, "ferry: "+first(ferry, "version"))
+	}
+	if ferryB != "" {
+		env = append(env, "ferry (B) paths: "+ferryB+" — "+first(ferryB, "version"))
 	}
 	if root, err := testbed.RepoRoot(); err == nil {
 		env = append(env, "commit: "+first("git", "-C", root, "rev-parse", "--short", "HEAD"))

@@ -15,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -57,6 +58,9 @@ type params struct {
 	// Scenarios limits the run to these (for profiling one scenario);
 	// empty runs all.
 	Scenarios []string
+	// FerryB is a second ferry binary (-ferry-b): the run adds the paths
+	// "ferry passthrough (B)" and "ferry mTLS pair (B)" built with it.
+	FerryB string `json:",omitempty"`
 }
 
 func (p params) runs(scen string) bool {
@@ -91,6 +95,7 @@ func harnessMain(args []string) error {
 	tag := fs.String("tag", "", "suffix for the report name (e.g. before/after a change)")
 	pin := fs.Bool("pin", false, "pin every proxy to CPU 1 with one thread (GOMAXPROCS=1, nbthread 1), load generator and servers to CPU 0")
 	scens := fs.String("scenarios", "", "comma-separated scenarios to run (default: all): "+strings.Join(allScenarios, ","))
+	ferryB := fs.String("ferry-b", "", "a second ferry binary (e.g. built from an older commit): adds the paths "+pFerryPTB+" and "+pFerryMTLSB+", interleaved with the rest, for before/after comparisons")
 	from := fs.String("from", "", "re-render the report and charts of a saved run (its .json) without measuring")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: go run ./test/bench [flags]   (needs root: it builds network namespaces)\n")
@@ -129,9 +134,22 @@ func harnessMain(args []string) error {
 		}
 	}
 	var ids []string
+	if *ferryB != "" {
+		abs, err := filepath.Abs(*ferryB)
+		if err != nil {
+			return fmt.Errorf("-ferry-b: %w", err)
+		}
+		if fi, err := os.Stat(abs); err != nil || fi.IsDir() || fi.Mode()&0o111 == 0 {
+			return fmt.Errorf("-ferry-b: %s is not an executable file", *ferryB)
+		}
+		p.FerryB = abs
+	}
 	if *only != "" {
 		for _, id := range strings.Split(*only, ",") {
 			id = strings.TrimSpace(id)
+			if (id == pFerryPTB || id == pFerryMTLSB) && p.FerryB == "" {
+				return fmt.Errorf("-paths: %s needs -ferry-b", id)
+			}
 			if !knownPath(id) {
 				return fmt.Errorf("-paths: unknown path %q (known: %s)", id, strings.Join(allPathIDs, ","))
 			}
@@ -139,6 +157,9 @@ func harnessMain(args []string) error {
 		}
 	} else {
 		ids = allPathIDs
+		if p.FerryB != "" {
+			ids = append(slices.Clone(ids), pFerryPTB, pFerryMTLSB)
+		}
 	}
 	return runHarness(p, ids, *out, *tag)
 }

@@ -21,16 +21,22 @@ const (
 	pFerryMTLS = "ferry-mtls"
 	pConsul    = "consul"
 	pHAProxy   = "haproxy"
+	// The same two ferry paths with a second ferry binary (-ferry-b), for
+	// before/after comparisons of a change in one interleaved run.
+	pFerryPTB   = "ferry-pt-b"
+	pFerryMTLSB = "ferry-mtls-b"
 )
 
 var allPathIDs = []string{pDirect, pFerryPT, pFerryMTLS, pConsul, pHAProxy}
 
 var pathNames = map[string]string{
-	pDirect:    "direct (no proxy)",
-	pFerryPT:   "ferry passthrough (1 hop)",
-	pFerryMTLS: "ferry mTLS pair",
-	pConsul:    "Consul built-in pair",
-	pHAProxy:   "HAProxy TLS pair",
+	pDirect:     "direct (no proxy)",
+	pFerryPT:    "ferry passthrough (1 hop)",
+	pFerryMTLS:  "ferry mTLS pair",
+	pConsul:     "Consul built-in pair",
+	pHAProxy:    "HAProxy TLS pair",
+	pFerryPTB:   "ferry passthrough (B)",
+	pFerryMTLSB: "ferry mTLS pair (B)",
 }
 
 func knownPath(id string) bool { _, ok := pathNames[id]; return ok }
@@ -53,6 +59,7 @@ type env struct {
 	self   string // this binary: load generator and server in the pods
 	consul string
 	ferry  string
+	ferryB string // -ferry-b: the binary of the "(B)" paths
 	work   string // PEMs, configs, hold files
 	// pin puts every proxy on CPU 1 (one thread: GOMAXPROCS=1, nbthread 1)
 	// and the load generator and servers on CPU 0: "a sidecar gets a core".
@@ -134,12 +141,12 @@ func (e *env) server(pod *testbed.Pod, addr string) error {
 }
 
 // ferryMissing says why `ferry run` / `ferry redirect` cannot be used yet.
-func (e *env) ferryMissing() string {
-	if e.ferry == "" {
-		return "ferry binary did not build"
+func (e *env) ferryMissing(bin string) string {
+	if bin == "" {
+		return "ferry binary did not build (or no -ferry-b)"
 	}
 	for _, sub := range []string{"run", "redirect"} {
-		out, _ := exec.Command(e.ferry, sub, "-h").CombinedOutput()
+		out, _ := exec.Command(bin, sub, "-h").CombinedOutput()
 		if strings.Contains(string(out), "not implemented") {
 			return "`ferry " + sub + "` is not implemented yet"
 		}
@@ -188,9 +195,13 @@ func (e *env) setupPaths(ids []string) ([]*path, error) {
 		case pHAProxy:
 			err = e.setupHAProxy(p, cli, srv)
 		case pFerryPT:
-			err = e.setupFerryPT(p, plain)
+			err = e.setupFerryPT(p, plain, e.ferry, "")
 		case pFerryMTLS:
-			err = e.setupFerryMTLS(p)
+			err = e.setupFerryMTLS(p, e.ferry, "")
+		case pFerryPTB:
+			err = e.setupFerryPT(p, plain, e.ferryB, "b")
+		case pFerryMTLSB:
+			err = e.setupFerryMTLS(p, e.ferryB, "b")
 		}
 		if err == nil && p.NA == "" {
 			if err = e.probe(p.Client, p.Addr); err != nil {
@@ -201,7 +212,7 @@ func (e *env) setupPaths(ids []string) ([]*path, error) {
 		}
 		if err != nil {
 			p.NA = "setup failed: " + strings.ReplaceAll(oneLine(err.Error()), e.self, "bench")
-			if id == pFerryMTLS && strings.Contains(err.Error(), `upstream=""`) {
+			if (id == pFerryMTLS || id == pFerryMTLSB) && strings.Contains(err.Error(), `upstream=""`) {
 				p.NA = "`ferry run` does not route the service's virtual IP to its mesh upstream yet " +
 					"(it treated it as a non-mesh destination), so the mTLS pair cannot run. " + p.NA
 			}
@@ -312,7 +323,7 @@ func (e *env) file(name string) string { return filepath.Join(e.work, name) }
 
 // meshPod makes a pod whose traffic ferry intercepts: a registered service
 // with a transparent sidecar, `ferry redirect` and `ferry run` as UID 5995.
-func (e *env) meshPod(name, service string, port int) (*testbed.Pod, *testbed.Process, error) {
+func (e *env) meshPod(bin, name, service string, port int) (*testbed.Pod, *testbed.Process, error) {
 	pod, err := e.tb.NewPod(name)
 	if err != nil {
 		return nil, nil, err
@@ -324,23 +335,25 @@ func (e *env) meshPod(name, service string, port int) (*testbed.Pod, *testbed.Pr
 	if err != nil {
 		return nil, nil, err
 	}
-	if out, err := e.exec(pod, testbed.Proc{Name: "ferry redirect"}, 30*time.Second, e.ferry, "redirect",
+	if out, err := e.exec(pod, testbed.Proc{Name: "ferry redirect"}, 30*time.Second, bin, "redirect",
 		"-proxy-uid", strconv.Itoa(proxyUID), "-proxy-id", r.ProxyID); err != nil {
 		return nil, nil, fmt.Errorf("ferry redirect: %v: %s", err, out)
 	}
-	pr, err := e.startProxy(pod, testbed.Proc{UID: proxyUID, Name: "ferry run (" + name + ")"}, e.ferry, "run", "-proxy-id", r.ProxyID)
+	pr, err := e.startProxy(pod, testbed.Proc{UID: proxyUID, Name: "ferry run (" + name + ")"}, bin, "run", "-proxy-id", r.ProxyID)
 	if err != nil {
 		return nil, nil, err
 	}
 	return pod, pr, nil
 }
 
-func (e *env) setupFerryPT(p *path, plain string) error {
-	if why := e.ferryMissing(); why != "" {
+// setupFerryPT and setupFerryMTLS build a ferry path with binary bin; sfx
+// keeps the pods and services of a second binary's paths apart.
+func (e *env) setupFerryPT(p *path, plain, bin, sfx string) error {
+	if why := e.ferryMissing(bin); why != "" {
 		p.NA = why
 		return nil
 	}
-	pod, pr, err := e.meshPod("fpt", "bench-fpt", 7000)
+	pod, pr, err := e.meshPod(bin, "fpt"+sfx, "bench-fpt"+sfx, 7000)
 	if err != nil {
 		return err
 	}
@@ -348,12 +361,12 @@ func (e *env) setupFerryPT(p *path, plain string) error {
 	return nil
 }
 
-func (e *env) setupFerryMTLS(p *path) error {
-	if why := e.ferryMissing(); why != "" {
+func (e *env) setupFerryMTLS(p *path, bin, sfx string) error {
+	if why := e.ferryMissing(bin); why != "" {
 		p.NA = why
 		return nil
 	}
-	fsrv, err := e.tb.NewPod("fsrv")
+	fsrv, err := e.tb.NewPod("fsrv" + sfx)
 	if err != nil {
 		return err
 	}
@@ -364,25 +377,25 @@ func (e *env) setupFerryMTLS(p *path) error {
 	if err := e.tunePod(fsrv); err != nil {
 		return err
 	}
-	r, err := e.tb.RegisterService(testbed.Service{Name: "bench-ferry", Pod: fsrv, Port: 8080})
+	r, err := e.tb.RegisterService(testbed.Service{Name: "bench-ferry" + sfx, Pod: fsrv, Port: 8080})
 	if err != nil {
 		return err
 	}
-	if out, err := e.exec(fsrv, testbed.Proc{}, 30*time.Second, e.ferry, "redirect",
+	if out, err := e.exec(fsrv, testbed.Proc{}, 30*time.Second, bin, "redirect",
 		"-proxy-uid", strconv.Itoa(proxyUID), "-proxy-id", r.ProxyID); err != nil {
 		return fmt.Errorf("ferry redirect: %v: %s", err, out)
 	}
-	sp, err := e.startProxy(fsrv, testbed.Proc{UID: proxyUID, Name: "ferry run (fsrv)"}, e.ferry, "run", "-proxy-id", r.ProxyID)
+	sp, err := e.startProxy(fsrv, testbed.Proc{UID: proxyUID, Name: "ferry run (fsrv" + sfx + ")"}, bin, "run", "-proxy-id", r.ProxyID)
 	if err != nil {
 		return err
 	}
-	cpod, cp, err := e.meshPod("fcli", "bench-fcli", 7000)
+	cpod, cp, err := e.meshPod(bin, "fcli"+sfx, "bench-fcli"+sfx, 7000)
 	if err != nil {
 		return err
 	}
 	var vip string
 	for range 100 {
-		if vip, err = e.tb.VirtualIP("bench-ferry"); err == nil {
+		if vip, err = e.tb.VirtualIP("bench-ferry" + sfx); err == nil {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
