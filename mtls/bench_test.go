@@ -49,6 +49,7 @@ func BenchmarkHandshake(b *testing.B) {
 		name string
 		ids  []tls.CurveID
 	}{
+		{"p256", []tls.CurveID{tls.CurveP256}},
 		{"x25519", []tls.CurveID{tls.X25519}},
 		{"x25519mlkem768", []tls.CurveID{tls.X25519MLKEM768}},
 	}

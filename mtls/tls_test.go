@@ -390,15 +390,23 @@ func TestResumedHandshakeReverified(t *testing.T) {
 }
 
 // TestKeyExchange pins the groups chosen in curves.go: our clients use
-// X25519; a peer that offers the post-quantum hybrid gets it.
+// P-256 (and get it without a HelloRetryRequest round trip); a peer that
+// offers the post-quantum hybrid gets it; an X25519-only peer gets X25519.
 func TestKeyExchange(t *testing.T) {
 	ca := mtlstest.NewCA(t)
 	web := ca.Identity(t, "web", mtlstest.EC256)
 	srv := startServer(t, ca.Identity(t, "api", mtlstest.EC256).ServerConfig())
 	cs, cerr, sr := srv.Dial(t, web.ClientConfig(ca.ID("api")))
 	mustOK(t, cerr, sr)
+	if cs.CurveID != tls.CurveP256 || cs.HelloRetryRequest {
+		t.Errorf("ferry client negotiated %v (HelloRetryRequest %v), want P-256 without a retry", cs.CurveID, cs.HelloRetryRequest)
+	}
+	x := web.ClientConfig(ca.ID("api"))
+	x.CurvePreferences = []tls.CurveID{tls.X25519}
+	cs, cerr, sr = srv.Dial(t, x)
+	mustOK(t, cerr, sr)
 	if cs.CurveID != tls.X25519 {
-		t.Errorf("ferry client negotiated %v, want X25519", cs.CurveID)
+		t.Errorf("X25519-only client negotiated %v, want X25519", cs.CurveID)
 	}
 	pq := web.ClientConfig(ca.ID("api"))
 	pq.CurvePreferences = nil // Go's default: X25519MLKEM768 first
