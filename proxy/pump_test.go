@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
+	"golang.org/x/sys/unix"
 	"io"
 	"net"
 	"sync"
@@ -276,7 +277,7 @@ func TestCopyBufferedAllocs(t *testing.T) {
 func TestPumpFallsBackWithoutPipes(t *testing.T) {
 	checkLeaks(t)
 	saved := pipes
-	pipes = newPipePool(pipeWant, 64<<20, 4) // no pipe can be this large
+	pipes = newPipePool(pipeWant, 64<<20, 4*pipeWant) // no pipe can be this large
 	t.Cleanup(func() { pipes = saved })
 
 	client, server, run := pumped(t, context.Background(), time.Minute)
@@ -299,7 +300,7 @@ func TestPumpFallsBackWithoutPipes(t *testing.T) {
 }
 
 func TestPipePool(t *testing.T) {
-	pp := newPipePool(pipeWant, pipeMin, 1)
+	pp := newPipePool(pipeWant, pipeMin, pipeWant) // one idle pipe
 	a, err := pp.get()
 	if err != nil {
 		t.Fatal(err)
@@ -314,8 +315,44 @@ func TestPipePool(t *testing.T) {
 		t.Fatal("idle pipe not reused")
 	}
 	a.close()
-	if _, err := newPipePool(pipeWant, 64<<20, 1).get(); !errors.Is(err, errSmallPipe) {
+	if _, err := newPipePool(pipeWant, 64<<20, pipeWant).get(); !errors.Is(err, errSmallPipe) {
 		t.Fatalf("impossible minimum: %v", err)
+	}
+}
+
+// Near the end of the UID's pipe budget a pipe gets the largest size that
+// still fits. (Past it, new pipes are born tiny: TestPipePool's impossible
+// minimum covers that.)
+func TestPipePoolSizeLadder(t *testing.T) {
+	for _, tc := range []struct {
+		limit int // the most the fake kernel grants
+		want  int // resulting pipe size
+	}{
+		{limit: 1 << 20, want: 1 << 20},
+		{limit: 512 << 10, want: 256 << 10},
+		{limit: 256 << 10, want: 256 << 10},
+		{limit: 100 << 10, want: 64 << 10},
+		{limit: 64 << 10, want: 64 << 10},
+	} {
+		pp := newPipePool(1<<20, pipeMin, 1<<20)
+		var tried []int
+		pp.setSize = func(fd, size int) error {
+			tried = append(tried, size)
+			if size > tc.limit {
+				return unix.EPERM
+			}
+			return setPipeSize(fd, size)
+		}
+		p, err := pp.get()
+		switch {
+		case err != nil:
+			t.Errorf("limit %d: %v (tried %v)", tc.limit, err, tried)
+		case p.size != tc.want:
+			t.Errorf("limit %d: pipe of %d, want %d (tried %v)", tc.limit, p.size, tc.want, tried)
+		}
+		if p != nil {
+			p.close()
+		}
 	}
 }
 

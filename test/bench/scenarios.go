@@ -293,7 +293,11 @@ func (s sample) brief(scen string) string {
 	case sRR:
 		return fmt.Sprintf("p50 %5.0f µs  p99 %5.0f µs  p99.9 %5.0f µs  (%0.f req/s)", s.P50, s.P99, s.P999, s.Rate)
 	case sCRR:
-		return fmt.Sprintf("%6.0f conn/s  p99 %5.0f µs  %4.0f proxy CPU µs/conn  %d errors", s.Rate, s.P99, s.CPUPerOp, s.Errors)
+		line := fmt.Sprintf("%6.0f conn/s  p99 %5.0f µs  %4.0f proxy CPU µs/conn  %d errors", s.Rate, s.P99, s.CPUPerOp, s.Errors)
+		if s.FirstErr != "" {
+			line += " (first: " + s.FirstErr + ")"
+		}
+		return line
 	}
 	return ""
 }
@@ -304,7 +308,7 @@ func (s *sample) latencies(r loadResult, cpu float64) {
 	sort.Float64s(r.LatUS)
 	s.P50, s.P99, s.P999 = percentile(r.LatUS, 50), percentile(r.LatUS, 99), percentile(r.LatUS, 99.9)
 	s.Rate = float64(r.Ops) / r.Seconds
-	s.Errors = r.Errors
+	s.Errors, s.FirstErr = r.Errors, r.FirstErr
 	if r.Ops > 0 {
 		s.CPUPerOp = cpu * 1e6 / float64(r.Ops)
 	}
