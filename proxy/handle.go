@@ -22,7 +22,10 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 	if err != nil {
 		// Dialing "the original destination" now would connect back to
 		// this listener, forever. Refuse instead.
-		p.log.Warn("refusing outbound connection that was not redirected", "src", src, "listener", local, "error", err)
+		if ok, n := p.warns.allow("loop"); ok {
+			p.log.Warn("refusing outbound connection that was not redirected", "src", src, "listener", local, "error", err,
+				"suppressed_since_last", n)
+		}
 		p.m.Connections.With(dir, "loop").Inc()
 		reset(c)
 		return
@@ -101,8 +104,10 @@ func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.
 	up, err := dial(dctx)
 	dcancel()
 	if err != nil {
-		p.log.Warn("dial failed", "direction", dir, "src", info.Source, "dst", info.Destination,
-			"upstream", info.Upstream, "error", err)
+		if ok, n := p.warns.allow("dial|" + dir + "|" + info.Upstream + "|" + info.Destination.String()); ok {
+			p.log.Warn("dial failed", "direction", dir, "src", info.Source, "dst", info.Destination,
+				"upstream", info.Upstream, "error", err, "suppressed_since_last", n)
+		}
 		p.m.DialErrors.With(dir).Inc()
 		p.m.Connections.With(dir, "dial_error").Inc()
 		// The app's connect already succeeded (the proxy accepted it); a

@@ -43,7 +43,8 @@ type MeshAcceptor struct {
 	// multi-port service); optional.
 	Ports func(dst netip.AddrPort) (addr string, ok bool)
 
-	cfg *tls.Config
+	cfg   *tls.Config
+	warns *rateLog
 }
 
 // Init prepares the acceptor; call once before use.
@@ -51,6 +52,7 @@ func (a *MeshAcceptor) Init() {
 	if a.HandshakeTimeout <= 0 {
 		a.HandshakeTimeout = DefaultHandshakeTimeout
 	}
+	a.warns = newRateLog(logInterval, nil)
 	if a.Logger == nil {
 		a.Logger = hclog.NewNullLogger()
 	}
@@ -76,19 +78,25 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
-		a.Logger.Info("inbound handshake failed", "src", src, "error", err)
+		if ok, n := a.warns.allow("handshake"); ok {
+			a.Logger.Info("inbound handshake failed", "src", src, "error", err, "suppressed_since_last", n)
+		}
 		return Accepted{}, &Refused{Outcome: "handshake_error", Reason: "tls handshake", Err: err}
 	}
 	id, err := mtls.PeerID(tc.ConnectionState())
 	if err != nil {
-		a.Logger.Warn("inbound client has no service identity", "src", src, "error", err)
+		if ok, n := a.warns.allow("no-identity"); ok {
+			a.Logger.Warn("inbound client has no service identity", "src", src, "error", err, "suppressed_since_last", n)
+		}
 		return Accepted{Conn: tc}, &Refused{Outcome: "denied", Reason: "no service SPIFFE ID", Err: err}
 	}
 	source := intentions.Source{Name: id.Service, Namespace: id.Namespace, Partition: id.Partition}
 	d, done := a.Intentions.Admit(source, func() { raw.Close() })
 	if !d.Allow {
-		a.Logger.Warn("inbound connection denied by intentions", "src", src, "source", id.Service,
-			"destination", a.Service, "intention", d.Intention, "reason", d.Reason)
+		if ok, n := a.warns.allow("deny|" + id.String() + "|" + d.Intention); ok {
+			a.Logger.Warn("inbound connection denied by intentions", "src", src, "source", id.Service,
+				"destination", a.Service, "intention", d.Intention, "reason", d.Reason, "suppressed_since_last", n)
+		}
 		if a.Denied != nil {
 			a.Denied.With(id.Service, a.Service, intentionLabel(d)).Inc()
 		}

@@ -53,12 +53,14 @@ type Config struct {
 // Proxy is the sidecar data path: an inbound and an outbound listener, the
 // per-connection handlers, the live-connection registry and readiness.
 type Proxy struct {
-	cfg  Config
-	log  hclog.Logger
-	m    *Metrics
-	reg  *Registry
-	base context.Context // cancelled on hard close: aborts dials, handshakes, pumps
-	kill context.CancelCauseFunc
+	cfg Config
+	log hclog.Logger
+	// warns limits per-connection WARN lines (see ratelog.go).
+	warns *rateLog
+	m     *Metrics
+	reg   *Registry
+	base  context.Context // cancelled on hard close: aborts dials, handshakes, pumps
+	kill  context.CancelCauseFunc
 
 	mu        sync.Mutex
 	endpoints *Endpoints
@@ -107,7 +109,8 @@ func New(cfg Config) *Proxy {
 		cfg.Dialer = &net.Dialer{}
 	}
 	base, kill := context.WithCancelCause(context.Background())
-	p := &Proxy{cfg: cfg, log: cfg.Logger, m: cfg.Metrics, reg: cfg.Registry, base: base, kill: kill}
+	p := &Proxy{cfg: cfg, log: cfg.Logger, m: cfg.Metrics, reg: cfg.Registry, base: base, kill: kill,
+		warns: newRateLog(logInterval, nil)}
 	p.SetRouter(cfg.Router)
 	p.SetAcceptor(cfg.Acceptor)
 	return p
