@@ -52,7 +52,7 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 	}
 
 	info := ConnInfo{Direction: Outbound, Source: src, Destination: dst, Upstream: route.Upstream, Keys: route.Keys, Started: start}
-	p.connect(c, dial, info, start)
+	p.connect(c, dial, info, start, nil)
 }
 
 // handleInbound serves one connection redirected to the inbound listener.
@@ -91,11 +91,12 @@ func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
 		dial = p.dialTCP(p.localApp.Load())
 	}
 	info := ConnInfo{Direction: Inbound, Source: src, Destination: addrPortOf(c.LocalAddr()), Peer: in.Peer, Keys: in.Keys, Started: start}
-	p.connect(in.Conn, dial, info, start)
+	p.connect(in.Conn, dial, info, start, in.Revoked)
 }
 
 // connect dials the upstream leg, then pumps until both sides are done.
-func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.Time) {
+// revoked (optional) is Accepted.Revoked.
+func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.Time, revoked func() bool) {
 	dir := info.Direction.String()
 	ctx, cancel := context.WithCancelCause(p.base)
 	defer cancel(nil)
@@ -135,6 +136,8 @@ func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.
 	case st.Err == nil:
 	case errors.Is(st.Err, ErrIdle):
 		outcome = "idle_timeout"
+	case revoked != nil && revoked():
+		outcome = "revoked" // the acceptor closed it: authorization withdrawn
 	case context.Cause(ctx) != nil && errors.Is(st.Err, context.Cause(ctx)):
 		outcome = "closed" // revoked through the registry, or shutdown
 	default:

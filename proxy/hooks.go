@@ -91,6 +91,11 @@ type Accepted struct {
 	// Done, when set, is called once the connection has ended (however it
 	// ended), e.g. to stop tracking it for intention revocation.
 	Done func()
+	// Revoked, when set, reports whether the acceptor withdrew the
+	// connection's authorization and closed it (an intention now denies
+	// its source): the connection is then counted as outcome "revoked"
+	// rather than as an error.
+	Revoked func() bool
 }
 
 // Acceptor is the inbound handshake and authorization hook. It gets the raw

@@ -7,10 +7,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferrymesh/ferry/listener"
-
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/intentions"
 	"github.com/hashicorp/go-hclog"
@@ -91,7 +91,11 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		return Accepted{Conn: tc}, &Refused{Outcome: "denied", Reason: "no service SPIFFE ID", Err: err}
 	}
 	source := intentions.Source{Name: id.Service, Namespace: id.Namespace, Partition: id.Partition}
-	d, done := a.Intentions.Admit(source, func() { raw.Close() })
+	// A revocation closes the socket under the pump (the fastest way to
+	// stop both directions) and leaves a mark, so the connection is counted
+	// as revoked instead of failing with a read error.
+	revoked := new(atomic.Bool)
+	d, done := a.Intentions.Admit(source, func() { revoked.Store(true); raw.Close() })
 	if !d.Allow {
 		if ok, n := a.warns.allow("deny|" + id.String() + "|" + d.Intention); ok {
 			a.Logger.Warn("inbound connection denied by intentions", "src", src, "source", id.Service,
@@ -103,7 +107,7 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		return Accepted{Conn: tc}, &Refused{Outcome: "denied", Reason: fmt.Sprintf("intentions: %s", d.Reason)}
 	}
 	a.Logger.Debug("inbound connection authorized", "src", src, "peer", id.String(), "intention", d.Intention)
-	acc := Accepted{Conn: tc, Peer: id.String(), Keys: []string{"source:" + id.Service}, Done: done}
+	acc := Accepted{Conn: tc, Peer: id.String(), Keys: []string{"source:" + id.Service}, Done: done, Revoked: revoked.Load}
 	if a.Ports != nil {
 		if dst, err := listener.OriginalDst(raw); err == nil {
 			if addr, ok := a.Ports(dst); ok {

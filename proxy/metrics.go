@@ -272,8 +272,9 @@ type Metrics struct {
 	Set *MetricSet
 
 	// Connections counts finished or refused connections by direction and
-	// outcome (ok, error, idle_timeout, closed, dial_error, rejected, loop,
-	// over_limit, handshake_error, or a hook's Refused.Outcome).
+	// outcome (ok, error, idle_timeout, closed, revoked, dial_error,
+	// rejected, loop, over_limit, handshake_error, or a hook's
+	// Refused.Outcome).
 	Connections *CounterVec
 	// SentBytes is downstream→upstream, ReceivedBytes upstream→downstream,
 	// counted when a connection ends.

@@ -104,5 +104,5 @@ func (p *Proxy) handleUpstream(ul *upstreamListener, c *net.TCPConn) {
 	}
 	info := ConnInfo{Direction: Outbound, Source: addrPortOf(c.RemoteAddr()), Destination: addrPortOf(c.LocalAddr()),
 		Upstream: route.Upstream, Keys: route.Keys, Started: start}
-	p.connect(c, route.Dial, info, start)
+	p.connect(c, route.Dial, info, start, nil)
 }

@@ -252,6 +252,11 @@ func TestIntentionsMesh(t *testing.T) {
 			if !meshLogHas(m.backendSC, "revoked live connections", "source=default/default/web") {
 				t.Fatalf("backend sidecar did not log the revocation:\n%s", m.backendSC.Output())
 			}
+			// Counted as revoked, not as failed (a probe admitted just before
+			// the change and then cut may add one).
+			meshPoll(t, "both live connections counted as outcome revoked", 5*time.Second, func() bool {
+				return meshMetric(t, m.backend, `ferry_connections_total{direction="inbound",outcome="revoked"}`) >= 2
+			})
 			// other's connection, still allowed, keeps echoing.
 			echoed := keep.echoed.Load()
 			meshPoll(t, "other's live connection echoes after the revocation", 5*time.Second, func() bool {
