@@ -31,6 +31,8 @@ vet:
 
 unit:
 	$(GO) test -race $(UNIT_PKGS)
+	# Allocation tests again without -race, whose sync.Pool drops items.
+	$(GO) test -count=1 -run 'Allocs' $(UNIT_PKGS)
 
 e2e: deps consul
 	$(GO) test -count=1 -timeout 40m ./test/...

@@ -24,7 +24,10 @@ type batchConn struct {
 	batch *[]byte // non-nil while a batch is open or being flushed
 }
 
-var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 2*bufSize+1024); return &b }}
+// A batch holds one tls.Write of up to bigBufSize plaintext: its records
+// (22 bytes of header, content type and tag each) and room to spare for an
+// alert or KeyUpdate joining it.
+var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, bigBufSize+16<<10); return &b }}
 
 // newBatchConn wraps the TCP conn a *tls.Conn is built over.
 func newBatchConn(c net.Conn) net.Conn {
@@ -82,7 +85,7 @@ func (c *batchConn) flush() error {
 }
 
 func putBatch(bp *[]byte) {
-	if cap(*bp) > 4*bufSize {
+	if cap(*bp) > 2*bigBufSize {
 		return // grown by an unusual write; let it go
 	}
 	*bp = (*bp)[:0]

@@ -12,14 +12,37 @@ import (
 	"time"
 )
 
-// bufSize is 64 KiB, twice io.Copy's default: a buffer is held only while
-// data flows (idle directions hold none), and a larger one lets a chunk
-// of four full TLS records go out in one write(2) on either side of the
-// TLS leg (batchConn when sealing, readWaiter.more when opening), halving
-// the writes and wakeups per GB again compared to 32 KiB.
-const bufSize = 64 << 10
+// A direction holds a copy buffer only while data flows (idle directions
+// hold none). Each burst starts with a 64 KiB buffer, twice io.Copy's
+// default: enough for a request or response, and for a chunk of four full
+// TLS records in one write(2) on either side of the TLS leg (batchConn
+// when sealing, readWaiter.more when opening). A read that fills it means
+// the data is streaming, and the direction moves up to 256 KiB for the
+// rest of the burst: sixteen records per write, a quarter of the reads,
+// writes and wakeups per GB. Measured in the bench, interleaved A/B, 8
+// repetitions, fixed 256 KiB buffers against 64 KiB: mTLS pair CPU-s/GB
+// 1.67 -> 1.53 (1 conn) and 1.64 -> 1.45 (64 conns), throughput +6-8 %;
+// but 1 KiB request/response cost ~4 % more CPU per request with the big
+// buffer, hence only after a full read. This adaptive scheme against fixed
+// 64 KiB (same method): CPU-s/GB 1.66 -> 1.61 (1 conn), 1.72 -> 1.51 (64
+// conns), request/response no worse.
+const (
+	bufSize    = 64 << 10
+	bigBufSize = 256 << 10
+)
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+var (
+	bufPool    = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+	bigBufPool = sync.Pool{New: func() any { b := make([]byte, bigBufSize); return &b }}
+)
+
+func putBuf(bp *[]byte) {
+	if len(*bp) == bigBufSize {
+		bigBufPool.Put(bp)
+	} else {
+		bufPool.Put(bp)
+	}
+}
 
 // ErrIdle is the cause recorded when the idle timeout closes a connection.
 var ErrIdle = errors.New("idle timeout")
@@ -163,7 +186,7 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 	var bp *[]byte
 	defer func() {
 		if bp != nil {
-			bufPool.Put(bp)
+			putBuf(bp)
 		}
 	}()
 	var written int64
@@ -180,7 +203,7 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 			nr, rerr = w.tryRead(buf)
 			if isTimeout(rerr) {
 				if nr == 0 {
-					bufPool.Put(bp)
+					putBuf(bp)
 					bp = nil
 					w.wait()
 					continue
@@ -216,6 +239,11 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 			if nw != nr {
 				return written, io.ErrShortWrite
 			}
+			if nr == len(buf) && len(buf) < bigBufSize {
+				// A full read: the data is streaming. Bigger chunks.
+				bufPool.Put(bp)
+				bp = bigBufPool.Get().(*[]byte)
+			}
 		}
 		if rerr != nil {
 			if rerr == io.EOF || errors.Is(rerr, io.ErrUnexpectedEOF) {
@@ -230,7 +258,7 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 			if w.tls != nil {
 				probe = true // it may hold the next record already
 			} else {
-				bufPool.Put(bp)
+				putBuf(bp)
 				bp = nil
 				w.wait()
 			}
