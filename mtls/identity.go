@@ -69,6 +69,12 @@ func (id *Identity) Leaf() *Leaf { return id.leaf.Load() }
 // Roots returns the current roots, or nil before they are loaded.
 func (id *Identity) Roots() *Roots { return id.roots.Load() }
 
+// Generation changes whenever a leaf or a root set is loaded. A session
+// made under another generation was verified against other trust (or
+// presents another certificate): callers that keep sessions around use it
+// to stop reusing them.
+func (id *Identity) Generation() uint64 { return id.gen.Load() }
+
 // ID returns the SPIFFE ID of the current leaf (zero before it is loaded).
 // Its Datacenter is the datacenter of the agent that issued the leaf.
 func (id *Identity) ID() SpiffeID {

@@ -97,6 +97,8 @@ func putBatch(bp *[]byte) {
 func batcherOf(c any) *batchConn {
 	for range 4 {
 		switch v := c.(type) {
+		case *tunnelConn:
+			return nil // batches each frame itself
 		case *tls.Conn:
 			b, _ := v.NetConn().(*batchConn)
 			return b

@@ -65,33 +65,56 @@ func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
 		err = errors.New("acceptor returned no connection")
 	}
 	if err != nil {
-		outcome := "handshake_error"
-		var rf *Refused
-		if errors.As(err, &rf) {
-			outcome = rf.Outcome
-			if rf.Reset {
-				_ = c.SetLinger(0)
-			}
-		}
-		// The acceptor logs the specifics (it knows the peer); this
-		// layer only knows an inbound connection ended here.
-		p.log.Debug("inbound connection refused", "src", src, "outcome", outcome, "error", err)
-		p.m.Connections.With(dir, outcome).Inc()
-		if in.Conn != nil {
-			in.Conn.Close()
-		}
-		c.Close()
+		p.refuseInbound(c, in, err)
 		return
 	}
-	if in.Done != nil {
-		defer in.Done()
+	for {
+		dial := in.Dial
+		if dial == nil {
+			dial = p.dialTCP(p.localApp.Load())
+		}
+		info := ConnInfo{Direction: Inbound, Source: src, Destination: addrPortOf(c.LocalAddr()), Peer: in.Peer, Keys: in.Keys, Started: start}
+		p.connect(in.Conn, dial, info, start, in.Revoked)
+		if in.Done != nil {
+			in.Done()
+		}
+		if in.Next == nil {
+			return
+		}
+		// A tunnel session: serve the next connection it carries.
+		next, err := in.Next(p.drain)
+		if err != nil {
+			var rf *Refused
+			if errors.As(err, &rf) {
+				p.refuseInbound(c, next, err)
+			} else {
+				p.log.Trace("tunnel session ended", "src", src, "error", err)
+			}
+			return
+		}
+		in, start = next, time.Now()
 	}
-	dial := in.Dial
-	if dial == nil {
-		dial = p.dialTCP(p.localApp.Load())
+}
+
+// refuseInbound closes a connection the acceptor refused, counted under the
+// Refused's outcome.
+func (p *Proxy) refuseInbound(c *net.TCPConn, in Accepted, err error) {
+	outcome := "handshake_error"
+	var rf *Refused
+	if errors.As(err, &rf) {
+		outcome = rf.Outcome
+		if rf.Reset {
+			_ = c.SetLinger(0)
+		}
 	}
-	info := ConnInfo{Direction: Inbound, Source: src, Destination: addrPortOf(c.LocalAddr()), Peer: in.Peer, Keys: in.Keys, Started: start}
-	p.connect(in.Conn, dial, info, start, in.Revoked)
+	// The acceptor logs the specifics (it knows the peer); this layer only
+	// knows an inbound connection ended here.
+	p.log.Debug("inbound connection refused", "src", addrPortOf(c.RemoteAddr()), "outcome", outcome, "error", err)
+	p.m.Connections.With("inbound", outcome).Inc()
+	if in.Conn != nil {
+		in.Conn.Close()
+	}
+	c.Close()
 }
 
 // connect dials the upstream leg, then pumps until both sides are done.

@@ -96,6 +96,11 @@ type Accepted struct {
 	// its source): the connection is then counted as outcome "revoked"
 	// rather than as an error.
 	Revoked func() bool
+	// Next, when set, waits for the next connection over the same session
+	// (a tunnel, tunnel.go) once this one has ended and been closed, and
+	// returns it; an error means the session is over (and closed). ctx is
+	// cancelled when the proxy starts draining.
+	Next func(ctx context.Context) (Accepted, error)
 }
 
 // Acceptor is the inbound handshake and authorization hook. It gets the raw

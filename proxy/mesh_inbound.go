@@ -42,6 +42,9 @@ type MeshAcceptor struct {
 	// an app address other than the local app (declared extra ports of a
 	// multi-port service); optional.
 	Ports func(dst netip.AddrPort) (addr string, ok bool)
+	// DisableTunnels stops offering ferry peers tunnel sessions
+	// (tunnel.go): one mTLS session per connection, as with other peers.
+	DisableTunnels bool
 
 	cfg   *tls.Config
 	warns *rateLog
@@ -57,6 +60,9 @@ func (a *MeshAcceptor) Init() {
 		a.Logger = hclog.NewNullLogger()
 	}
 	a.cfg = a.Identity.ServerConfig()
+	if !a.DisableTunnels {
+		a.cfg.NextProtos = []string{alpnTunnel}
+	}
 }
 
 // AcceptInbound implements Acceptor.
@@ -90,6 +96,24 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		}
 		return Accepted{Conn: tc}, &Refused{Outcome: "denied", Reason: "no service SPIFFE ID", Err: err}
 	}
+	if tc.ConnectionState().NegotiatedProtocol == alpnTunnel {
+		ss := &inboundSession{a: a, raw: raw, tc: tc, id: id, src: src, created: time.Now(),
+			gen: a.Identity.Generation(), released: make(chan bool, 1)}
+		_ = tc.SetReadDeadline(deadline)
+		err := readOpen(tc)
+		_ = tc.SetReadDeadline(time.Time{})
+		if err != nil {
+			return Accepted{Conn: tc}, &Refused{Outcome: "handshake_error", Reason: "no tunnel OPEN before the handshake timeout", Err: err}
+		}
+		return a.admit(raw, newTunnelConn(tc, ss.release), id, src, ss.next)
+	}
+	return a.admit(raw, tc, id, src, nil)
+}
+
+// admit decides one connection (or one tunnel of a session) by the
+// intentions and returns what to pump.
+func (a *MeshAcceptor) admit(raw *net.TCPConn, conn net.Conn, id mtls.SpiffeID, src string,
+	next func(context.Context) (Accepted, error)) (Accepted, error) {
 	source := intentions.Source{Name: id.Service, Namespace: id.Namespace, Partition: id.Partition}
 	// A revocation closes the socket under the pump (the fastest way to
 	// stop both directions) and leaves a mark, so the connection is counted
@@ -104,10 +128,10 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		if a.Denied != nil {
 			a.Denied.With(id.Service, a.Service, intentionLabel(d)).Inc()
 		}
-		return Accepted{Conn: tc}, &Refused{Outcome: "denied", Reason: fmt.Sprintf("intentions: %s", d.Reason)}
+		return Accepted{Conn: conn}, &Refused{Outcome: "denied", Reason: fmt.Sprintf("intentions: %s", d.Reason)}
 	}
 	a.Logger.Debug("inbound connection authorized", "src", src, "peer", id.String(), "intention", d.Intention)
-	acc := Accepted{Conn: tc, Peer: id.String(), Keys: []string{"source:" + id.Service}, Done: done, Revoked: revoked.Load}
+	acc := Accepted{Conn: conn, Peer: id.String(), Keys: []string{"source:" + id.Service}, Done: done, Revoked: revoked.Load, Next: next}
 	if a.Ports != nil {
 		if dst, err := listener.OriginalDst(raw); err == nil {
 			if addr, ok := a.Ports(dst); ok {
@@ -119,6 +143,59 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		}
 	}
 	return acc, nil
+}
+
+// inboundSession is a ferry peer's tunnel session (tunnel.go): after one
+// tunnel ends cleanly, the next may follow on the same mTLS session.
+type inboundSession struct {
+	a        *MeshAcceptor
+	raw      *net.TCPConn
+	tc       *tls.Conn
+	id       mtls.SpiffeID
+	src      string
+	created  time.Time
+	gen      uint64    // identity generation the peer was last verified under
+	released chan bool // the last tunnel's Close: clean or not
+}
+
+// release is the tunnels' Close: a broken tunnel ends the session.
+func (s *inboundSession) release(clean bool) {
+	if !clean {
+		s.tc.Close()
+	}
+	s.released <- clean
+}
+
+var errSessionOver = errors.New("tunnel session over")
+
+// next waits for the client's next tunnel on the session (Accepted.Next).
+func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
+	if clean := <-s.released; !clean {
+		return Accepted{}, errSessionOver // release closed it
+	}
+	if time.Since(s.created) >= serverMaxAge {
+		s.tc.Close()
+		return Accepted{}, fmt.Errorf("%w: older than %v", errSessionOver, serverMaxAge)
+	}
+	// Leaves or roots changed since the peer was verified: verify its chain
+	// again against the roots of now before it opens anything more.
+	if g := s.a.Identity.Generation(); g != s.gen {
+		if err := s.a.cfg.VerifyConnection(s.tc.ConnectionState()); err != nil {
+			s.tc.Close()
+			return Accepted{}, &Refused{Outcome: "handshake_error", Reason: "peer no longer verifies", Err: err}
+		}
+		s.gen = g
+	}
+	_ = s.tc.SetReadDeadline(time.Now().Add(serverTunnelIdle))
+	stop := context.AfterFunc(ctx, func() { _ = s.tc.SetReadDeadline(aLongTimeAgo) })
+	err := readOpen(s.tc)
+	stop()
+	if err != nil {
+		s.tc.Close()
+		return Accepted{}, fmt.Errorf("%w: %w", errSessionOver, err)
+	}
+	_ = s.tc.SetReadDeadline(time.Time{})
+	return s.a.admit(s.raw, newTunnelConn(s.tc, s.release), s.id, s.src, s.next)
 }
 
 // startsWithTLS peeks (without consuming) at the first byte: a TLS record of

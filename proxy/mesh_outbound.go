@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
@@ -26,6 +27,11 @@ type MeshRouter struct {
 	log      hclog.Logger
 	// handshakes counts completed outbound handshakes by resumed=true|false.
 	handshakes *CounterVec
+	// pool holds idle tunnel sessions to ferry peers (tunnel.go); nil when
+	// tunnels are off.
+	pool *tunnelPool
+	// tunnels counts app connections carried as tunnels, by session=new|reused.
+	tunnels *CounterVec
 
 	mu      sync.Mutex
 	configs map[catalog.Service]*tls.Config
@@ -39,11 +45,28 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 	return &MeshRouter{view: view, identity: identity, dialer: &net.Dialer{}, log: log,
 		configs: map[catalog.Service]*tls.Config{},
 		handshakes: NewCounterVec("ferry_outbound_tls_handshakes_total",
-			"Outbound mTLS handshakes completed, by whether they resumed a session.", "resumed")}
+			"Outbound mTLS handshakes completed, by whether they resumed a session.", "resumed"),
+		pool: newTunnelPool(identity.Generation),
+		tunnels: NewCounterVec("ferry_outbound_tunnels_total",
+			"Outbound connections carried as tunnels over a ferry peer's mTLS session, by whether the session was new or reused.", "session")}
+}
+
+// DisableTunnels makes the router dial one mTLS session per connection
+// even to ferry peers. Call before use.
+func (r *MeshRouter) DisableTunnels() { r.pool = nil }
+
+// Close closes the idle tunnel sessions.
+func (r *MeshRouter) Close() {
+	if r.pool != nil {
+		r.pool.closeAll()
+	}
 }
 
 // HandshakeMetric is the router's handshake counter, for the metrics set.
 func (r *MeshRouter) HandshakeMetric() *CounterVec { return r.handshakes }
+
+// TunnelMetric is the router's tunnel counter, for the metrics set.
+func (r *MeshRouter) TunnelMetric() *CounterVec { return r.tunnels }
 
 // RouteOutbound implements Router. It answers from memory.
 func (r *MeshRouter) RouteOutbound(_ context.Context, dst netip.AddrPort) Route {
@@ -78,7 +101,24 @@ func (r *MeshRouter) Upstream(svc catalog.Service, direct bool, dst netip.AddrPo
 
 // dialTLS connects and completes the handshake within ctx, so a dead or
 // impostor instance fails here, where the catalog can still try another.
+//
+// To a ferry peer the connection is a tunnel (tunnel.go): over an idle
+// session from the pool when there is one, else over the new session.
 func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net.Conn, error) {
+	pool := r.pool
+	if pool != nil {
+		for {
+			tc, created, gen := pool.get(addr)
+			if tc == nil {
+				break
+			}
+			if t, err := r.openTunnel(tc, addr, created, gen); err == nil {
+				r.tunnels.With("reused").Inc()
+				return t, nil
+			}
+		}
+	}
+	gen := r.identity.Generation()
 	raw, err := r.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
@@ -88,8 +128,35 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) 
 		raw.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
-	r.handshakes.With(strconv.FormatBool(tc.ConnectionState().DidResume)).Inc()
+	cs := tc.ConnectionState()
+	r.handshakes.With(strconv.FormatBool(cs.DidResume)).Inc()
+	if pool != nil && cs.NegotiatedProtocol == alpnTunnel {
+		t, err := r.openTunnel(tc, addr, time.Now(), gen)
+		if err != nil {
+			return nil, fmt.Errorf("tunnel to %s: %w", addr, err)
+		}
+		r.tunnels.With("new").Inc()
+		return t, nil
+	}
 	return tc, nil
+}
+
+// openTunnel starts a tunnel on session tc; when the tunnel ends cleanly
+// the session goes back to the pool.
+func (r *MeshRouter) openTunnel(tc *tls.Conn, addr string, created time.Time, gen uint64) (net.Conn, error) {
+	pool := r.pool
+	t := newTunnelConn(tc, func(clean bool) {
+		if clean {
+			pool.put(addr, tc, created, gen)
+		} else {
+			tc.Close()
+		}
+	})
+	if err := writeOpen(t); err != nil {
+		tc.Close()
+		return nil, err
+	}
+	return t, nil
 }
 
 // clientConfig returns the upstream's TLS config, one per upstream so that
@@ -110,6 +177,9 @@ func (r *MeshRouter) clientConfig(svc catalog.Service) *tls.Config {
 		return c
 	}
 	c := r.identity.ClientConfig(mtls.ServiceID(td, dc, svc.Name))
+	if r.pool != nil {
+		c.NextProtos = []string{alpnTunnel}
+	}
 	r.configs[key] = c
 	return c
 }

@@ -61,6 +61,9 @@ type Proxy struct {
 	reg   *Registry
 	base  context.Context // cancelled on hard close: aborts dials, handshakes, pumps
 	kill  context.CancelCauseFunc
+	// drain is cancelled when Shutdown starts: idle tunnel sessions close.
+	drain      context.Context
+	startDrain context.CancelFunc
 
 	mu        sync.Mutex
 	endpoints *Endpoints
@@ -109,8 +112,9 @@ func New(cfg Config) *Proxy {
 		cfg.Dialer = &net.Dialer{}
 	}
 	base, kill := context.WithCancelCause(context.Background())
+	drain, startDrain := context.WithCancel(base)
 	p := &Proxy{cfg: cfg, log: cfg.Logger, m: cfg.Metrics, reg: cfg.Registry, base: base, kill: kill,
-		warns: newRateLog(logInterval, nil)}
+		drain: drain, startDrain: startDrain, warns: newRateLog(logInterval, nil)}
 	p.SetRouter(cfg.Router)
 	p.SetAcceptor(cfg.Acceptor)
 	return p
@@ -265,6 +269,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.draining = true
 	lns := append([]*listener.Listener(nil), p.all...)
 	p.mu.Unlock()
+	p.startDrain()
 	for _, ln := range lns {
 		ln.Close()
 	}

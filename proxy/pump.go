@@ -182,6 +182,7 @@ func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 // costs no copy buffer at all.
 func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error) {
 	w := newReadWaiter(src)
+	tun := tunnelOf(src)
 	batch := batcherOf(dst)
 	var bp *[]byte
 	defer func() {
@@ -193,6 +194,9 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 	probe := false
 	for {
 		if bp == nil {
+			if tun != nil {
+				tun.wait() // the next frame's header, without a buffer
+			}
 			bp = bufPool.Get().(*[]byte)
 		}
 		buf := *bp
@@ -253,6 +257,13 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 				return written, nil
 			}
 			return written, rerr
+		}
+		if tun != nil {
+			if tun.remaining == 0 {
+				putBuf(bp) // frame done: wait for the next without a buffer
+				bp = nil
+			}
+			continue
 		}
 		if w != nil && nr < w.full {
 			if w.tls != nil {

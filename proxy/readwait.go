@@ -51,6 +51,8 @@ func newReadWaiter(src any) *readWaiter {
 	c, _ := src.(net.Conn)
 	for range 4 { // bounded unwrap
 		switch s := c.(type) {
+		case *tunnelConn:
+			return nil // frames: copyBuffered waits on the tunnel itself
 		case *net.TCPConn:
 			tc = s
 		case *tls.Conn:

@@ -33,6 +33,9 @@ type SidecarConfig struct {
 	Permissive        bool
 	HandshakeTimeout  time.Duration
 	DisableRevocation bool
+	// DisableTunnels turns off tunnel sessions between ferry sidecars
+	// (tunnel.go), both ways: one mTLS session per connection.
+	DisableTunnels bool
 }
 
 // Sidecar is the whole sidecar: the data path plus the mesh view it routes
@@ -76,14 +79,19 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	s.proxy = New(cfg.Proxy)
 	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog")})
 	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
+	if cfg.DisableTunnels {
+		s.router.DisableTunnels()
+	}
 	s.proxy.SetRouter(s.router)
 	s.proxy.Metrics().Set.Register(s.router.HandshakeMetric())
+	s.proxy.Metrics().Set.Register(s.router.TunnelMetric())
 
 	denied := NewDeniedMetric()
 	s.proxy.Metrics().Set.Register(denied)
 	s.proxy.Metrics().Set.Register(intentionsCollector{s})
 	s.acceptor = &MeshAcceptor{Identity: s.id, HandshakeTimeout: cfg.HandshakeTimeout,
-		Permissive: cfg.Permissive, Logger: log.Named("inbound"), Denied: denied, Ports: s.localPort}
+		Permissive: cfg.Permissive, Logger: log.Named("inbound"), Denied: denied, Ports: s.localPort,
+		DisableTunnels: cfg.DisableTunnels}
 	s.acceptor.Init()
 
 	s.proxy.AddReadyCheck("identity", func() error {
@@ -229,6 +237,7 @@ func (s *Sidecar) upstreams(ups []api.Upstream) []Upstream {
 func (s *Sidecar) Shutdown(ctx context.Context) error {
 	err := s.proxy.Shutdown(ctx)
 	s.closeOnce.Do(func() {
+		s.router.Close()
 		s.cancel()
 		s.wg.Wait()
 		s.mu.Lock()

@@ -32,6 +32,7 @@ type runConfig struct {
 	Permissive          bool
 	HandshakeTimeout    time.Duration
 	LiveRevocation      bool
+	Tunnels             bool
 	DNSAddr             string
 	DNSRecursors        repeatedFlag
 	ClusterDomain       string
@@ -58,6 +59,7 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.BoolVar(&c.Permissive, "permissive", false, "let inbound clients that do not speak TLS through to the app (Consul's permissive MutualTLSMode); default: refuse them")
 	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "inbound TLS handshake deadline")
 	fs.BoolVar(&c.LiveRevocation, "live-revocation", true, "close established inbound connections whose source an intention change denies")
+	fs.BoolVar(&c.Tunnels, "tunnels", true, "between ferry sidecars, carry connections one after another over reused mTLS sessions (negotiated by ALPN; other peers are unaffected)")
 	fs.StringVar(&c.DNSAddr, "dns-addr", dns.DefaultAddr, "DNS server address, UDP and TCP (empty disables)")
 	fs.Var(&c.DNSRecursors, "dns-recursor", "DNS recursor IP[:port] for names outside the mesh, repeatable (default: the nameservers of /etc/resolv.conf except ferry itself: with -dns-addr on loopback or a wildcard, every loopback nameserver, which the DNS redirect sends back to ferry)")
 	fs.StringVar(&c.ClusterDomain, "cluster-domain", dns.DefaultClusterDomain, "Kubernetes cluster domain (<svc>.<ns>.svc.<domain> names)")
@@ -152,6 +154,7 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		Permissive:        cfg.Permissive,
 		HandshakeTimeout:  cfg.HandshakeTimeout,
 		DisableRevocation: !cfg.LiveRevocation,
+		DisableTunnels:    !cfg.Tunnels,
 	})
 	if err != nil {
 		return fmt.Errorf("run: %w", err)

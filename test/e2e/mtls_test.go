@@ -9,6 +9,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,6 +28,8 @@ const (
 	// sample names in ferry's /metrics
 	mtResumed = `ferry_outbound_tls_handshakes_total{resumed="true"}`
 	mtFull    = `ferry_outbound_tls_handshakes_total{resumed="false"}`
+	// App connections carried over a pooled tunnel session (no handshake).
+	mtReused = `ferry_outbound_tunnels_total{session="reused"}`
 )
 
 // mtMesh is frontend -> backend through two ferry sidecars, plus a pod
@@ -147,18 +150,48 @@ func TestMTLSMesh(t *testing.T) {
 		m.sentinel(t, accepts)
 	})
 
-	t.Run("repeat connections between the sidecars resume the TLS session", func(t *testing.T) {
-		full, resumed := meshMetric(t, m.frontend, mtFull), meshMetric(t, m.frontend, mtResumed)
+	t.Run("repeat connections between the sidecars reuse the session; new sessions resume", func(t *testing.T) {
+		full, resumed, reused := meshMetric(t, m.frontend, mtFull), meshMetric(t, m.frontend, mtResumed), meshMetric(t, m.frontend, mtReused)
 		const n = 5
 		for i := range n {
 			if out, err := meshEchoClient(t, m.frontend, m.vip, 4096, 1); err != nil {
 				t.Fatalf("connection %d: %v\n%s", i, err, out)
 			}
 		}
-		df, dr := meshMetric(t, m.frontend, mtFull)-full, meshMetric(t, m.frontend, mtResumed)-resumed
-		t.Logf("%d sequential connections: %d resumed, %d full handshakes", n, dr, df)
-		if dr < n-1 {
-			t.Fatalf("only %d of %d connections resumed (%d full)", dr, n, df)
+		df, dr, du := meshMetric(t, m.frontend, mtFull)-full, meshMetric(t, m.frontend, mtResumed)-resumed, meshMetric(t, m.frontend, mtReused)-reused
+		t.Logf("%d sequential connections: %d over a reused tunnel session, %d resumed, %d full handshakes", n, du, dr, df)
+		if du < n-1 || df+dr > 1 {
+			t.Fatalf("%d of %d sequential connections reused a session (%d handshakes); want at least %d and at most 1", du, n, df+dr, n-1)
+		}
+		// Connections open at the same time need sessions of their own:
+		// those resume the TLS session instead of a full handshake.
+		full, resumed = meshMetric(t, m.frontend, mtFull), meshMetric(t, m.frontend, mtResumed)
+		if out, err := meshEchoClient(t, m.frontend, m.vip, 4096, 4, "-hold", "500ms"); err != nil {
+			t.Fatalf("4 concurrent connections: %v\n%s", err, out)
+		}
+		df, dr = meshMetric(t, m.frontend, mtFull)-full, meshMetric(t, m.frontend, mtResumed)-resumed
+		t.Logf("4 concurrent connections: %d new sessions resumed, %d full handshakes", dr, df)
+		if dr < 3 || df > 0 {
+			t.Fatalf("4 concurrent connections: %d resumed and %d full handshakes; want at least 3 and 0", dr, df)
+		}
+	})
+	// Last: it stops the backend's sidecar. Idle tunnel sessions (the
+	// frontend pools them) must not hold up a drain.
+	t.Run("SIGTERM with idle tunnel sessions drains at once", func(t *testing.T) {
+		if out, err := meshEchoClient(t, m.frontend, m.vip, 4096, 2, "-hold", "200ms"); err != nil {
+			t.Fatalf("connections before the drain: %v\n%s", err, out)
+		}
+		t0 := time.Now()
+		if err := m.be.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.be.Wait(10 * time.Second); err != nil {
+			t.Fatalf("backend sidecar after SIGTERM: %v\n%s", err, m.be.Output())
+		}
+		took := time.Since(t0)
+		t.Logf("backend sidecar drained and exited in %v", took.Round(time.Millisecond))
+		if strings.Contains(m.be.Output(), "drain deadline reached") || took > 5*time.Second {
+			t.Fatalf("drain waited for idle tunnel sessions (%v):\n%s", took, m.be.Output())
 		}
 	})
 }
@@ -230,16 +263,16 @@ func TestMTLSRotation(t *testing.T) {
 	if out, err := meshEchoClient(t, m.frontend, m.vip, 64<<10, 4, "-timeout", "10s"); err != nil {
 		t.Fatalf("new connections with both new leaves: %v\n%s", err, out)
 	}
-	// Sessions from before the rotation are no longer offered, but the new
-	// ones resume again.
-	resumed := meshMetric(t, m.frontend, mtResumed)
+	// Sessions from before the rotation are no longer used (the pool
+	// retires them on the identity change), but the new ones are reused.
+	reused := meshMetric(t, m.frontend, mtReused)
 	for i := range 3 {
 		if out, err := meshEchoClient(t, m.frontend, m.vip, 4096, 1, "-timeout", "10s"); err != nil {
 			t.Fatalf("connection %d after the rotation: %v\n%s", i, err, out)
 		}
 	}
-	if d := meshMetric(t, m.frontend, mtResumed) - resumed; d < 2 {
-		t.Fatalf("only %d of 3 connections after the rotation resumed", d)
+	if d := meshMetric(t, m.frontend, mtReused) - reused; d < 2 {
+		t.Fatalf("only %d of 3 connections after the rotation reused a session", d)
 	}
 	if err := stream.Wait(time.Second); err != nil || !strings.Contains(stream.Output(), "ok conns=1") {
 		t.Fatalf("the live stream did not survive the rotation: %v\n%s", err, stream.Output())

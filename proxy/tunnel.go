@@ -1,0 +1,284 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync/atomic"
+	"time"
+)
+
+// Between two ferry sidecars, one mTLS session carries app connections one
+// after another instead of one handshake per app connection: a "tunnel".
+// A new connection then costs an OPEN frame instead of a TCP connect, a TLS
+// handshake (still a full key exchange when resumed) and a TCP close on
+// both sides: for short connections that was most of a sidecar's CPU.
+//
+// Both ends offer the protocol by ALPN (alpnTunnel); a peer that does not
+// know it (Consul's built-in proxy, Envoy) negotiates nothing and gets the
+// one-connection-per-session protocol as before.
+//
+// On the wire, after the handshake, the client sends per app connection:
+// OPEN, then DATA frames and one EOF (its half-close); the server sends
+// DATA frames and one EOF. A frame is a 4-byte header (type, 24-bit
+// length) and, for DATA, that many bytes. After both EOFs the session is
+// idle and either side may close it; only the client opens the next
+// tunnel, and only on a session it saw end cleanly. Anything else (a TLS
+// EOF inside a tunnel, an unknown frame) breaks the session: the app
+// connection ends with an error, as it would on a reset, and the session
+// is closed, never reused. A missing EOF frame is never taken for the end
+// of the stream, just as TLS close_notify guards against truncation.
+const alpnTunnel = "ferry/1"
+
+const (
+	frameData = 0
+	frameEOF  = 1
+	frameOpen = 2
+
+	frameHeader = 4
+	maxFrame    = 1<<24 - 1
+)
+
+// How long sessions live for reuse. The client reuses a session idle for
+// less than tunnelIdle and younger than tunnelMaxAge, so rotated roots or
+// leaves and changed trust are re-checked by a fresh handshake within
+// tunnelMaxAge; the server refuses new tunnels on older sessions (2x, so a
+// compliant client never meets that) and closes sessions idle for
+// serverTunnelIdle (3x the client's, so a client does not pick a session
+// the server is closing).
+const (
+	tunnelIdle       = 10 * time.Second
+	tunnelMaxAge     = time.Minute
+	serverTunnelIdle = 3 * tunnelIdle
+	serverMaxAge     = 2 * tunnelMaxAge
+)
+
+// errTunnelBroken marks a session that ended inside a tunnel.
+var errTunnelBroken = errors.New("tunnel: session ended without the peer's EOF frame")
+
+// tunnelConn is one app connection over a session. Reads and writes each
+// come from one goroutine (the pump's halves); Close may come from any.
+type tunnelConn struct {
+	tc    *tls.Conn
+	batch *batchConn  // under tc: a frame header and its data in one write(2)
+	rw    *readWaiter // under tc: gathers records crypto/tls already holds
+
+	// reading side
+	hdr       [frameHeader]byte
+	hdrN      int   // bytes of hdr read so far
+	remaining int   // DATA bytes of the current frame not yet read
+	rerr      error // from wait, for the next Read
+
+	gotEOF, sentEOF, broken, closed atomic.Bool
+
+	// release is called once, by Close: clean means both EOFs went by and
+	// the session may carry another tunnel. It owns the session after.
+	release func(clean bool)
+}
+
+func newTunnelConn(tc *tls.Conn, release func(clean bool)) *tunnelConn {
+	t := &tunnelConn{tc: tc, release: release}
+	t.batch, _ = tc.NetConn().(*batchConn)
+	t.rw = newReadWaiter(tc)
+	return t
+}
+
+// wait parks until the next frame header is in (or the stream ends),
+// without a copy buffer: the pump's idle wait for a tunnel. Like
+// readWaiter, it first takes what crypto/tls already holds, then parks on
+// the socket itself rather than inside a TLS read (whose deeper stack
+// would stay grown for every idle connection).
+func (t *tunnelConn) wait() {
+	if t.remaining != 0 || t.rerr != nil || t.gotEOF.Load() {
+		return
+	}
+	if t.rw != nil && t.hdrN < frameHeader {
+		n, err := t.rw.tryRead(t.hdr[t.hdrN:])
+		t.hdrN += n
+		switch {
+		case isTimeout(err):
+			if t.hdrN == 0 {
+				t.rw.wait()
+			}
+		case err != nil:
+			t.rerr = t.fail(err)
+			return
+		}
+	}
+	t.rerr = t.nextFrame()
+}
+
+// nextFrame reads headers up to the next DATA frame with a payload.
+func (t *tunnelConn) nextFrame() error {
+	if t.gotEOF.Load() {
+		return io.EOF
+	}
+	for {
+		if t.hdrN < frameHeader {
+			n, err := io.ReadFull(t.tc, t.hdr[t.hdrN:])
+			t.hdrN += n
+			if err != nil {
+				return t.fail(err)
+			}
+		}
+		t.hdrN = 0
+		typ, n := t.hdr[0], int(t.hdr[1])<<16|int(t.hdr[2])<<8|int(t.hdr[3])
+		switch {
+		case typ == frameData && n > 0:
+			t.remaining = n
+			return nil
+		case typ == frameData:
+		case typ == frameEOF && n == 0:
+			t.gotEOF.Store(true)
+			return io.EOF
+		default:
+			return t.fail(fmt.Errorf("tunnel: unexpected frame type %d length %d", typ, n))
+		}
+	}
+}
+
+func (t *tunnelConn) fail(err error) error {
+	t.broken.Store(true)
+	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
+		return errTunnelBroken
+	}
+	return err
+}
+
+func (t *tunnelConn) Read(p []byte) (int, error) {
+	if t.remaining == 0 {
+		if t.rerr == nil {
+			t.rerr = t.nextFrame()
+		}
+		if err := t.rerr; err != nil {
+			if err != io.EOF {
+				t.rerr = nil // a deadline may be retried; a broken session stays broken
+			}
+			return 0, err
+		}
+	}
+	k := min(len(p), t.remaining)
+	n, err := t.tc.Read(p[:k])
+	if err == nil && n == tlsMaxPlaintext && k > n && t.rw != nil {
+		n, err = t.rw.more(p[:k], n)
+	}
+	t.remaining -= n
+	if err != nil {
+		return n, t.fail(err)
+	}
+	return n, nil
+}
+
+func (t *tunnelConn) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		n := min(len(p), maxFrame)
+		if err := t.writeFrame(frameData, p[:n]); err != nil {
+			return written, t.fail(err)
+		}
+		written += n
+		p = p[n:]
+	}
+	return written, nil
+}
+
+// CloseWrite ends this side of the tunnel (the app's half-close).
+func (t *tunnelConn) CloseWrite() error {
+	if t.sentEOF.Load() {
+		return nil
+	}
+	if err := t.writeFrame(frameEOF, nil); err != nil {
+		return t.fail(err)
+	}
+	t.sentEOF.Store(true)
+	return nil
+}
+
+func (t *tunnelConn) writeFrame(typ byte, p []byte) error {
+	hdr := [frameHeader]byte{typ, byte(len(p) >> 16), byte(len(p) >> 8), byte(len(p))}
+	if len(p) > 0 && len(p) <= tlsMaxPlaintext-frameHeader {
+		// A small frame goes out as one TLS record, header included: one
+		// seal here and one open there instead of two (a request or
+		// response of a few KiB is the common case).
+		bp := bufPool.Get().(*[]byte)
+		b := append(append((*bp)[:0], hdr[:]...), p...)
+		_, err := t.tc.Write(b)
+		bufPool.Put(bp)
+		return err
+	}
+	if t.batch != nil {
+		t.batch.begin()
+	}
+	_, err := t.tc.Write(hdr[:])
+	if err == nil && len(p) > 0 {
+		_, err = t.tc.Write(p)
+	}
+	if t.batch != nil {
+		if ferr := t.batch.flush(); err == nil {
+			err = ferr
+		}
+	}
+	return err
+}
+
+// Close hands the session back (clean) or closes it.
+func (t *tunnelConn) Close() error {
+	if !t.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	t.release(t.clean())
+	return nil
+}
+
+func (t *tunnelConn) clean() bool {
+	return t.gotEOF.Load() && t.sentEOF.Load() && !t.broken.Load() && t.remaining == 0
+}
+
+// NetConn is the session, for tcpOf (linger on a reset, which breaks the
+// session anyway). readWaiter and batcherOf stop at a tunnelConn.
+func (t *tunnelConn) NetConn() net.Conn { return t.tc }
+
+func (t *tunnelConn) LocalAddr() net.Addr                { return t.tc.LocalAddr() }
+func (t *tunnelConn) RemoteAddr() net.Addr               { return t.tc.RemoteAddr() }
+func (t *tunnelConn) SetDeadline(d time.Time) error      { return t.tc.SetDeadline(d) }
+func (t *tunnelConn) SetReadDeadline(d time.Time) error  { return t.tc.SetReadDeadline(d) }
+func (t *tunnelConn) SetWriteDeadline(d time.Time) error { return t.tc.SetWriteDeadline(d) }
+
+// readOpen reads the client's OPEN for the next tunnel. io.EOF (or a
+// close_notify) means the client closed an idle session: not an error.
+func readOpen(tc *tls.Conn) error {
+	var hdr [frameHeader]byte
+	if _, err := io.ReadFull(tc, hdr[:]); err != nil {
+		return err // io.EOF only when nothing of a header came
+	}
+	if hdr != ([frameHeader]byte{frameOpen}) {
+		return fmt.Errorf("tunnel: expected OPEN, got frame type %d", hdr[0])
+	}
+	return nil
+}
+
+// writeOpen starts a tunnel on the client side.
+func writeOpen(t *tunnelConn) error {
+	if err := t.writeFrame(frameOpen, nil); err != nil {
+		return t.fail(err)
+	}
+	return nil
+}
+
+// tunnelOf returns the tunnelConn under c (through NetConn() pass-through
+// wrappers such as the catalog's tracked conns), or nil.
+func tunnelOf(c any) *tunnelConn {
+	for range 4 {
+		switch v := c.(type) {
+		case *tunnelConn:
+			return v
+		case interface{ NetConn() net.Conn }:
+			c = v.NetConn()
+		default:
+			return nil
+		}
+	}
+	return nil
+}

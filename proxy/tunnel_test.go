@@ -1,0 +1,244 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// sessionPair is a TLS session over loopback TCP with batchConn under both
+// ends, as MeshRouter and MeshAcceptor build them.
+func sessionPair(t *testing.T) (client, server *tls.Conn) {
+	t.Helper()
+	srvCfg, cliCfg := selfSignedTLS(t)
+	rawClient, rawServer := tcpPair(t)
+	client = tls.Client(newBatchConn(rawClient), cliCfg)
+	server = tls.Server(newBatchConn(rawServer), srvCfg)
+	hs := make(chan error, 1)
+	go func() { hs <- server.Handshake() }()
+	if err := client.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-hs; err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
+// Several app connections, one after another, over one session: each
+// through a Pump on both sides (client app → Pump → tunnel → Pump → echo
+// app), byte-exact, half-closed both ways, and each leaves the session
+// clean for the next.
+func TestTunnelsOverOneSession(t *testing.T) {
+	checkLeaks(t)
+	cs, ss := sessionPair(t)
+	app := echoServer(t)
+	relC, relS := make(chan bool, 1), make(chan bool, 1)
+	for i, n := range []int64{0, 1, 5 << 20, 1000} {
+		ct := newTunnelConn(cs, func(clean bool) { relC <- clean })
+		if err := writeOpen(ct); err != nil {
+			t.Fatalf("tunnel %d: open: %v", i, err)
+		}
+		if err := readOpen(ss); err != nil {
+			t.Fatalf("tunnel %d: server read OPEN: %v", i, err)
+		}
+		st := newTunnelConn(ss, func(clean bool) { relS <- clean })
+
+		// Server side: tunnel → echo app.
+		up, err := net.Dial("tcp", app)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srvDone := make(chan PumpStats, 1)
+		go func() { srvDone <- Pump(context.Background(), st, up, time.Minute) }()
+		// Client side: app conn → tunnel.
+		appClient, a := tcpPair(t)
+		cliDone := make(chan PumpStats, 1)
+		go func() { cliDone <- Pump(context.Background(), a, ct, time.Minute) }()
+
+		go func() {
+			io.Copy(appClient, &patternReader{n: n, seed: byte(i)})
+			appClient.CloseWrite()
+		}()
+		h := sha256.New()
+		appClient.SetReadDeadline(time.Now().Add(20 * time.Second))
+		got, err := io.Copy(h, appClient)
+		if err != nil || got != n {
+			t.Fatalf("tunnel %d: echoed %d bytes, %v; want %d", i, got, err, n)
+		}
+		if want := patternSum(n, byte(i)); !bytes.Equal(h.Sum(nil), want[:]) {
+			t.Fatalf("tunnel %d: checksum mismatch", i)
+		}
+		appClient.Close()
+		for _, ch := range []chan PumpStats{cliDone, srvDone} {
+			select {
+			case st := <-ch:
+				if st.Err != nil || st.Sent != n || st.Received != n {
+					t.Fatalf("tunnel %d: pump %+v, want %d both ways and no error", i, st, n)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("tunnel %d: pump did not finish", i)
+			}
+		}
+		if c, s := <-relC, <-relS; !c || !s {
+			t.Fatalf("tunnel %d: released clean client=%v server=%v, want both", i, c, s)
+		}
+	}
+}
+
+// A session that ends inside a tunnel (no EOF frame) is an error, never a
+// clean end of the stream, and the session is not handed back as clean.
+func TestTunnelBrokenSession(t *testing.T) {
+	checkLeaks(t)
+	cs, ss := sessionPair(t)
+	rel := make(chan bool, 1)
+	ct := newTunnelConn(cs, func(clean bool) { rel <- clean })
+	st := newTunnelConn(ss, func(bool) {})
+	go func() {
+		st.Write([]byte("partial"))
+		ss.Close() // close_notify, FIN: but no EOF frame
+	}()
+	buf := make([]byte, 64)
+	n, err := io.ReadFull(ct, buf[:7])
+	if err != nil || string(buf[:n]) != "partial" {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+	if _, err := ct.Read(buf); !errors.Is(err, errTunnelBroken) {
+		t.Fatalf("read after the session ended: %v, want errTunnelBroken", err)
+	}
+	ct.Close()
+	if <-rel {
+		t.Fatal("broken tunnel released as clean")
+	}
+}
+
+func TestTunnelBadFrames(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		wire []byte
+	}{
+		{"unknown type", []byte{7, 0, 0, 0}},
+		{"EOF with a length", []byte{frameEOF, 0, 0, 3, 'a', 'b', 'c'}},
+		{"OPEN inside a tunnel", []byte{frameOpen, 0, 0, 0}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cs, ss := sessionPair(t)
+			ct := newTunnelConn(cs, func(bool) {})
+			go ss.Write(tc.wire)
+			cs.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := ct.Read(make([]byte, 16)); err == nil || errors.Is(err, io.EOF) {
+				t.Fatalf("read: %v, want a protocol error", err)
+			}
+			if ct.clean() {
+				t.Fatal("tunnel clean after a protocol error")
+			}
+		})
+	}
+}
+
+func TestReadOpen(t *testing.T) {
+	cs, ss := sessionPair(t)
+	go func() {
+		cs.Write([]byte{frameOpen, 0, 0, 0})
+		cs.Write([]byte{frameData, 0, 0, 0})
+	}()
+	if err := readOpen(ss); err != nil {
+		t.Fatalf("OPEN: %v", err)
+	}
+	if err := readOpen(ss); err == nil {
+		t.Fatal("DATA taken for OPEN")
+	}
+	cs2, ss2 := sessionPair(t)
+	cs2.Close()
+	if err := readOpen(ss2); !errors.Is(err, io.EOF) {
+		t.Fatalf("idle session closed by the client: %v, want io.EOF", err)
+	}
+}
+
+func TestTunnelPool(t *testing.T) {
+	now := time.Unix(1000, 0)
+	gen := uint64(1)
+	newPool := func() *tunnelPool {
+		p := newTunnelPool(func() uint64 { return gen })
+		p.now = func() time.Time { return now }
+		return p
+	}
+	t.Run("reuses a quiet session", func(t *testing.T) {
+		p := newPool()
+		cs, _ := sessionPair(t)
+		p.put("a", cs, now, gen)
+		if got, _, _ := p.get("b"); got != nil {
+			t.Fatal("session handed out for another address")
+		}
+		if got, _, _ := p.get("a"); got != cs {
+			t.Fatal("pooled session not reused")
+		}
+		if got, _, _ := p.get("a"); got != nil {
+			t.Fatal("one session handed out twice")
+		}
+	})
+	t.Run("retires idle, old, other-generation and closed sessions", func(t *testing.T) {
+		for _, tc := range []struct {
+			name string
+			prep func(p *tunnelPool, cs, ss *tls.Conn)
+		}{
+			{"idle", func(p *tunnelPool, cs, _ *tls.Conn) {
+				p.put("a", cs, now, gen)
+				now = now.Add(tunnelIdle)
+			}},
+			{"old", func(p *tunnelPool, cs, _ *tls.Conn) {
+				p.put("a", cs, now.Add(-tunnelMaxAge+time.Second), gen)
+				now = now.Add(time.Second)
+			}},
+			{"generation", func(p *tunnelPool, cs, _ *tls.Conn) {
+				p.put("a", cs, now, gen)
+				gen++
+			}},
+			{"peer closed", func(p *tunnelPool, cs, ss *tls.Conn) {
+				p.put("a", cs, now, gen)
+				ss.Close()
+				// Until its close_notify and FIN are on the client's socket.
+				for i := 0; i < 500 && quiet(cs); i++ {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				p := newPool()
+				cs, ss := sessionPair(t)
+				tc.prep(p, cs, ss)
+				if got, _, _ := p.get("a"); got != nil {
+					t.Fatal("stale session reused")
+				}
+			})
+		}
+	})
+	t.Run("keeps at most maxIdle per address", func(t *testing.T) {
+		p := newPool()
+		p.maxIdle = 2
+		var sessions []*tls.Conn
+		for range 3 {
+			cs, _ := sessionPair(t)
+			sessions = append(sessions, cs)
+			p.put("a", cs, now, gen)
+		}
+		n := 0
+		for {
+			got, _, _ := p.get("a")
+			if got == nil {
+				break
+			}
+			n++
+		}
+		if n != 2 {
+			t.Fatalf("%d sessions pooled, want 2", n)
+		}
+	})
+}

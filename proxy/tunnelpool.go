@@ -1,0 +1,117 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// tunnelPool keeps the client side's idle tunnel sessions, by dial address
+// (one instance's ip:port; the session's identity checks were made for it).
+type tunnelPool struct {
+	maxIdle    int // per address
+	idle, age  time.Duration
+	generation func() uint64 // the identity's; a change retires sessions
+	now        func() time.Time
+
+	mu    sync.Mutex
+	conns map[string][]pooledSession
+}
+
+type pooledSession struct {
+	tc        *tls.Conn
+	created   time.Time
+	idleSince time.Time
+	gen       uint64
+}
+
+func newTunnelPool(generation func() uint64) *tunnelPool {
+	return &tunnelPool{maxIdle: 16, idle: tunnelIdle, age: tunnelMaxAge, generation: generation,
+		now: time.Now, conns: map[string][]pooledSession{}}
+}
+
+// get returns an idle session for addr that is still good to carry a
+// tunnel, closing the stale ones it meets, or nil.
+func (p *tunnelPool) get(addr string) (*tls.Conn, time.Time, uint64) {
+	now, gen := p.now(), p.generation()
+	for {
+		p.mu.Lock()
+		list := p.conns[addr]
+		if len(list) == 0 {
+			p.mu.Unlock()
+			return nil, time.Time{}, 0
+		}
+		s := list[len(list)-1] // the most recently used: least likely to be stale
+		p.conns[addr] = list[:len(list)-1]
+		if len(list) == 1 {
+			delete(p.conns, addr)
+		}
+		p.mu.Unlock()
+		if now.Sub(s.idleSince) < p.idle && now.Sub(s.created) < p.age && s.gen == gen && quiet(s.tc) {
+			return s.tc, s.created, s.gen
+		}
+		s.tc.Close()
+	}
+}
+
+// put keeps a session whose tunnel ended cleanly, or closes it.
+func (p *tunnelPool) put(addr string, tc *tls.Conn, created time.Time, gen uint64) {
+	now := p.now()
+	if now.Sub(created) >= p.age || gen != p.generation() {
+		tc.Close()
+		return
+	}
+	p.mu.Lock()
+	list := p.conns[addr]
+	if len(list) >= p.maxIdle {
+		p.mu.Unlock()
+		tc.Close()
+		return
+	}
+	p.conns[addr] = append(list, pooledSession{tc: tc, created: created, idleSince: now, gen: gen})
+	p.mu.Unlock()
+}
+
+// closeAll closes every idle session (shutdown).
+func (p *tunnelPool) closeAll() {
+	p.mu.Lock()
+	all := p.conns
+	p.conns = map[string][]pooledSession{}
+	p.mu.Unlock()
+	for _, list := range all {
+		for _, s := range list {
+			s.tc.Close()
+		}
+	}
+}
+
+// quiet reports whether an idle session's socket has nothing to read: a
+// server never sends between tunnels, so anything there (its close_notify,
+// a FIN, a reset) means the session is over.
+func quiet(tc *tls.Conn) bool {
+	tcp := tcpOf(tc)
+	if tcp == nil {
+		return false
+	}
+	rc, err := tcp.SyscallConn()
+	if err != nil {
+		return false
+	}
+	ok := false
+	_ = rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		for {
+			_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			if err == unix.EINTR {
+				continue
+			}
+			ok = errors.Is(err, syscall.EAGAIN)
+			return true
+		}
+	})
+	return ok
+}
