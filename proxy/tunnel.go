@@ -62,6 +62,7 @@ var errTunnelBroken = errors.New("tunnel: session ended without the peer's EOF f
 // come from one goroutine (the pump's halves); Close may come from any.
 type tunnelConn struct {
 	tc    *tls.Conn
+	r     io.Reader   // tc, or a plain stream in the frame fuzz test
 	batch *batchConn  // under tc: a frame header and its data in one write(2)
 	rw    *readWaiter // under tc: gathers records crypto/tls already holds
 
@@ -79,7 +80,7 @@ type tunnelConn struct {
 }
 
 func newTunnelConn(tc *tls.Conn, release func(clean bool)) *tunnelConn {
-	t := &tunnelConn{tc: tc, release: release}
+	t := &tunnelConn{tc: tc, r: tc, release: release}
 	t.batch, _ = tc.NetConn().(*batchConn)
 	t.rw = newReadWaiter(tc)
 	return t
@@ -117,7 +118,7 @@ func (t *tunnelConn) nextFrame() error {
 	}
 	for {
 		if t.hdrN < frameHeader {
-			n, err := io.ReadFull(t.tc, t.hdr[t.hdrN:])
+			n, err := io.ReadFull(t.r, t.hdr[t.hdrN:])
 			t.hdrN += n
 			if err != nil {
 				return t.fail(err)
@@ -160,7 +161,7 @@ func (t *tunnelConn) Read(p []byte) (int, error) {
 		}
 	}
 	k := min(len(p), t.remaining)
-	n, err := t.tc.Read(p[:k])
+	n, err := t.r.Read(p[:k])
 	if err == nil && n == tlsMaxPlaintext && k > n && t.rw != nil {
 		n, err = t.rw.more(p[:k], n)
 	}

@@ -220,6 +220,32 @@ func TestTunnelPool(t *testing.T) {
 			})
 		}
 	})
+	t.Run("closes sessions left idle", func(t *testing.T) {
+		p := newPool()
+		cs, ss := sessionPair(t)
+		p.put("a", cs, now, gen)
+		now = now.Add(tunnelIdle)
+		p.expire()
+		if len(p.conns) != 0 || p.sweep != nil {
+			t.Fatalf("after expiry: %d addresses pooled, sweep pending %v", len(p.conns), p.sweep != nil)
+		}
+		// The session was closed: the server sees its close_notify.
+		ss.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := ss.Read(make([]byte, 1)); err != io.EOF {
+			t.Fatalf("server read after the client expired the session: %v, want EOF", err)
+		}
+	})
+	t.Run("closeAll stops the sweep and refuses more", func(t *testing.T) {
+		p := newPool()
+		cs, _ := sessionPair(t)
+		p.put("a", cs, now, gen)
+		p.closeAll()
+		cs2, _ := sessionPair(t)
+		p.put("a", cs2, now, gen)
+		if got, _, _ := p.get("a"); got != nil || p.sweep != nil {
+			t.Fatal("pool kept a session after closeAll")
+		}
+	})
 	t.Run("keeps at most maxIdle per address", func(t *testing.T) {
 		p := newPool()
 		p.maxIdle = 2
@@ -239,6 +265,64 @@ func TestTunnelPool(t *testing.T) {
 		}
 		if n != 2 {
 			t.Fatalf("%d sessions pooled, want 2", n)
+		}
+	})
+}
+
+// FuzzTunnelFrames feeds arbitrary bytes to the frame reader: it must never
+// panic, must hand out exactly the DATA payloads a straightforward parse of
+// the same bytes finds, and may report a clean end (io.EOF) only after a
+// well-formed EOF frame.
+func FuzzTunnelFrames(f *testing.F) {
+	f.Add([]byte{frameData, 0, 0, 3, 'a', 'b', 'c', frameEOF, 0, 0, 0})
+	f.Add([]byte{frameData, 0, 0, 0, frameEOF, 0, 0, 0})
+	f.Add([]byte{frameData, 0, 0, 5, 'a'})
+	f.Add([]byte{frameEOF, 0, 0, 1, 'x'})
+	f.Add([]byte{frameOpen, 0, 0, 0})
+	f.Add([]byte{frameData, 0xff, 0xff, 0xff})
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, wire []byte) {
+		// The oracle.
+		var want []byte
+		clean := false
+		for rest := wire; len(rest) >= frameHeader; {
+			typ, n := rest[0], int(rest[1])<<16|int(rest[2])<<8|int(rest[3])
+			rest = rest[frameHeader:]
+			if typ == frameEOF && n == 0 {
+				clean = true
+				break
+			}
+			if typ != frameData {
+				break
+			}
+			take := min(n, len(rest))
+			want = append(want, rest[:take]...)
+			if take < n {
+				break
+			}
+			rest = rest[n:]
+		}
+
+		tc := &tunnelConn{r: bytes.NewReader(wire), release: func(bool) {}}
+		var got []byte
+		buf := make([]byte, 7) // small reads: frames span several
+		var err error
+		for range len(wire) + 2 {
+			var n int
+			n, err = tc.Read(buf)
+			got = append(got, buf[:n]...)
+			if err != nil {
+				break
+			}
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("read %q, want %q", got, want)
+		}
+		if (err == io.EOF) != clean {
+			t.Fatalf("end %v, clean EOF frame present: %v", err, clean)
+		}
+		if err == nil {
+			t.Fatal("reader did not end")
 		}
 	})
 }

@@ -18,8 +18,10 @@ type tunnelPool struct {
 	generation func() uint64 // the identity's; a change retires sessions
 	now        func() time.Time
 
-	mu    sync.Mutex
-	conns map[string][]pooledSession
+	mu     sync.Mutex
+	conns  map[string][]pooledSession
+	sweep  *time.Timer // pending while sessions are pooled
+	closed bool
 }
 
 type pooledSession struct {
@@ -72,8 +74,49 @@ func (p *tunnelPool) put(addr string, tc *tls.Conn, created time.Time, gen uint6
 		tc.Close()
 		return
 	}
+	if p.closed {
+		p.mu.Unlock()
+		tc.Close()
+		return
+	}
 	p.conns[addr] = append(list, pooledSession{tc: tc, created: created, idleSince: now, gen: gen})
+	if p.sweep == nil {
+		// Sessions nobody asks for again would otherwise sit in CLOSE_WAIT
+		// once the server closes them.
+		p.sweep = time.AfterFunc(p.idle, p.expire)
+	}
 	p.mu.Unlock()
+}
+
+// expire closes the sessions idle for too long, and runs again while any
+// are left.
+func (p *tunnelPool) expire() {
+	now := p.now()
+	var stale []*tls.Conn
+	p.mu.Lock()
+	for addr, list := range p.conns {
+		kept := list[:0]
+		for _, s := range list {
+			if now.Sub(s.idleSince) >= p.idle || now.Sub(s.created) >= p.age {
+				stale = append(stale, s.tc)
+			} else {
+				kept = append(kept, s)
+			}
+		}
+		if len(kept) == 0 {
+			delete(p.conns, addr)
+		} else {
+			p.conns[addr] = kept
+		}
+	}
+	p.sweep = nil
+	if len(p.conns) > 0 && !p.closed {
+		p.sweep = time.AfterFunc(p.idle/2, p.expire)
+	}
+	p.mu.Unlock()
+	for _, tc := range stale {
+		tc.Close()
+	}
 }
 
 // closeAll closes every idle session (shutdown).
@@ -81,6 +124,11 @@ func (p *tunnelPool) closeAll() {
 	p.mu.Lock()
 	all := p.conns
 	p.conns = map[string][]pooledSession{}
+	p.closed = true
+	if p.sweep != nil {
+		p.sweep.Stop()
+		p.sweep = nil
+	}
 	p.mu.Unlock()
 	for _, list := range all {
 		for _, s := range list {
