@@ -17,14 +17,21 @@
 // connection into what is pumped; by default (PlainAcceptor) the raw conn
 // goes to the local app (LocalServiceAddress:LocalServicePort).
 //
-// Both directions end in Pump: two goroutines per connection, each an
-// io.Copy that for *net.TCPConn on both sides becomes splice(2)
-// (TestPumpSplices proves it under strace); other legs (TLS) use pooled
-// 32 KiB buffers. EOF on one side becomes CloseWrite on the other (for
+// Both directions end in Pump: two goroutines per connection. Plain TCP on
+// both sides is spliced through pipes held only while data moves
+// (splice.go); other legs (TLS, tunnels) copy through pooled buffers, 64
+// KiB per burst and 256 KiB while streaming, none while idle (pump.go,
+// readwait.go). EOF on one side becomes CloseWrite on the other (for
 // *tls.Conn: close_notify, then FIN on the TCP under it) while the reverse
 // direction flows on; an error aborts both sides, a reset is passed on as
 // a reset. The idle timeout is measured from kernel byte counters
 // (TCP_INFO), so the splice path carries no per-byte bookkeeping.
+//
+// Between two ferry sidecars, app connections travel as tunnels: one after
+// another over a reused mTLS session, negotiated by ALPN (tunnel.go; the
+// client's session pool is tunnelpool.go, the server's session loop
+// Accepted.Next in MeshAcceptor). Other peers get one session per
+// connection.
 //
 // A dial failure resets the downstream connection: its connect already
 // succeeded against the proxy, and a reset is the closest the app can get
