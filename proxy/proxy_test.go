@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -444,4 +445,72 @@ func TestConnectTimeout(t *testing.T) {
 		t.Fatalf("dial deadline %v after start; want the 150 ms connect timeout", dl.Sub(start))
 	}
 	waitFor(t, "dial error counted", func() bool { return counter(p, "inbound", "dial_error") == 1 })
+}
+
+// keepOpen is an accepted conn whose Close leaves the socket open, as a
+// tunnel's does when its session may carry the next connection.
+type keepOpen struct{ *net.TCPConn }
+
+func (keepOpen) Close() error { return nil }
+
+// The inbound loop over a session (Accepted.Next): each connection is
+// pumped and finished (Done) before Next is asked for the following one; a
+// Refused from Next is counted under its outcome and closes the socket;
+// Next waiting for more does not hold up a drain.
+func TestInboundSessionNext(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		next func(ctx context.Context) (Accepted, error)
+		// check runs after the first connection is through
+		check func(t *testing.T, p *Proxy, c net.Conn)
+	}{
+		{"refused", func(context.Context) (Accepted, error) {
+			return Accepted{}, &Refused{Outcome: "denied", Reason: "test"}
+		}, func(t *testing.T, p *Proxy, c net.Conn) {
+			waitFor(t, "denied counted", func() bool { return counter(p, "inbound", "denied") == 1 })
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Read(make([]byte, 1)); !isClosedOrReset(err) {
+				t.Fatalf("session socket after a refused Next: %v, want closed", err)
+			}
+		}},
+		{"waits until drain", func(ctx context.Context) (Accepted, error) {
+			<-ctx.Done()
+			return Accepted{}, errors.New("draining")
+		}, func(t *testing.T, p *Proxy, c net.Conn) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			t0 := time.Now()
+			if err := p.Shutdown(ctx); err != nil {
+				t.Fatalf("shutdown: %v", err)
+			}
+			if d := time.Since(t0); d > 2*time.Second {
+				t.Fatalf("drain waited %v for a session between connections", d)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			var done atomic.Int32
+			acc := AcceptorFunc(func(ctx context.Context, raw *net.TCPConn) (Accepted, error) {
+				return Accepted{Conn: keepOpen{raw}, Done: func() { done.Add(1) }, Next: tc.next}, nil
+			})
+			p := startProxy(t, Config{Acceptor: acc}, echoServer(t))
+			in, _ := p.Addrs()
+			c, err := net.Dial("tcp", in.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			c.Write([]byte("ping"))
+			c.(*net.TCPConn).CloseWrite()
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if got, err := io.ReadAll(c); err != nil || string(got) != "ping" {
+				t.Fatalf("first connection: %q, %v", got, err)
+			}
+			waitFor(t, "first connection finished", func() bool {
+				return counter(p, "inbound", "ok") == 1 && done.Load() == 1
+			})
+			tc.check(t, p, c)
+		})
+	}
 }
