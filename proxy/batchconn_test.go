@@ -27,14 +27,7 @@ func TestPumpTLSPairBatchedBothWays(t *testing.T) {
 	c, server := tcpPair(t)
 	x, y := tcpPair(t)
 	tx, ty := tls.Client(newBatchConn(x), cliCfg), tls.Server(newBatchConn(y), srvCfg)
-	hs := make(chan error, 1)
-	go func() { hs <- ty.Handshake() }()
-	if err := tx.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-hs; err != nil {
-		t.Fatal(err)
-	}
+	handshake(t, tx, ty)
 	if batcherOf(tx) == nil || batcherOf(passThrough{tx}) == nil || newReadWaiter(passThrough{tx}) == nil {
 		t.Fatal("batchConn under tls.Conn not recognised")
 	}

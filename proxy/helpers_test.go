@@ -199,3 +199,16 @@ func requireRoot(t testing.TB) {
 type countingDiscard struct{ n atomic.Int64 }
 
 func (c *countingDiscard) Write(p []byte) (int, error) { return len(p), nil }
+
+// handshake completes a TLS handshake between two ends of one connection.
+func handshake(tb testing.TB, client, server *tls.Conn) {
+	tb.Helper()
+	hs := make(chan error, 1)
+	go func() { hs <- server.Handshake() }()
+	if err := client.Handshake(); err != nil {
+		tb.Fatal(err)
+	}
+	if err := <-hs; err != nil {
+		tb.Fatal(err)
+	}
+}

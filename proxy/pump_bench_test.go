@@ -20,14 +20,7 @@ func BenchmarkStreamPumpTLS(b *testing.B) {
 		cliCfg.DynamicRecordSizingDisabled = true
 		x, y := tcpPair(b)
 		tx, ty := tls.Client(newBatchConn(x), cliCfg), tls.Server(newBatchConn(y), srvCfg)
-		hs := make(chan error, 1)
-		go func() { hs <- ty.Handshake() }()
-		if err := tx.Handshake(); err != nil {
-			b.Fatal(err)
-		}
-		if err := <-hs; err != nil {
-			b.Fatal(err)
-		}
+		handshake(b, tx, ty)
 		startPump(b, context.Background(), a, tx, time.Minute)
 		startPump(b, context.Background(), ty, c, time.Minute)
 	})

@@ -369,13 +369,6 @@ func tlsPair(t *testing.T) (client, server *tls.Conn) {
 	rawClient, rawServer := tcpPair(t)
 	client = tls.Client(rawClient, cliCfg)
 	server = tls.Server(rawServer, srvCfg)
-	hs := make(chan error, 1)
-	go func() { hs <- server.Handshake() }()
-	if err := client.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-hs; err != nil {
-		t.Fatal(err)
-	}
+	handshake(t, client, server)
 	return client, server
 }

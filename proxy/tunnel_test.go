@@ -20,14 +20,7 @@ func sessionPair(t *testing.T) (client, server *tls.Conn) {
 	rawClient, rawServer := tcpPair(t)
 	client = tls.Client(newBatchConn(rawClient), cliCfg)
 	server = tls.Server(newBatchConn(rawServer), srvCfg)
-	hs := make(chan error, 1)
-	go func() { hs <- server.Handshake() }()
-	if err := client.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-hs; err != nil {
-		t.Fatal(err)
-	}
+	handshake(t, client, server)
 	t.Cleanup(func() { client.Close(); server.Close() })
 	return client, server
 }
