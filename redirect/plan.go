@@ -256,17 +256,7 @@ func (p Plan) chainOrder() []string {
 // ends up in, as `iptables-restore --noflush` would take it on a table that
 // holds none of ferry's rules.
 func (p Plan) Restore() string {
-	var b strings.Builder
-	b.WriteString("*" + Table + "\n")
-	for _, c := range p.Chains() {
-		b.WriteString(":" + c + " - [0:0]\n")
-	}
-	rules := p.Rules()
-	for _, c := range p.chainOrder() {
-		for _, spec := range rules[c] {
-			b.WriteString("-A " + c + " " + spec + "\n")
-		}
-	}
-	b.WriteString("COMMIT\n")
-	return b.String()
+	t := newRestoreTx(p.Chains())
+	t.rules("-A", p.chainOrder(), p.Rules())
+	return t.commit()
 }

@@ -148,25 +148,10 @@ func upToDate(cur State, p Plan) bool {
 // the plan: declaring a chain under --noflush creates it or flushes it,
 // the old jumps from built-in chains are deleted and the plan appended.
 func applyTx(cur State, p Plan) string {
-	var b strings.Builder
-	b.WriteString("*" + Table + "\n")
-	for _, c := range p.Chains() {
-		b.WriteString(":" + c + " - [0:0]\n")
-	}
-	old := cur.ownedJumps(true)
-	for _, c := range cur.Chains {
-		for _, spec := range old[c] {
-			b.WriteString("-D " + c + " " + spec + "\n")
-		}
-	}
-	want := p.Rules()
-	for _, c := range p.chainOrder() {
-		for _, spec := range want[c] {
-			b.WriteString("-A " + c + " " + spec + "\n")
-		}
-	}
-	b.WriteString("COMMIT\n")
-	return b.String()
+	t := newRestoreTx(p.Chains())
+	t.rules("-D", cur.Chains, cur.ownedJumps(true))
+	t.rules("-A", p.chainOrder(), p.Rules())
+	return t.commit()
 }
 
 // cleanupTx removes the five chains and every jump into them, from any
@@ -182,21 +167,10 @@ func cleanupTx(cur State) string {
 	if len(owned) == 0 && len(jumps) == 0 {
 		return ""
 	}
-	var b strings.Builder
-	b.WriteString("*" + Table + "\n")
-	for _, c := range owned {
-		b.WriteString(":" + c + " - [0:0]\n") // flushes: the chains may jump to each other
-	}
-	for _, c := range cur.Chains {
-		for _, spec := range jumps[c] {
-			b.WriteString("-D " + c + " " + spec + "\n")
-		}
-	}
-	for _, c := range owned {
-		b.WriteString("-X " + c + "\n")
-	}
-	b.WriteString("COMMIT\n")
-	return b.String()
+	t := newRestoreTx(owned) // flushes them: the chains may jump to each other
+	t.rules("-D", cur.Chains, jumps)
+	t.deleteChains(owned)
+	return t.commit()
 }
 
 // revertTx restores the owned part of prev after a transaction moved the
@@ -205,36 +179,12 @@ func cleanupTx(cur State) string {
 // their chains, which may differ from their old position among foreign
 // rules; the owned chains come back exactly.
 func revertTx(prev State, p Plan) string {
-	var b strings.Builder
-	b.WriteString("*" + Table + "\n")
-	for _, c := range p.Chains() {
-		b.WriteString(":" + c + " - [0:0]\n")
-	}
-	want := p.Rules()
-	for _, c := range p.chainOrder() {
-		if IsOwnedChain(c) {
-			continue
-		}
-		for _, spec := range want[c] {
-			b.WriteString("-D " + c + " " + spec + "\n")
-		}
-	}
-	for _, c := range Chains() {
-		for _, spec := range prev.Rules[c] {
-			b.WriteString("-A " + c + " " + spec + "\n")
-		}
-	}
-	old := prev.ownedJumps(true)
-	for _, c := range prev.Chains {
-		for _, spec := range old[c] {
-			b.WriteString("-A " + c + " " + spec + "\n")
-		}
-	}
-	for _, c := range p.Chains() {
-		if !prev.HasChain(c) {
-			b.WriteString("-X " + c + "\n")
-		}
-	}
-	b.WriteString("COMMIT\n")
-	return b.String()
+	t := newRestoreTx(p.Chains())
+	// The plan's jumps from built-in chains go; its own chains were just
+	// flushed by declaring them.
+	t.rules("-D", slices.DeleteFunc(p.chainOrder(), IsOwnedChain), p.Rules())
+	t.rules("-A", Chains(), prev.Rules)
+	t.rules("-A", prev.Chains, prev.ownedJumps(true))
+	t.deleteChains(slices.DeleteFunc(p.Chains(), prev.HasChain))
+	return t.commit()
 }
