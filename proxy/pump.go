@@ -306,16 +306,21 @@ func setLinger0(c net.Conn) {
 }
 
 // tcpOf returns the TCP connection under c, if any.
-func tcpOf(c net.Conn) *net.TCPConn {
+func tcpOf(c net.Conn) *net.TCPConn { return under[*net.TCPConn](c) }
+
+// under returns the T under c, looking through NetConn() wrappers
+// (*tls.Conn, tunnels, the catalog's tracked conns), or T's zero value.
+func under[T any](c any) T {
 	for range 4 { // bounded unwrap
-		switch v := c.(type) {
-		case *net.TCPConn:
+		if v, ok := c.(T); ok {
 			return v
-		case interface{ NetConn() net.Conn }: // *tls.Conn and friends
-			c = v.NetConn()
-		default:
-			return nil
 		}
+		w, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = w.NetConn()
 	}
-	return nil
+	var zero T
+	return zero
 }

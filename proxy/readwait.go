@@ -35,7 +35,6 @@ type readWaiter struct {
 	tls   *tls.Conn
 	full  int // a read shorter than this means the sender paused
 	first bool
-	b     [1]byte
 	probe func(fd uintptr) bool
 }
 
@@ -124,12 +123,18 @@ func (w *readWaiter) peek(fd uintptr) bool {
 		return true
 	}
 	w.first = false
+	return readable(fd)
+}
+
+// readable reports, without consuming anything or blocking, whether the
+// socket has something for a read: data, EOF or an error.
+func readable(fd uintptr) bool {
+	var b [1]byte
 	for {
-		_, _, err := unix.Recvfrom(int(fd), w.b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		if err == unix.EINTR {
-			continue
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		if err != unix.EINTR {
+			return err != unix.EAGAIN
 		}
-		return err != unix.EAGAIN
 	}
 }
 

@@ -270,16 +270,4 @@ func writeOpen(t *tunnelConn) error {
 
 // tunnelOf returns the tunnelConn under c (through NetConn() pass-through
 // wrappers such as the catalog's tracked conns), or nil.
-func tunnelOf(c any) *tunnelConn {
-	for range 4 {
-		switch v := c.(type) {
-		case *tunnelConn:
-			return v
-		case interface{ NetConn() net.Conn }:
-			c = v.NetConn()
-		default:
-			return nil
-		}
-	}
-	return nil
-}
+func tunnelOf(c any) *tunnelConn { return under[*tunnelConn](c) }

@@ -2,12 +2,8 @@ package proxy
 
 import (
 	"crypto/tls"
-	"errors"
 	"sync"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // tunnelPool keeps the client side's idle tunnel sessions, by dial address
@@ -151,15 +147,8 @@ func quiet(tc *tls.Conn) bool {
 	}
 	ok := false
 	_ = rc.Read(func(fd uintptr) bool {
-		var b [1]byte
-		for {
-			_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-			if err == unix.EINTR {
-				continue
-			}
-			ok = errors.Is(err, syscall.EAGAIN)
-			return true
-		}
+		ok = !readable(fd)
+		return true
 	})
 	return ok
 }
