@@ -1,11 +1,13 @@
 package testbed
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"strconv"
 	"sync"
@@ -163,7 +165,47 @@ func (a *Agent) Stop() {
 // Pause freezes the agent (SIGSTOP): its sockets stay open but nothing
 // answers, as with a hung or partitioned agent. Resume undoes it. Unlike
 // Stop/Start, the agent keeps its state.
-func (a *Agent) Pause() { a.signal(syscall.SIGSTOP) }
+//
+// It returns once every thread of the agent has stopped: SIGSTOP reaches a
+// busy multi-threaded process asynchronously, and a thread still running
+// could answer one more request (seen on a loaded machine). Gives up after
+// 5 s (the next request then tells).
+func (a *Agent) Pause() {
+	a.signal(syscall.SIGSTOP)
+	a.mu.Lock()
+	var pid int
+	if a.cmd != nil {
+		pid = a.cmd.Process.Pid
+	}
+	a.mu.Unlock()
+	for deadline := time.Now().Add(5 * time.Second); pid != 0 && time.Now().Before(deadline); {
+		if allStopped(pid) {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// allStopped reports whether every thread of pid is in the stopped state
+// (T in /proc/<pid>/task/<tid>/stat).
+func allStopped(pid int) bool {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return false
+	}
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, t.Name()))
+		if err != nil {
+			return false
+		}
+		// The state follows the command name, which is in parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+			return false
+		}
+	}
+	return true
+}
 
 // Resume continues a paused agent.
 func (a *Agent) Resume() { a.signal(syscall.SIGCONT) }
