@@ -1,13 +1,8 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
-	"io"
-	"net"
-	"sync"
 	"testing"
 	"time"
 )
@@ -34,31 +29,7 @@ func TestPumpTLSPairBatchedBothWays(t *testing.T) {
 	runA := startPump(t, context.Background(), a, tx, time.Minute)
 	runB := startPump(t, context.Background(), ty, c, time.Minute)
 
-	var wg sync.WaitGroup
-	send := func(c *net.TCPConn, seed byte) {
-		defer wg.Done()
-		if _, err := io.Copy(c, &patternReader{n: n, seed: seed}); err != nil {
-			t.Error(err)
-		}
-		c.CloseWrite()
-	}
-	recv := func(c *net.TCPConn, seed byte) {
-		defer wg.Done()
-		h := sha256.New()
-		m, err := io.Copy(h, c)
-		if err != nil || m != n {
-			t.Errorf("received %d bytes, %v; want %d", m, err, n)
-		}
-		if want := patternSum(n, seed); !bytes.Equal(h.Sum(nil), want[:]) {
-			t.Error("checksum mismatch")
-		}
-	}
-	wg.Add(4)
-	go send(client, 1)
-	go send(server, 2)
-	go recv(server, 1)
-	go recv(client, 2)
-	wg.Wait()
+	exchangeBothWays(t, client, server, n)
 	for _, r := range []*pumpRun{runA, runB} {
 		if st := r.wait(t, 10*time.Second); st.Err != nil || st.Sent != n || st.Received != n {
 			t.Fatalf("stats %+v; want %d each way", st, n)

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -16,6 +17,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -211,4 +213,42 @@ func handshake(tb testing.TB, client, server *tls.Conn) {
 	if err := <-hs; err != nil {
 		tb.Fatal(err)
 	}
+}
+
+// checkPattern reads r to EOF and reports (t.Error: callable from any
+// goroutine) unless it got exactly the n pattern bytes of seed.
+func checkPattern(t testing.TB, r io.Reader, n int64, seed byte) {
+	t.Helper()
+	h := sha256.New()
+	m, err := io.Copy(h, r)
+	if err != nil || m != n {
+		t.Errorf("received %d bytes, %v; want %d", m, err, n)
+	}
+	if want := patternSum(n, seed); !bytes.Equal(h.Sum(nil), want[:]) {
+		t.Error("checksum mismatch")
+	}
+}
+
+// exchangeBothWays sends n pattern bytes each way at once (client seed 1,
+// server seed 2), half-closing after each, and checks what arrives.
+func exchangeBothWays(t testing.TB, client, server *net.TCPConn, n int64) {
+	t.Helper()
+	var wg sync.WaitGroup
+	send := func(c *net.TCPConn, seed byte) {
+		defer wg.Done()
+		if _, err := io.Copy(c, &patternReader{n: n, seed: seed}); err != nil {
+			t.Error(err)
+		}
+		c.CloseWrite()
+	}
+	recv := func(c *net.TCPConn, seed byte) {
+		defer wg.Done()
+		checkPattern(t, c, n, seed)
+	}
+	wg.Add(4)
+	go send(client, 1)
+	go send(server, 2)
+	go recv(server, 1)
+	go recv(client, 2)
+	wg.Wait()
 }

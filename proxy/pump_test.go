@@ -6,13 +6,12 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
-	"golang.org/x/sys/unix"
 	"io"
-	"net"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Client sends, half-closes, and only then reads the whole reply: the
@@ -78,31 +77,7 @@ func TestPumpLargeBothWays(t *testing.T) {
 	}
 	client, server, run := pumped(t, context.Background(), time.Minute)
 
-	var wg sync.WaitGroup
-	send := func(c *net.TCPConn, seed byte) {
-		defer wg.Done()
-		if _, err := io.Copy(c, &patternReader{n: n, seed: seed}); err != nil {
-			t.Error(err)
-		}
-		c.CloseWrite()
-	}
-	recv := func(c *net.TCPConn, seed byte) {
-		defer wg.Done()
-		h := sha256.New()
-		m, err := io.Copy(h, c)
-		if err != nil || m != n {
-			t.Errorf("received %d bytes, %v; want %d", m, err, n)
-		}
-		if !bytes.Equal(h.Sum(nil), func() []byte { s := patternSum(n, seed); return s[:] }()) {
-			t.Error("checksum mismatch")
-		}
-	}
-	wg.Add(4)
-	go send(client, 1)
-	go send(server, 2)
-	go recv(server, 1)
-	go recv(client, 2)
-	wg.Wait()
+	exchangeBothWays(t, client, server, n)
 	if st := run.wait(t, 10*time.Second); st.Err != nil || st.Sent != n || st.Received != n {
 		t.Fatalf("stats %+v; want %d each way", st, n)
 	}
