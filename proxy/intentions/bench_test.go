@@ -44,15 +44,21 @@ func BenchmarkDecide(b *testing.B) {
 	}
 }
 
-func BenchmarkDecideParallel(b *testing.B) {
+// benchWatcher is a ready watcher over 100 intentions, closed at the end.
+func benchWatcher(b *testing.B) *Watcher {
 	f := newFakeAgent()
 	f.set(benchIntentions(100), false)
 	w, err := Watch(context.Background(), Config{Fetch: f.fetch})
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer w.Close()
+	b.Cleanup(func() { w.Close() })
 	<-w.Ready()
+	return w
+}
+
+func BenchmarkDecideParallel(b *testing.B) {
+	w := benchWatcher(b)
 	src := Source{Name: "svc-7"}
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
@@ -67,14 +73,7 @@ func BenchmarkDecideParallel(b *testing.B) {
 // BenchmarkAdmit is decide + track + untrack, what an inbound connection pays
 // with revocation on.
 func BenchmarkAdmit(b *testing.B) {
-	f := newFakeAgent()
-	f.set(benchIntentions(100), false)
-	w, err := Watch(context.Background(), Config{Fetch: f.fetch})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer w.Close()
-	<-w.Ready()
+	w := benchWatcher(b)
 	src := Source{Name: "svc-7"}
 	closeFn := func() {}
 	b.ReportAllocs()
