@@ -213,17 +213,25 @@ func latencyCDF(ids []string, res results) (*plot.Plot, error) {
 			pts = append(pts, plotter.XY{X: max(lat[i], 1), Y: float64(i+1) / float64(len(lat))})
 		}
 		sort.Slice(pts, func(a, b int) bool { return pts[a].Y < pts[b].Y })
-		line, err := plotter.NewLine(pts)
-		if err != nil {
+		if err := addPathLine(p, id, pts); err != nil {
 			return nil, err
 		}
-		line.Color = pathColors[id]
-		line.Width = vg.Points(2)
-		p.Add(line)
-		p.Legend.Add(pathNames[id], line)
 	}
 	p.Y.Min, p.Y.Max = 0, 1
 	return p, nil
+}
+
+// addPathLine draws pts as path id's line, in its colour, with a legend entry.
+func addPathLine(p *plot.Plot, id string, pts plotter.XYs) error {
+	line, err := plotter.NewLine(pts)
+	if err != nil {
+		return err
+	}
+	line.Color = pathColors[id]
+	line.Width = vg.Points(2)
+	p.Add(line)
+	p.Legend.Add(pathNames[id], line)
+	return nil
 }
 
 // nines labels the percentile axis of the tail chart, where x = -log10(1-p).
@@ -282,14 +290,9 @@ func latencyTail(ids []string, res results) (*plot.Plot, error) {
 		xLast := -math.Log10(1 / n)
 		pts = append(pts, plotter.XY{X: xLast, Y: max(lat[len(lat)-1], 1)})
 		xmax = max(xmax, xLast)
-		line, err := plotter.NewLine(pts)
-		if err != nil {
+		if err := addPathLine(p, id, pts); err != nil {
 			return nil, err
 		}
-		line.Color = pathColors[id]
-		line.Width = vg.Points(2)
-		p.Add(line)
-		p.Legend.Add(pathNames[id], line)
 	}
 	p.X.Min, p.X.Max = 0, xmax
 	return p, nil
