@@ -45,6 +45,21 @@ type fakeUpstream struct {
 	last    *mdns.Msg
 }
 
+// heldUpstream answers every query with 198.18.9.9, but only once release
+// is called (at the latest when the test ends).
+func heldUpstream(t testing.TB) (up *fakeUpstream, release func()) {
+	t.Helper()
+	held := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(held) }) }
+	t.Cleanup(release)
+	up = startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool) {
+		<-held
+		answerA("198.18.9.9", 60)(w, r, tcp)
+	})
+	return up, release
+}
+
 func startUpstream(t testing.TB, handle func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool)) *fakeUpstream {
 	t.Helper()
 	u := &fakeUpstream{handle: handle}

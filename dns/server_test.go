@@ -220,13 +220,7 @@ func TestFailover(t *testing.T) {
 // TestSlowUpstreamDoesNotStall checks that queries stuck on a slow
 // upstream do not delay local answers, and that MaxInflight sheds load.
 func TestSlowUpstreamDoesNotStall(t *testing.T) {
-	release := make(chan struct{})
-	var once sync.Once
-	t.Cleanup(func() { once.Do(func() { close(release) }) })
-	slow := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool) {
-		<-release
-		answerA("198.18.9.9", 60)(w, r, tcp)
-	})
+	slow, release := heldUpstream(t)
 	s := startServer(t, Config{Recursors: []string{slow.addr}, MaxInflight: 4, UpstreamTimeout: 10 * time.Second, QueryTimeout: 10 * time.Second})
 	var wg sync.WaitGroup
 	results := make(chan int, 6)
@@ -252,7 +246,7 @@ func TestSlowUpstreamDoesNotStall(t *testing.T) {
 	if len(r.Answer) != 1 {
 		t.Fatalf("mesh answer: %v", r)
 	}
-	once.Do(func() { close(release) })
+	release()
 	wg.Wait()
 	close(results)
 	var ok, servfail int
@@ -359,13 +353,7 @@ func TestRecursorsFromResolvConf(t *testing.T) {
 // TestBurstSharesOneUpstreamQuery: identical questions asked while one is
 // being forwarded wait for its answer instead of asking again.
 func TestBurstSharesOneUpstreamQuery(t *testing.T) {
-	release := make(chan struct{})
-	var once sync.Once
-	t.Cleanup(func() { once.Do(func() { close(release) }) })
-	slow := startUpstream(t, func(w mdns.ResponseWriter, r *mdns.Msg, tcp bool) {
-		<-release
-		answerA("198.18.9.9", 60)(w, r, tcp)
-	})
+	slow, release := heldUpstream(t)
 	// No cache: a query that came late would ask the upstream again.
 	s := startServer(t, Config{Recursors: []string{slow.addr}, CacheSize: -1, UpstreamTimeout: 10 * time.Second, QueryTimeout: 10 * time.Second})
 	var wg sync.WaitGroup
@@ -393,7 +381,7 @@ func TestBurstSharesOneUpstreamQuery(t *testing.T) {
 	for joined() < 19 && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
-	once.Do(func() { close(release) })
+	release()
 	wg.Wait()
 	close(answers)
 	n := 0
