@@ -208,20 +208,30 @@ func TestMaxConnectionsResetsExtra(t *testing.T) {
 	waitFor(t, "over_limit counted", func() bool { return counter(p, "inbound", "over_limit") == 1 })
 }
 
+// openEchoed connects to addr, sends msg and reads it back: a connection
+// established end to end through the proxy, closed when the test ends.
+func openEchoed(t *testing.T, addr, msg string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.Write([]byte(msg))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, len(msg))); err != nil {
+		t.Fatalf("echo of %q: %v", msg, err)
+	}
+	return c // the 5 s read deadline stays: it bounds the test's later reads
+}
+
 // Drain: after Shutdown starts, /ready is 503, new connections are refused,
 // and an established one finishes its exchange.
 func TestShutdownDrains(t *testing.T) {
 	checkLeaks(t)
 	p := startProxy(t, Config{}, echoServer(t))
 	in, _ := p.Addrs()
-	c, err := net.Dial("tcp", in.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write([]byte("before"))
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	io.ReadFull(c, make([]byte, 6))
+	c := openEchoed(t, in.String(), "before")
 
 	done := make(chan error, 1)
 	go func() {
@@ -261,14 +271,7 @@ func TestShutdownDeadlineClosesConnections(t *testing.T) {
 	checkLeaks(t)
 	p := startProxy(t, Config{}, echoServer(t))
 	in, _ := p.Addrs()
-	c, err := net.Dial("tcp", in.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.Write([]byte("x"))
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	io.ReadFull(c, make([]byte, 1))
+	c := openEchoed(t, in.String(), "x")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
