@@ -110,7 +110,7 @@ func (v *View) startInstWatch(svc Service) *instWatch {
 	go func() {
 		defer v.wg.Done()
 		defer close(w.done)
-		blockingLoop(ctx, &v.o, "instances/"+svc.Name, func(ctx context.Context, idx uint64) (uint64, error) {
+		blockingLoop(ctx, &v.o, v.resync, "instances/"+svc.Name, func(ctx context.Context, idx uint64) (uint64, error) {
 			q := v.q(idx)
 			q.Datacenter = svc.Datacenter
 			ins, next, err := v.src.Connect(ctx, svc.Name, q)

@@ -69,6 +69,7 @@ const mapWatches = 4
 type View struct {
 	src    Source
 	o      Options
+	resync *resync // restarts every watch after any watch fails
 	log    hclog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -114,7 +115,7 @@ const (
 func Start(ctx context.Context, src Source, o Options) *View {
 	o.setDefaults()
 	v := &View{src: src, o: o, log: o.Logger.Named("catalog"), dcReady: make(chan struct{}),
-		ready: make(chan struct{}), inst: make(map[Service]*instWatch)}
+		ready: make(chan struct{}), inst: make(map[Service]*instWatch), resync: newResync()}
 	v.o.Logger = v.log
 	v.ctx, v.cancel = context.WithCancel(ctx)
 	v.table.Store(&table{})
@@ -123,7 +124,7 @@ func Start(ctx context.Context, src Source, o Options) *View {
 	}
 	v.goWatch(v.watchProxies)
 	v.goWatch(func(ctx context.Context) {
-		blockingLoop(ctx, &v.o, "service-defaults", func(ctx context.Context, idx uint64) (uint64, error) {
+		blockingLoop(ctx, &v.o, v.resync, "service-defaults", func(ctx context.Context, idx uint64) (uint64, error) {
 			dd, next, err := v.src.DialedDirectlyDefaults(ctx, v.q(idx))
 			if err == nil {
 				v.update(srcServiceDefaults, func() { v.ddDefaults = dd })
@@ -132,7 +133,7 @@ func Start(ctx context.Context, src Source, o Options) *View {
 		})
 	})
 	v.goWatch(func(ctx context.Context) {
-		blockingLoop(ctx, &v.o, "proxy-defaults", func(ctx context.Context, idx uint64) (uint64, error) {
+		blockingLoop(ctx, &v.o, v.resync, "proxy-defaults", func(ctx context.Context, idx uint64) (uint64, error) {
 			g, next, err := v.src.ProxyDefaultsDialedDirectly(ctx, v.q(idx))
 			if err == nil {
 				v.update(srcProxyDefaults, func() { v.ddGlobal = g })
@@ -141,7 +142,7 @@ func Start(ctx context.Context, src Source, o Options) *View {
 		})
 	})
 	v.goWatch(func(ctx context.Context) {
-		blockingLoop(ctx, &v.o, "mesh", func(ctx context.Context, idx uint64) (uint64, error) {
+		blockingLoop(ctx, &v.o, v.resync, "mesh", func(ctx context.Context, idx uint64) (uint64, error) {
 			only, next, err := v.src.MeshDestinationsOnly(ctx, v.q(idx))
 			if err == nil {
 				if v.meshOnly.Swap(only) != only {
@@ -265,7 +266,7 @@ func (v *View) watchProxies(ctx context.Context) {
 		}
 	}
 	var have uint64 // services index the current listing reflects
-	blockingLoop(ctx, &v.o, "catalog", func(ctx context.Context, idx uint64) (uint64, error) {
+	blockingLoop(ctx, &v.o, v.resync, "catalog", func(ctx context.Context, idx uint64) (uint64, error) {
 		next, err := v.src.ServicesIndex(ctx, v.q(idx))
 		if err != nil {
 			return 0, err

@@ -3,6 +3,7 @@ package catalog
 import (
 	"context"
 	"math/rand/v2"
+	"sync"
 	"time"
 )
 
@@ -11,24 +12,35 @@ import (
 // reset the index when it goes backwards, never send 0 in a tight loop, back
 // off (with jitter) on errors and then re-read without blocking, and
 // rate-limit calls that return at once.
-func blockingLoop(ctx context.Context, o *Options, name string, fetch func(ctx context.Context, index uint64) (uint64, error)) {
-	var index uint64
+func blockingLoop(ctx context.Context, o *Options, rs *resync, name string, fetch func(ctx context.Context, index uint64) (uint64, error)) {
+	var index, gen uint64
 	failures := 0
 	for ctx.Err() == nil {
+		g, gctx := rs.current()
+		if g != gen {
+			index, gen = 0, g // another watch failed: start over (see resync)
+		}
 		start := time.Now()
 		// Bound each call past the server's wait (plus its jitter of up to
 		// wait/16) so a hung connection, e.g. a frozen agent, cannot stall
 		// the watch forever.
 		cctx, cancel := context.WithTimeout(ctx, o.WaitTime+o.WaitTime/16+10*time.Second)
+		stop := context.AfterFunc(gctx, cancel)
 		next, err := fetch(cctx, index)
+		stop()
 		cancel()
 		if ctx.Err() != nil {
 			return
 		}
 		if err != nil {
+			if gctx.Err() != nil {
+				continue // cut short by another watch's failure: re-read at once
+			}
 			// The agent may have restarted with a new catalog whose
 			// indexes are lower than ours; a blocking query at our index
-			// would then sit out its whole wait. Start over after errors.
+			// would then sit out its whole wait. Start over after errors,
+			// and make every other watch of the view start over too.
+			rs.trigger(gen)
 			index = 0
 			failures++
 			d := backoff(o.RetryMin, o.RetryMax, failures)
@@ -80,4 +92,44 @@ func sleep(ctx context.Context, d time.Duration) {
 	case <-ctx.Done():
 	case <-t.C:
 	}
+}
+
+// resync makes a view's watches start over together. An agent restart
+// brings a new catalog whose indexes are lower than the ones the watches
+// hold, and Consul blocks a query until its index passes the one asked
+// for: a watch that was between queries when the agent went away never
+// sees an error and would send its old index to the new agent, then sit
+// out the whole wait (minutes) on a stale view. Any watch's failure
+// therefore ends the current generation: queries in flight are cancelled
+// and every watch re-reads from index 0.
+type resync struct {
+	mu     sync.Mutex
+	gen    uint64
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func newResync() *resync {
+	r := &resync{}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
+	return r
+}
+
+// current returns the generation and a context that ends with it.
+func (r *resync) current() (uint64, context.Context) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.gen, r.ctx
+}
+
+// trigger ends generation gen, unless another failure already did.
+func (r *resync) trigger(gen uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.gen != gen {
+		return
+	}
+	r.cancel()
+	r.gen++
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 }
