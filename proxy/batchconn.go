@@ -2,8 +2,10 @@ package proxy
 
 import (
 	"crypto/tls"
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // batchConn sits under a *tls.Conn so that one tls.Write of several
@@ -22,6 +24,9 @@ type batchConn struct {
 	*net.TCPConn
 	mu    sync.Mutex
 	batch *[]byte // non-nil while a batch is open or being flushed
+	// sawEOF: a read met the end of the TCP stream. When crypto/tls then
+	// reports io.EOF, the peer sent no close_notify (see errTruncated).
+	sawEOF atomic.Bool
 }
 
 // A batch holds one tls.Write of up to bigBufSize plaintext: its records
@@ -39,6 +44,14 @@ func newBatchConn(c net.Conn) net.Conn {
 
 // NetConn returns the TCP conn (for tcpOf: linger, TCP_INFO, the idle wait).
 func (c *batchConn) NetConn() net.Conn { return c.TCPConn }
+
+func (c *batchConn) Read(p []byte) (int, error) {
+	n, err := c.TCPConn.Read(p)
+	if err == io.EOF {
+		c.sawEOF.Store(true)
+	}
+	return n, err
+}
 
 func (c *batchConn) Write(p []byte) (int, error) {
 	c.mu.Lock()

@@ -4,11 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
 
@@ -59,11 +59,18 @@ type PumpStats struct {
 // Pump copies between a (the accepted, downstream conn) and b (the dialed,
 // upstream conn) until both directions are done, then closes both.
 //
-// Half-close: when one side's stream ends (EOF, or for TLS close_notify or a
-// bare FIN), the other side's write half is closed (FIN; for *tls.Conn
-// close_notify and then FIN on the TCP underneath) and the reverse direction
-// keeps flowing until its own EOF. Any error aborts both directions; a reset
-// from one peer is passed on as a reset to the other.
+// Half-close: when one side's stream ends (EOF, or for TLS close_notify),
+// the other side's write half is closed (FIN; for *tls.Conn close_notify
+// and then FIN on the TCP underneath; for a tunnel its EOF frame) and the
+// reverse direction keeps flowing until its own EOF.
+//
+// Abort: any error (a reset, a TLS record or stream cut short, a broken
+// tunnel, revocation, shutdown) ends both directions and is passed on as
+// an abort, never as a clean end: TCP legs are reset (RST), TLS legs are
+// reset under the TLS layer without close_notify, tunnels get a RESET
+// frame. Otherwise a peer would read a truncated stream followed by a clean
+// EOF and could act on it (a partial upload taken as complete). Only the
+// idle timeout closes cleanly: nothing was in flight.
 //
 // Idle: with idle > 0 the connection is closed after idle without a byte
 // received on either side (checked every idle/4: closed between idle and
@@ -133,11 +140,10 @@ func (p *pump) abort(cause error) {
 	}
 	p.mu.Unlock()
 	p.once.Do(func() {
-		if isReset(cause) {
-			// Pass a reset on as a reset: the other app then sees the
-			// same failure it would have seen without the proxy.
-			setLinger0(p.a)
-			setLinger0(p.b)
+		if cause != nil && !errors.Is(cause, ErrIdle) {
+			abortConn(p.a)
+			abortConn(p.b)
+			return
 		}
 		p.a.Close()
 		p.b.Close()
@@ -250,12 +256,14 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 			}
 		}
 		if rerr != nil {
-			if rerr == io.EOF || errors.Is(rerr, io.ErrUnexpectedEOF) {
-				// io.ErrUnexpectedEOF: a TLS peer sent FIN without
-				// close_notify. That is the end of its stream, not a
-				// reason to cut the reverse direction.
+			if rerr == io.EOF {
+				if w != nil && w.tls != nil && finWithoutCloseNotify(w.tls) {
+					return written, errTruncated
+				}
 				return written, nil
 			}
+			// io.ErrUnexpectedEOF from crypto/tls: a FIN cut a record, so
+			// bytes were lost. An error, passed on as one.
 			return written, rerr
 		}
 		if tun != nil {
@@ -295,8 +303,37 @@ func closeWrite(c net.Conn) error {
 	return errors.ErrUnsupported
 }
 
-func isReset(err error) bool {
-	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+// errTruncated: a TLS peer's stream ended in a FIN without close_notify.
+// crypto/tls reports that as io.EOF when the FIN falls on a record
+// boundary, but a peer that meant to end its stream sends close_notify
+// first (RFC 8446 6.1; ferry, Go, Envoy and HAProxy all do), so the rest
+// of the stream may be lost: a killed peer sidecar, say.
+var errTruncated = fmt.Errorf("tls: stream ended without close_notify: %w", io.ErrUnexpectedEOF)
+
+// finWithoutCloseNotify reports whether the io.EOF a *tls.Conn returned
+// came from the TCP stream ending (batchConn saw it) rather than from the
+// peer's close_notify, after which crypto/tls reads no further.
+func finWithoutCloseNotify(c *tls.Conn) bool {
+	b, ok := c.NetConn().(*batchConn)
+	return ok && b.sawEOF.Load()
+}
+
+// abortConn ends c so that its peer sees an abort: a TCP reset (linger 0)
+// on the socket underneath, without a TLS close_notify before it (the
+// socket is closed under the TLS layer first, so Close's close_notify has
+// nowhere to go), and a RESET frame first on a tunnel. c.Close still runs
+// for the wrappers' own bookkeeping.
+func abortConn(c net.Conn) {
+	if t := tunnelOf(c); t != nil {
+		t.reset()
+		c.Close()
+		return
+	}
+	if tc := tcpOf(c); tc != nil {
+		_ = tc.SetLinger(0)
+		tc.Close()
+	}
+	c.Close()
 }
 
 func setLinger0(c net.Conn) {
@@ -309,9 +346,12 @@ func setLinger0(c net.Conn) {
 func tcpOf(c net.Conn) *net.TCPConn { return under[*net.TCPConn](c) }
 
 // under returns the T under c, looking through NetConn() wrappers
-// (*tls.Conn, tunnels, the catalog's tracked conns), or T's zero value.
+// (*tls.Conn, tunnels, batchConn, the catalog's tracked conns), or T's
+// zero value. The unwrap stops only where no NetConn() is left (a wrapper
+// returning itself would end the walk too): a fixed depth once missed the
+// TCP socket under tracked(tunnel(tls(batch(tcp)))).
 func under[T any](c any) T {
-	for range 4 { // bounded unwrap
+	for c != nil {
 		if v, ok := c.(T); ok {
 			return v
 		}
@@ -319,7 +359,11 @@ func under[T any](c any) T {
 		if !ok {
 			break
 		}
-		c = w.NetConn()
+		next := w.NetConn()
+		if any(next) == c {
+			break
+		}
+		c = next
 	}
 	var zero T
 	return zero

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -22,7 +24,10 @@ import (
 //
 // On the wire, after the handshake, the client sends per app connection:
 // OPEN, then DATA frames and one EOF (its half-close); the server sends
-// DATA frames and one EOF. A frame is a 4-byte header (type, 24-bit
+// DATA frames and one EOF. Either side may instead send RESET: its app
+// connection was aborted (a reset, a truncated stream), and the other side
+// resets its app connection too rather than end it cleanly; the session
+// is then closed. A frame is a 4-byte header (type, 24-bit
 // length) and, for DATA, that many bytes. After both EOFs the session is
 // idle and either side may close it; only the client opens the next
 // tunnel, and only on a session it saw end cleanly. Anything else (a TLS
@@ -36,6 +41,9 @@ const (
 	frameData = 0
 	frameEOF  = 1
 	frameOpen = 2
+	// frameReset aborts the tunnel (Pump's abort). A peer that does not
+	// know it breaks the session, which its Pump passes on as an abort too.
+	frameReset = 3
 
 	frameHeader = 4
 	maxFrame    = 1<<24 - 1
@@ -58,6 +66,10 @@ const (
 // errTunnelBroken marks a session that ended inside a tunnel.
 var errTunnelBroken = errors.New("tunnel: session ended without the peer's EOF frame")
 
+// errTunnelReset is the peer's RESET frame; it wraps ECONNRESET, which is
+// what the app would have seen on a direct connection.
+var errTunnelReset = fmt.Errorf("tunnel: peer reset the connection: %w", syscall.ECONNRESET)
+
 // tunnelConn is one app connection over a session. Reads and writes each
 // come from one goroutine (the pump's halves); Close may come from any.
 type tunnelConn struct {
@@ -73,6 +85,10 @@ type tunnelConn struct {
 	rerr      error // from wait, for the next Read
 
 	gotEOF, sentEOF, broken, closed atomic.Bool
+
+	// wmu keeps frames whole: the pump's writing half and an abort's RESET
+	// frame come from different goroutines.
+	wmu sync.Mutex
 
 	// release is called once, by Close: clean means both EOFs went by and
 	// the session may carry another tunnel. It owns the session after.
@@ -134,6 +150,8 @@ func (t *tunnelConn) nextFrame() error {
 		case typ == frameEOF && n == 0:
 			t.gotEOF.Store(true)
 			return io.EOF
+		case typ == frameReset && n == 0:
+			return t.fail(errTunnelReset)
 		default:
 			return t.fail(fmt.Errorf("tunnel: unexpected frame type %d length %d", typ, n))
 		}
@@ -198,6 +216,12 @@ func (t *tunnelConn) CloseWrite() error {
 }
 
 func (t *tunnelConn) writeFrame(typ byte, p []byte) error {
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	return t.writeFrameLocked(typ, p)
+}
+
+func (t *tunnelConn) writeFrameLocked(typ byte, p []byte) error {
 	hdr := [frameHeader]byte{typ, byte(len(p) >> 16), byte(len(p) >> 8), byte(len(p))}
 	if len(p) > 0 && len(p) <= tlsMaxPlaintext-frameHeader {
 		// A small frame goes out as one TLS record, header included: one
@@ -222,6 +246,30 @@ func (t *tunnelConn) writeFrame(typ byte, p []byte) error {
 		}
 	}
 	return err
+}
+
+// resetTimeout bounds the RESET frame's write: a peer that stopped reading
+// must not hold an abort.
+const resetTimeout = time.Second
+
+// reset aborts the tunnel: a RESET frame when no frame is being written
+// (the writer may be stuck on a peer that stopped reading), else a TCP
+// reset of the whole session. Either way the peer's app sees a reset, and
+// the session is not reused (Close then closes it).
+func (t *tunnelConn) reset() {
+	t.broken.Store(true)
+	if !t.closed.Load() && t.wmu.TryLock() {
+		_ = t.tc.SetWriteDeadline(time.Now().Add(resetTimeout))
+		err := t.writeFrameLocked(frameReset, nil)
+		t.wmu.Unlock()
+		if err == nil {
+			return
+		}
+	}
+	if tcp := tcpOf(t.tc); tcp != nil {
+		_ = tcp.SetLinger(0)
+		tcp.Close()
+	}
 }
 
 // Close hands the session back (clean) or closes it.
