@@ -197,7 +197,17 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 		}
 	}()
 	var written int64
+	// Take no buffer before the first byte: a side that never sends (a
+	// server-speaks-first protocol, a subscriber) costs nothing. A TLS
+	// source may hold a record already, so it starts with a probe.
 	probe := false
+	if w != nil {
+		if w.tls != nil {
+			probe = true
+		} else {
+			w.wait()
+		}
+	}
 	for {
 		if bp == nil {
 			if tun != nil {
