@@ -61,7 +61,7 @@ func (a *MeshAcceptor) Init() {
 	}
 	a.cfg = a.Identity.ServerConfig()
 	if !a.DisableTunnels {
-		a.cfg.NextProtos = []string{alpnTunnel}
+		a.cfg = tunnelServerConfig(a.cfg)
 	}
 }
 

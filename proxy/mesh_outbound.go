@@ -33,6 +33,9 @@ type MeshRouter struct {
 	// tunnels counts app connections carried as tunnels, by session=new|reused.
 	tunnels *CounterVec
 
+	// alpnRefused remembers instances that refused the tunnel protocol.
+	alpnRefused *addrSet
+
 	mu      sync.Mutex
 	configs map[catalog.Service]*tls.Config
 }
@@ -43,7 +46,8 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 		log = hclog.NewNullLogger()
 	}
 	return &MeshRouter{view: view, identity: identity, dialer: &net.Dialer{}, log: log,
-		configs: map[catalog.Service]*tls.Config{},
+		configs:     map[catalog.Service]*tls.Config{},
+		alpnRefused: newAddrSet(4096, 10*time.Minute),
 		handshakes: NewCounterVec("ferry_outbound_tls_handshakes_total",
 			"Outbound mTLS handshakes completed, by whether they resumed a session.", "resumed"),
 		pool: newTunnelPool(identity.Generation),
@@ -104,34 +108,46 @@ func (r *MeshRouter) Upstream(svc catalog.Service, direct bool, dst netip.AddrPo
 //
 // To a ferry peer the connection is a tunnel (tunnel.go): over an idle
 // session from the pool when there is one, else over the new session.
+// Pooled sessions are filed by address and the identity they were
+// verified as (cfg.ServerName names it), so a session verified as one
+// service never carries another's connection, whatever the catalog says
+// of the address.
 func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net.Conn, error) {
 	pool := r.pool
+	key := addr + "|" + cfg.ServerName
 	if pool != nil {
 		for {
-			tc, created, gen := pool.get(addr)
+			tc, created, gen := pool.get(key)
 			if tc == nil {
 				break
 			}
-			if t, err := r.openTunnel(tc, addr, created, gen); err == nil {
+			if t, err := r.openTunnel(tc, key, created, gen); err == nil {
 				r.tunnels.With("reused").Inc()
 				return t, nil
 			}
 		}
 	}
 	gen := r.identity.Generation()
-	raw, err := r.dialer.DialContext(ctx, "tcp", addr)
+	icfg := mtls.InstanceConfig(cfg, addr)
+	alpn := len(icfg.NextProtos) > 0 && !r.alpnRefused.has(addr)
+	if !alpn {
+		icfg = withoutALPN(icfg)
+	}
+	tc, err := r.handshake(ctx, addr, icfg)
+	if err != nil && alpn && isNoALPN(err) {
+		// A peer that serves other protocols by ALPN (a connect-native Go
+		// service with h2) refuses ours: once more without, and remember
+		// the instance for a while.
+		r.alpnRefused.add(addr)
+		tc, err = r.handshake(ctx, addr, withoutALPN(icfg))
+	}
 	if err != nil {
 		return nil, err
-	}
-	tc := tls.Client(newBatchConn(raw), mtls.InstanceConfig(cfg, addr))
-	if err := tc.HandshakeContext(ctx); err != nil {
-		raw.Close()
-		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
 	cs := tc.ConnectionState()
 	r.handshakes.With(strconv.FormatBool(cs.DidResume)).Inc()
 	if pool != nil && cs.NegotiatedProtocol == alpnTunnel {
-		t, err := r.openTunnel(tc, addr, time.Now(), gen)
+		t, err := r.openTunnel(tc, key, time.Now(), gen)
 		if err != nil {
 			return nil, fmt.Errorf("tunnel to %s: %w", addr, err)
 		}
@@ -141,13 +157,26 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) 
 	return tc, nil
 }
 
+func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config) (*tls.Conn, error) {
+	raw, err := r.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(newBatchConn(raw), cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
+	}
+	return tc, nil
+}
+
 // openTunnel starts a tunnel on session tc; when the tunnel ends cleanly
-// the session goes back to the pool.
-func (r *MeshRouter) openTunnel(tc *tls.Conn, addr string, created time.Time, gen uint64) (net.Conn, error) {
+// the session goes back to the pool under key.
+func (r *MeshRouter) openTunnel(tc *tls.Conn, key string, created time.Time, gen uint64) (net.Conn, error) {
 	pool := r.pool
 	t := newTunnelConn(tc, func(clean bool) {
 		if clean {
-			pool.put(addr, tc, created, gen)
+			pool.put(key, tc, created, gen)
 		} else {
 			tc.Close()
 		}
