@@ -204,7 +204,6 @@ func TestTCPOfUnwrapsAll(t *testing.T) {
 	}
 }
 
-
 // Connections that never send a byte hold no copy buffers (audit F10):
 // measured as heap retained per silent TLS⇄TCP pump. With a buffer per
 // direction it was ~138 KiB; without, a few KiB of TLS and socket state.
