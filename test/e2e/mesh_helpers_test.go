@@ -30,8 +30,17 @@ func meshSidecar(t *testing.T, pod *testbed.Pod, proxyID string, extra ...string
 	ferry := testbed.FerryBinary(t)
 	pod.ExecOK(t, testbed.Proc{Name: "ferry redirect"}, ferry, "redirect",
 		"-proxy-uid", strconv.Itoa(meshProxyUID), "-proxy-id", proxyID)
+	return meshRestart(t, t, pod, proxyID, extra...)
+}
+
+// meshRestart starts `ferry run` in pod (its rules already installed) and
+// waits for /ready. The process lives as long as owner (a subtest may
+// start a sidecar for the whole test).
+func meshRestart(t *testing.T, owner testing.TB, pod *testbed.Pod, proxyID string, extra ...string) *testbed.Process {
+	t.Helper()
+	ferry := testbed.FerryBinary(t)
 	argv := append([]string{ferry, "run", "-proxy-id", proxyID}, extra...)
-	pr := pod.Start(t, testbed.Proc{UID: meshProxyUID, Name: "ferry run " + pod.Name}, argv...)
+	pr := pod.Start(owner, testbed.Proc{UID: meshProxyUID, Name: "ferry run " + pod.Name}, argv...)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		code, body := meshAdminGet(t, pod, "/ready")
@@ -88,13 +97,24 @@ func meshMetric(t *testing.T, pod *testbed.Pod, sample string) int64 {
 
 // meshEchoServer starts test/echo's server on addr in pod (printing one
 // "accept" line per connection) and waits until it listens.
-func meshEchoServer(t *testing.T, pod *testbed.Pod, name, addr string) *testbed.Process {
+func meshEchoServer(t *testing.T, pod *testbed.Pod, name, addr string, extra ...string) *testbed.Process {
 	t.Helper()
-	pr := pod.Start(t, testbed.Proc{Name: name}, testbed.EchoBinary(t), "server", "-addr", addr)
+	argv := append([]string{testbed.EchoBinary(t), "server", "-addr", addr}, extra...)
+	pr := pod.Start(t, testbed.Proc{Name: name}, argv...)
 	if err := pr.WaitOutput("ready", 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	return pr
+}
+
+// meshLine returns the first line of out that starts with prefix.
+func meshLine(out, prefix string) string {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, prefix) {
+			return l
+		}
+	}
+	return ""
 }
 
 // meshAccepts counts the connections an echo server (not -quiet) accepted:

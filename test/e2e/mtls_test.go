@@ -30,22 +30,26 @@ const (
 	mtFull    = `ferry_outbound_tls_handshakes_total{resumed="false"}`
 	// App connections carried over a pooled tunnel session (no handshake).
 	mtReused = `ferry_outbound_tunnels_total{session="reused"}`
+	// The backend app resets a connection that opens with this.
+	mtResetToken = "RESET-ME"
 )
 
 // mtMesh is frontend -> backend through two ferry sidecars, plus a pod
 // outside the mesh (no redirect rules, no sidecar).
 type mtMesh struct {
+	t                           *testing.T // the test the pods and sidecars live for
 	tb                          *testbed.Testbed
 	frontend, backend, outsider *testbed.Pod
 	backendApp                  *testbed.Process
 	fe, be                      *testbed.Process // the ferry sidecars
+	frontendID                  string           // the frontend's proxy ID
 	vip                         string           // backend VIP:app port
 }
 
 func mtSetup(t *testing.T) *mtMesh {
 	t.Helper()
 	testbed.RequireRoot(t)
-	m := &mtMesh{tb: testbed.New(t)}
+	m := &mtMesh{t: t, tb: testbed.New(t)}
 	m.frontend = m.tb.AddPod(t, "frontend")
 	m.backend = m.tb.AddPod(t, "backend")
 	m.outsider = m.tb.AddPod(t, "outsider")
@@ -53,11 +57,26 @@ func mtSetup(t *testing.T) *mtMesh {
 	br := m.tb.Register(t, testbed.Service{Name: "backend", Pod: m.backend, Port: mtAppPort})
 	// The backend app listens on every address: only its sidecar stands
 	// between it and the outsider.
-	m.backendApp = meshEchoServer(t, m.backend, "backend app", ":"+strconv.Itoa(mtAppPort))
+	m.backendApp = meshEchoServer(t, m.backend, "backend app", ":"+strconv.Itoa(mtAppPort),
+		"-report", "-reset-token", mtResetToken)
 	m.fe = meshSidecar(t, m.frontend, fr.ProxyID)
+	m.frontendID = fr.ProxyID
 	m.be = meshSidecar(t, m.backend, br.ProxyID, "-log-level", "debug")
 	m.vip = net.JoinHostPort(meshVIP(t, m.tb, "backend"), strconv.Itoa(mtAppPort))
 	return m
+}
+
+// restartFrontend stops the frontend's sidecar and starts it again with
+// extra flags.
+func (m *mtMesh) restartFrontend(t *testing.T, extra ...string) {
+	t.Helper()
+	if err := m.fe.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.fe.Wait(20 * time.Second); err != nil {
+		t.Fatalf("frontend sidecar after SIGTERM: %v\n%s", err, m.fe.Output())
+	}
+	m.fe = meshRestart(t, m.t, m.frontend, m.frontendID, extra...)
 }
 
 // waitAccepts waits until the backend app has printed n accept lines (its
@@ -174,6 +193,43 @@ func TestMTLSMesh(t *testing.T) {
 		if dr < 3 || df > 0 {
 			t.Fatalf("4 concurrent connections: %d resumed and %d full handshakes; want at least 3 and 0", dr, df)
 		}
+	})
+	// An abort must cross both sidecars as an abort, both ways, over a
+	// tunnel and over a plain mTLS session: a truncated upload must never
+	// look complete to the other app (audit F4).
+	t.Run("a reset from either app reaches the other app as a reset", func(t *testing.T) {
+		for _, mode := range []struct {
+			name  string
+			extra []string // frontend sidecar flags: restart it without tunnels
+		}{{"tunnel", nil}, {"one mTLS session per connection", []string{"-tunnels=false"}}} {
+			if mode.extra != nil {
+				m.restartFrontend(t, mode.extra...)
+			}
+			// The client app resets after its bytes crossed: the backend
+			// app's read must end in ECONNRESET, not EOF.
+			accepts := meshAccepts(m.backendApp)
+			out, err := meshEchoClient(t, m.frontend, m.vip, 4096, 1, "-reset")
+			if err != nil {
+				t.Fatalf("%s: resetting client: %v\n%s", mode.name, err, out)
+			}
+			k := strconv.Itoa(accepts + 1)
+			meshPoll(t, "backend app reporting connection "+k, 5*time.Second, func() bool {
+				return strings.Contains(m.backendApp.Output(), "\nend "+k+" ")
+			})
+			line := meshLine(m.backendApp.Output(), "end "+k+" ")
+			if !strings.Contains(line, "connection reset by peer") {
+				t.Fatalf("%s: the client app's reset reached the backend app as %q; want a reset", mode.name, line)
+			}
+			t.Logf("%s: client app reset -> backend app: %s", mode.name, line)
+			// The backend app resets: the client app must see ECONNRESET.
+			out, err = meshEchoClient(t, m.frontend, m.vip, 0, 1, "-send", mtResetToken, "-expect-reset", "-timeout", "10s")
+			if err != nil {
+				t.Fatalf("%s: the backend app's reset did not reach the client app as a reset: %v\n%s", mode.name, err, out)
+			}
+			t.Logf("%s: backend app reset -> client app: %s", mode.name, strings.TrimSpace(out))
+		}
+		// Back to the default (tunnels) for the subtests that follow.
+		m.restartFrontend(t)
 	})
 	// Last: it stops the backend's sidecar. Idle tunnel sessions (the
 	// frontend pools them) must not hold up a drain.

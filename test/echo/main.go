@@ -2,8 +2,10 @@
 // a server that echoes (half-close aware) and a client that sends a known
 // byte stream, half-closes, and verifies what comes back by SHA-256.
 //
-//	echo server -addr :8080
+//	echo server -addr :8080 [-report] [-reset-token RESET-ME]   (token, its echo, one byte from the client, then RST)
 //	echo client -addr 240.0.0.1:80 -bytes 1048576 [-conns 10] [-hold 5s] [-pace 20s] [-no-half-close]
+//	echo client -addr ... -bytes 1000 -reset   (send, read the echo, then abort with RST)
+//	echo client -addr ... -send RESET-ME -expect-reset   (the server must abort: ECONNRESET, never EOF)
 package main
 
 import (
@@ -48,6 +50,8 @@ func server(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
 	addr := fs.String("addr", ":8080", "listen address")
 	quiet := fs.Bool("quiet", false, "do not print a line per connection")
+	report := fs.Bool("report", false, "print how each connection's stream ended: end N read=BYTES err=EOF|<error>")
+	resetToken := fs.String("reset-token", "", "a connection whose first bytes are this token gets them echoed, then a reset (RST)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -74,10 +78,38 @@ func server(args []string) error {
 		}
 		go func() {
 			defer c.Close()
+			tc := c.(*net.TCPConn)
+			var read int64
+			if *resetToken != "" {
+				head := make([]byte, len(*resetToken))
+				m, err := io.ReadFull(c, head)
+				read += int64(m)
+				c.Write(head[:m])
+				if err == nil && string(head) == *resetToken {
+					// The client's next byte says the echo arrived: a
+					// reset now cannot overtake it.
+					io.ReadFull(c, make([]byte, 1))
+					tc.SetLinger(0)
+					fmt.Printf("reset %d\n", k)
+					return
+				}
+			}
 			// Echo until the client half-closes, then half-close back so
 			// the client sees EOF after the last byte.
-			io.Copy(c, c)
-			c.(*net.TCPConn).CloseWrite()
+			var err error
+			if *report {
+				_, err = io.Copy(c, readCounter{c, &read})
+			} else {
+				_, err = io.Copy(c, c) // splices
+			}
+			tc.CloseWrite()
+			if *report {
+				end := "EOF"
+				if err != nil {
+					end = err.Error()
+				}
+				fmt.Printf("end %d read=%d err=%s\n", k, read, end)
+			}
 		}()
 	}
 }
@@ -91,8 +123,14 @@ func client(args []string) error {
 	timeout := fs.Duration("timeout", 60*time.Second, "deadline for each connection")
 	pace := fs.Duration("pace", 0, "spread the sending of -bytes evenly over this long (a live, slow stream)")
 	noHalfClose := fs.Bool("no-half-close", false, "do not half-close after sending; read back exactly -bytes, then close (for proxies that cut half-closed streams)")
+	reset := fs.Bool("reset", false, "send -bytes, read them back, then abort the connection with RST")
+	send := fs.String("send", "", "with -expect-reset: the bytes to send")
+	expectReset := fs.Bool("expect-reset", false, "send -send, read its echo, then require the server's abort (ECONNRESET) rather than EOF")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *reset || *expectReset {
+		return abortTrip(*addr, *size, *send, *expectReset, *timeout)
 	}
 	var wg sync.WaitGroup
 	errs := make(chan error, *conns)
@@ -176,6 +214,59 @@ func roundTrip(addr string, id uint64, size int64, o tripOptions) error {
 		return fmt.Errorf("checksum mismatch: sent %s received %s", s, g)
 	}
 	return nil
+}
+
+// abortTrip tests that aborts cross the proxy. With expectReset it sends
+// payload, reads its echo and then requires ECONNRESET (a clean EOF means a
+// proxy turned the server's abort into a normal end). Otherwise it sends
+// size bytes, reads them back (so they crossed), and resets the connection.
+func abortTrip(addr string, size int64, payload string, expectReset bool, timeout time.Duration) error {
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	msg := []byte(payload)
+	if !expectReset {
+		msg = make([]byte, size)
+		(&prng{r: rand.New(rand.NewPCG(7, 42))}).Read(msg)
+	}
+	if _, err := c.Write(msg); err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, len(msg))); err != nil {
+		return fmt.Errorf("echo of %d bytes: %w", len(msg), err)
+	}
+	if !expectReset {
+		c.(*net.TCPConn).SetLinger(0)
+		fmt.Printf("reset sent after %d bytes\n", len(msg))
+		return nil
+	}
+	if _, err := c.Write([]byte("!")); err != nil { // the echo arrived: abort now
+		return fmt.Errorf("send: %w", err)
+	}
+	_, err = io.Copy(io.Discard, c)
+	switch {
+	case errors.Is(err, syscall.ECONNRESET):
+		fmt.Println("got reset")
+		return nil
+	case err == nil:
+		return errors.New("clean EOF where the server aborted: the reset was lost on the way")
+	}
+	return fmt.Errorf("after the echo: %w (want ECONNRESET)", err)
+}
+
+// readCounter counts what is read through it.
+type readCounter struct {
+	r io.Reader
+	n *int64
+}
+
+func (r readCounter) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	*r.n += int64(n)
+	return n, err
 }
 
 // prng is an io.Reader of deterministic pseudo-random bytes.
