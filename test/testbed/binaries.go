@@ -87,6 +87,34 @@ func Consul() (string, error) {
 	})
 }
 
+// ConnectNativeBinary returns test/tools/connectnative, a connect-native
+// app built from Consul's own connect package (the tools module), for
+// interop tests.
+func ConnectNativeBinary(t testing.TB) string {
+	t.Helper()
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	for _, f := range []string{"go.sum", "connectnative/main.go"} {
+		b, err := os.ReadFile(filepath.Join(root, "test", "tools", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.Write(b)
+	}
+	stamp := hex.EncodeToString(h.Sum(nil)[:8])
+	p, err := built.get("connectnative", func() (string, error) {
+		out := filepath.Join(root, ".cache", "bin", "connectnative")
+		return out, buildLocked(root, out, stamp, []string{"go", "build", "-C", filepath.Join(root, "test", "tools"), "-o", out, "./connectnative"})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 // FerryBinary returns a ferry binary built from ./cmd/ferry as a static
 // binary with the release flags, so tests run what ships.
 func FerryBinary(t testing.TB) string {

@@ -26,6 +26,9 @@ type Service struct {
 	TaggedAddresses map[string]api.ServiceAddress
 	// Direct registers the sidecar in the default (non-transparent) mode.
 	Direct bool
+	// Native registers a connect-native service (its app speaks mTLS on
+	// Port at the pod's address) and no sidecar.
+	Native bool
 }
 
 // Registered names what Register created.
@@ -54,10 +57,11 @@ func (tb *Testbed) RegisterService(s Service) (Registered, error) {
 		Port:            s.Port,
 		Address:         s.Pod.IP.String(),
 		TaggedAddresses: s.TaggedAddresses,
+		Connect:         native(s.Native),
 	}); err != nil {
 		return r, fmt.Errorf("testbed: register %s: %w", r.ID, err)
 	}
-	if s.NoSidecar {
+	if s.NoSidecar || s.Native {
 		return r, nil
 	}
 	port := s.SidecarPort
@@ -91,6 +95,13 @@ func (tb *Testbed) RegisterService(s Service) (Registered, error) {
 		return r, fmt.Errorf("testbed: register %s: %w", r.ProxyID, err)
 	}
 	return r, nil
+}
+
+func native(on bool) *api.AgentServiceConnect {
+	if !on {
+		return nil
+	}
+	return &api.AgentServiceConnect{Native: true}
 }
 
 // Deregister removes what RegisterService added; errors are ignored because
