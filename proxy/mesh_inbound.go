@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -229,17 +230,36 @@ func startsWithTLS(c *net.TCPConn, deadline time.Time) (bool, error) {
 	return b[0] == 22, nil
 }
 
-// intentionLabel names the deciding intention for the denied metric.
+// intentionLabel names the deciding intention for the denied metric by
+// what it matches and does, never by its ID: labels stay within the
+// service names and actions of this destination's intentions.
 func intentionLabel(d intentions.Decision) string {
 	if d.Intention == "" {
 		return "default"
 	}
-	return d.Intention
+	// intentions.Describe: "<src> => <dst> (ID: <id>, Precedence: <n>, Action: <A>)".
+	head, attrs, ok := strings.Cut(d.Intention, " (")
+	if !ok {
+		return d.Intention
+	}
+	var kept []string
+	for _, a := range strings.Split(strings.TrimSuffix(attrs, ")"), ", ") {
+		if !strings.HasPrefix(a, "ID: ") && !strings.HasPrefix(a, "Precedence: ") {
+			kept = append(kept, a)
+		}
+	}
+	return head + " (" + strings.Join(kept, ", ") + ")"
 }
+
+// deniedSeriesMax caps the denied metric's label sets: a peer holding many
+// identities (or intentions churning) must not grow /metrics without bound.
+const deniedSeriesMax = 1024
 
 // NewDeniedMetric is the counter MeshAcceptor.Denied expects.
 func NewDeniedMetric() *CounterVec {
-	return NewCounterVec("ferry_intentions_denied_total",
+	c := NewCounterVec("ferry_intentions_denied_total",
 		"Inbound connections closed after the handshake because intentions deny their source.",
 		"source", "destination", "intention")
+	c.f.maxSeries = deniedSeriesMax
+	return c
 }

@@ -55,7 +55,14 @@ type family struct {
 	mu              sync.Mutex
 	series          map[string]*series // key: joined label values
 	buckets         []float64          // histograms only
+	// maxSeries, when > 0, bounds the label sets: past it, new ones are
+	// counted under every label "other".
+	maxSeries int
 }
+
+// overflowLabel stands for every label value of the series past a family's
+// maxSeries.
+const overflowLabel = "other"
 
 type series struct {
 	values []string
@@ -87,6 +94,15 @@ func (f *family) with(values []string) *series {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	s := f.series[string(key)]
+	if s == nil && f.maxSeries > 0 && len(f.series) >= f.maxSeries {
+		other := make([]string, len(values))
+		for i := range other {
+			other[i] = overflowLabel
+		}
+		key = []byte(strings.Join(other, "\xff"))
+		values = other
+		s = f.series[string(key)]
+	}
 	if s == nil {
 		s = &series{values: slices.Clone(values)}
 		if f.buckets != nil {
