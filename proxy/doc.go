@@ -22,9 +22,11 @@
 // (splice.go); other legs (TLS, tunnels) copy through pooled buffers, 64
 // KiB per burst and 256 KiB while streaming, none while idle (pump.go,
 // readwait.go). EOF on one side becomes CloseWrite on the other (for
-// *tls.Conn: close_notify, then FIN on the TCP under it) while the reverse
-// direction flows on; an error aborts both sides, a reset is passed on as
-// a reset. The idle timeout is measured from kernel byte counters
+// *tls.Conn: close_notify, then FIN on the TCP under it; for a tunnel its
+// EOF frame) while the reverse direction flows on. An error aborts both
+// sides and is passed on as an abort: TCP legs are reset, TLS legs reset
+// under the TLS layer without close_notify, tunnels get a RESET frame. A
+// TLS stream that ends without close_notify is such an error. The idle timeout is measured from kernel byte counters
 // (TCP_INFO), so the splice path carries no per-byte bookkeeping.
 //
 // Between two ferry sidecars, app connections travel as tunnels: one after
