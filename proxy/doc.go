@@ -26,8 +26,9 @@
 // EOF frame) while the reverse direction flows on. An error aborts both
 // sides and is passed on as an abort: TCP legs are reset, TLS legs reset
 // under the TLS layer without close_notify, tunnels get a RESET frame. A
-// TLS stream that ends without close_notify is such an error. The idle timeout is measured from kernel byte counters
-// (TCP_INFO), so the splice path carries no per-byte bookkeeping.
+// TLS stream that ends without close_notify is such an error. The idle
+// timeout is measured from kernel byte counters (TCP_INFO), so the splice
+// path carries no per-byte bookkeeping.
 //
 // Between two ferry sidecars, app connections travel as tunnels: one after
 // another over a reused mTLS session, negotiated by ALPN (tunnel.go; the
