@@ -64,7 +64,29 @@ func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
 	if err == nil && in.Conn == nil {
 		err = errors.New("acceptor returned no connection")
 	}
+	if err == nil {
+		// Out of the pending-handshake budget, into -max-connections.
+		if err := ln.Established(c); err != nil { // counted by the listener
+			p.log.Debug("inbound connection dropped after its handshake", "src", src, "error", err)
+			if in.Done != nil {
+				in.Done()
+			}
+			in.Conn.Close()
+			c.Close()
+			return
+		}
+	}
 	if err != nil {
+		if ln.Evicted(c) {
+			// Reset to make room for newer handshakes (counted by the
+			// listener); the acceptor's error is only the consequence.
+			p.log.Debug("inbound handshake evicted", "src", src, "error", err)
+			if in.Conn != nil {
+				in.Conn.Close()
+			}
+			c.Close()
+			return
+		}
 		p.refuseInbound(c, in, err)
 		return
 	}
