@@ -258,3 +258,45 @@ func TestShutdownDoesNotWaitForSilentPermissiveSocket(t *testing.T) {
 		t.Fatalf("Shutdown took %v with a %v drain", d, drain)
 	}
 }
+
+// deadlineLog records read deadlines in the order they were set.
+type deadlineLog struct {
+	mu      sync.Mutex
+	last    time.Time
+	expired bool // an expired deadline was set at some point
+}
+
+func (d *deadlineLog) SetReadDeadline(t time.Time) error {
+	d.mu.Lock()
+	d.last = t
+	d.expired = d.expired || (!t.IsZero() && t.Before(time.Now()))
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *deadlineLog) get() (last time.Time, expired bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.last, d.expired
+}
+
+// A drain that starts just as a tunnel's OPEN is read must not leave its
+// expired deadline on the admitted tunnel: expireOnDone's stop waits for a
+// callback already under way, so the caller's reset comes last (audit F15).
+func TestExpireOnDoneStopWaitsForCallback(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the callback starts at once, racing with stop
+	for i := range 500 {
+		var d deadlineLog
+		stop := expireOnDone(ctx, &d)
+		stop()
+		d.SetReadDeadline(time.Time{}) // what next() does for an admitted tunnel
+		// The callback runs (ctx is done); wait until it has.
+		for _, expired := d.get(); !expired; _, expired = d.get() {
+			time.Sleep(10 * time.Microsecond)
+		}
+		if last, _ := d.get(); !last.IsZero() {
+			t.Fatalf("round %d: the expired deadline landed after stop returned", i)
+		}
+	}
+}
