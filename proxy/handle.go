@@ -3,7 +3,9 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"time"
 
 	"github.com/ferrymesh/ferry/listener"
@@ -26,6 +28,19 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 			p.log.Warn("refusing outbound connection that was not redirected", "src", src, "listener", local, "error", err,
 				"suppressed_since_last", n)
 		}
+		p.m.Connections.With(dir, "loop").Inc()
+		reset(c)
+		return
+	}
+	if p.cfg.OwnSockets.IsOwn(src, dst) {
+		// ferry's own dial was redirected back to it: its UID is not the
+		// one the rules exempt. Every further hop would cost two more fds.
+		p.loopOnce.Do(func() {
+			p.log.Error(fmt.Sprintf("redirect loop: a connection ferry made came back to its outbound listener. "+
+				"ferry runs as UID %d, but the redirect rules exempt only the proxy UID (-proxy-uid); "+
+				"run ferry as the -proxy-uid or exclude its UID. Looping connections are reset (outcome loop).", os.Getuid()),
+				"src", src, "dst", dst)
+		})
 		p.m.Connections.With(dir, "loop").Inc()
 		reset(c)
 		return

@@ -68,6 +68,12 @@ type Config struct {
 	Dialer interface {
 		DialContext(ctx context.Context, network, addr string) (net.Conn, error)
 	}
+	// OwnSockets records the sockets ferry dials, to recognize a redirect
+	// loop (one of them arriving at the outbound listener). Share it with
+	// every other dialer of the process (the MeshRouter's). Nil: a new
+	// one. A Dialer that is not a *net.Dialer must record its sockets
+	// itself (OwnSockets.Control).
+	OwnSockets *OwnSockets
 }
 
 // Proxy is the sidecar data path: an inbound and an outbound listener, the
@@ -95,6 +101,7 @@ type Proxy struct {
 	serveWG   sync.WaitGroup
 	checks    []namedCheck
 	draining  bool
+	loopOnce  sync.Once // the misconfiguration behind a redirect loop is logged once
 
 	localApp atomic.Pointer[target]
 	router   atomic.Pointer[Router]
@@ -132,8 +139,14 @@ func New(cfg Config) *Proxy {
 	if cfg.Acceptor == nil {
 		cfg.Acceptor = PlainAcceptor{}
 	}
-	if cfg.Dialer == nil {
-		cfg.Dialer = &net.Dialer{}
+	if cfg.OwnSockets == nil {
+		cfg.OwnSockets = NewOwnSockets()
+	}
+	switch d := cfg.Dialer.(type) {
+	case nil:
+		cfg.Dialer = cfg.OwnSockets.Dialer(&net.Dialer{})
+	case *net.Dialer:
+		cfg.Dialer = cfg.OwnSockets.Dialer(d)
 	}
 	if cfg.MaxPendingHandshakes == 0 {
 		cfg.MaxPendingHandshakes = DefaultMaxPendingHandshakes
