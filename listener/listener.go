@@ -35,7 +35,8 @@ type TCPAcceptor interface {
 type Options struct {
 	// Name labels log lines ("inbound", "outbound").
 	Name string
-	// MaxConns caps connections being handled at once; 0 means no cap.
+	// MaxConns caps connections being handled at once (with MaxPending:
+	// connections past their handshake); 0 means no cap.
 	//
 	// Past the cap a new connection is accepted and reset at once (RST,
 	// not FIN), logged (rate limited) and reported through OnOverLimit.
