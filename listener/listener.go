@@ -2,6 +2,7 @@ package listener
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -34,7 +35,8 @@ type TCPAcceptor interface {
 type Options struct {
 	// Name labels log lines ("inbound", "outbound").
 	Name string
-	// MaxConns caps connections being handled at once; 0 means no cap.
+	// MaxConns caps connections being handled at once (with MaxPending:
+	// connections past their handshake); 0 means no cap.
 	//
 	// Past the cap a new connection is accepted and reset at once (RST,
 	// not FIN), logged (rate limited) and reported through OnOverLimit.
@@ -50,6 +52,19 @@ type Options struct {
 	// OnAcceptError is called for every accept error that the loop backs
 	// off from (metrics hook).
 	OnAcceptError func(error)
+
+	// MaxPending > 0 turns on handshake accounting (pending.go): a new
+	// connection is pending until its handler calls Established, and
+	// pending connections count against MaxPending (and
+	// MaxPendingPerSource) instead of MaxConns. 0: every accepted
+	// connection counts against MaxConns from the start.
+	MaxPending int
+	// MaxPendingPerSource caps pending connections from one source IP;
+	// 0 means no per-source cap. Only with MaxPending.
+	MaxPendingPerSource int
+	// OnPendingEvicted is called once per pending connection reset to
+	// make room for a newer one.
+	OnPendingEvicted func()
 }
 
 // Listener runs an accept loop over a TCP listener.
@@ -70,6 +85,11 @@ type Listener struct {
 	n    int
 	idle chan struct{} // closed while n == 0
 
+	// stopped is set when Serve has returned: no handler starts after it.
+	stopped atomic.Bool
+
+	pend pendingSet // handshake accounting, when opts.MaxPending > 0
+
 	sleep func(time.Duration) // replaced in tests
 }
 
@@ -84,7 +104,9 @@ func New(ln TCPAcceptor, opts Options) *Listener {
 	}
 	idle := make(chan struct{})
 	close(idle)
-	return &Listener{ln: ln, opts: opts, log: log, sleep: time.Sleep, idle: idle}
+	l := &Listener{ln: ln, opts: opts, log: log, sleep: time.Sleep, idle: idle}
+	l.pend.init()
+	return l
 }
 
 // Addr is the bound address.
@@ -95,8 +117,11 @@ func (l *Listener) Active() int { return int(l.active.Load()) }
 
 // Serve accepts until Close and runs h for every connection in its own
 // goroutine. It returns nil after Close, or the first accept error that
-// retrying cannot fix.
+// retrying cannot fix; the caller logs that one (it knows what the listener
+// was for) and should treat it as fatal: nothing accepts on the socket
+// any more.
 func (l *Listener) Serve(h Handler) error {
+	defer l.stopped.Store(true)
 	backoff := time.Duration(0)
 	for {
 		c, err := l.ln.AcceptTCP()
@@ -105,8 +130,7 @@ func (l *Listener) Serve(h Handler) error {
 				return nil
 			}
 			if !Retryable(err) {
-				l.log.Error("accept failed, listener stops", "addr", l.ln.Addr(), "error", err)
-				return err
+				return fmt.Errorf("accept on %s: %w", l.ln.Addr(), err)
 			}
 			backoff = NextBackoff(backoff)
 			l.log.Warn("accept error, backing off", "error", err, "backoff", backoff)
@@ -117,13 +141,19 @@ func (l *Listener) Serve(h Handler) error {
 			continue
 		}
 		backoff = 0
-		if l.opts.MaxConns > 0 && l.active.Load() >= int64(l.opts.MaxConns) {
+		if l.opts.MaxPending > 0 {
+			if !l.admitPending(c) {
+				l.refuse(c)
+				continue
+			}
+		} else if l.opts.MaxConns > 0 && l.active.Load() >= int64(l.opts.MaxConns) {
 			l.refuse(c)
 			continue
 		}
 		l.begin()
 		go func() {
 			defer l.end()
+			defer l.forget(c)
 			h(c)
 		}()
 	}
@@ -175,6 +205,17 @@ func (l *Listener) Close() error {
 	return l.closeErr
 }
 
+// Finished reports whether the listener is closed, its accept loop has
+// returned and no handler is running: nothing of it is left to wait for.
+func (l *Listener) Finished() bool {
+	if !l.closed.Load() || !l.stopped.Load() {
+		return false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n == 0
+}
+
 // Wait blocks until no handler is running, or until done is closed (then
 // it returns false). After Close it means every connection has finished.
 func (l *Listener) Wait(done <-chan struct{}) bool {
@@ -201,18 +242,27 @@ func NextBackoff(d time.Duration) time.Duration {
 	return d
 }
 
-// Retryable reports whether an accept error is worth retrying: resource
-// exhaustion and aborted handshakes clear by themselves.
+// retryableErrnos clear by themselves: resource exhaustion, aborted
+// handshakes, and the network errors of the new socket that Linux passes
+// on to accept, which accept(2) says TCP callers should retry (ENETDOWN,
+// EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP,
+// ENETUNREACH). Go's poller retries only EINTR, EAGAIN and ECONNABORTED.
+var retryableErrnos = [...]syscall.Errno{
+	syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
+	syscall.ECONNABORTED, syscall.ECONNRESET, syscall.EINTR, syscall.EAGAIN,
+	syscall.EPERM, // a firewall rule refused the new socket
+	syscall.ENETDOWN, syscall.EPROTO, syscall.ENOPROTOOPT, syscall.EHOSTDOWN,
+	syscall.ENONET, syscall.EHOSTUNREACH, syscall.EOPNOTSUPP, syscall.ENETUNREACH,
+}
+
+// Retryable reports whether an accept error is worth retrying (see
+// retryableErrnos); anything else stops the listener.
 func Retryable(err error) bool {
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
 		return true
 	}
-	for _, e := range []syscall.Errno{
-		syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
-		syscall.ECONNABORTED, syscall.ECONNRESET, syscall.EINTR, syscall.EAGAIN,
-		syscall.EPROTO, syscall.EPERM, // EPERM: a firewall rule refused the new socket
-	} {
+	for _, e := range retryableErrnos {
 		if errors.Is(err, e) {
 			return true
 		}

@@ -49,6 +49,16 @@ func TestRetryable(t *testing.T) {
 		{fmt.Errorf("wrapped: %w", syscall.ENFILE), true},
 		{syscall.ECONNABORTED, true},
 		{syscall.ENOBUFS, true},
+		// accept(2): Linux passes the new socket's pending network errors
+		// on to accept; TCP callers should retry them.
+		{&net.OpError{Op: "accept", Err: &osSyscallError{syscall.ENETDOWN}}, true},
+		{syscall.EPROTO, true},
+		{syscall.ENOPROTOOPT, true},
+		{syscall.EHOSTDOWN, true},
+		{syscall.ENONET, true},
+		{syscall.EHOSTUNREACH, true},
+		{syscall.EOPNOTSUPP, true},
+		{syscall.ENETUNREACH, true},
 		{errors.New("something else"), false},
 		{syscall.EINVAL, false},
 		{syscall.EBADF, false},

@@ -3,7 +3,9 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"time"
 
 	"github.com/ferrymesh/ferry/listener"
@@ -26,6 +28,19 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 			p.log.Warn("refusing outbound connection that was not redirected", "src", src, "listener", local, "error", err,
 				"suppressed_since_last", n)
 		}
+		p.m.Connections.With(dir, "loop").Inc()
+		reset(c)
+		return
+	}
+	if p.cfg.OwnSockets.IsOwn(src, dst) {
+		// ferry's own dial was redirected back to it: its UID is not the
+		// one the rules exempt. Every further hop would cost two more fds.
+		p.loopOnce.Do(func() {
+			p.log.Error(fmt.Sprintf("redirect loop: a connection ferry made came back to its outbound listener. "+
+				"ferry runs as UID %d, but the redirect rules exempt only the proxy UID (-proxy-uid); "+
+				"run ferry as the -proxy-uid or exclude its UID. Looping connections are reset (outcome loop).", os.Getuid()),
+				"src", src, "dst", dst)
+		})
 		p.m.Connections.With(dir, "loop").Inc()
 		reset(c)
 		return
@@ -64,7 +79,29 @@ func (p *Proxy) handleInbound(ln *listener.Listener, c *net.TCPConn) {
 	if err == nil && in.Conn == nil {
 		err = errors.New("acceptor returned no connection")
 	}
+	if err == nil {
+		// Out of the pending-handshake budget, into -max-connections.
+		if err := ln.Established(c); err != nil { // counted by the listener
+			p.log.Debug("inbound connection dropped after its handshake", "src", src, "error", err)
+			if in.Done != nil {
+				in.Done()
+			}
+			in.Conn.Close()
+			c.Close()
+			return
+		}
+	}
 	if err != nil {
+		if ln.Evicted(c) {
+			// Reset to make room for newer handshakes (counted by the
+			// listener); the acceptor's error is only the consequence.
+			p.log.Debug("inbound handshake evicted", "src", src, "error", err)
+			if in.Conn != nil {
+				in.Conn.Close()
+			}
+			c.Close()
+			return
+		}
 		p.refuseInbound(c, in, err)
 		return
 	}

@@ -22,6 +22,12 @@ import (
 // client cannot hold a goroutine and a socket longer than this.
 const DefaultHandshakeTimeout = 10 * time.Second
 
+// DefaultFirstByteTimeout bounds the wait for a client's first byte (of the
+// ClientHello, or of plain data when permissive). A valid client sends it
+// at once; a silent socket is the cheapest way to hold a pending-handshake
+// slot, so it is let go well before the handshake timeout.
+const DefaultFirstByteTimeout = 3 * time.Second
+
 // MeshAcceptor is the inbound side of the mesh: a mutual-TLS handshake with
 // a required client certificate issued by the mesh CA, then the client's
 // service (first URI SAN) is authorized by the destination's intentions.
@@ -34,6 +40,9 @@ type MeshAcceptor struct {
 	// Service is the destination service name, for logs.
 	Service          string
 	HandshakeTimeout time.Duration
+	// FirstByteTimeout bounds the wait for the first byte within the
+	// handshake timeout; 0 means DefaultFirstByteTimeout.
+	FirstByteTimeout time.Duration
 	Permissive       bool
 	Logger           hclog.Logger
 	// Denied counts denied connections by source service and deciding
@@ -69,20 +78,28 @@ func (a *MeshAcceptor) Init() {
 // AcceptInbound implements Acceptor.
 func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Accepted, error) {
 	src := raw.RemoteAddr().String()
-	deadline := time.Now().Add(a.HandshakeTimeout)
-	if a.Permissive {
-		isTLS, err := startsWithTLS(raw, deadline)
-		if err != nil {
-			return Accepted{}, &Refused{Outcome: "handshake_error", Reason: "no data before the handshake timeout", Err: err}
-		}
-		if !isTLS {
-			a.Logger.Debug("permissive: plain connection passed to the app", "src", src)
-			return Accepted{Conn: raw, Keys: []string{"plain"}}, nil
-		}
+	start := time.Now()
+	deadline := start.Add(a.HandshakeTimeout)
+	firstBy := a.FirstByteTimeout
+	if firstBy <= 0 {
+		firstBy = DefaultFirstByteTimeout
 	}
+	first := start.Add(firstBy)
+	if first.After(deadline) {
+		first = deadline
+	}
+	isTLS, err := startsWithTLS(ctx, raw, first)
+	if err != nil {
+		return Accepted{}, &Refused{Outcome: "handshake_error", Reason: "no data before the first-byte timeout", Err: err}
+	}
+	if a.Permissive && !isTLS {
+		a.Logger.Debug("permissive: plain connection passed to the app", "src", src)
+		return Accepted{Conn: raw, Keys: []string{"plain"}}, nil
+	}
+	// Not TLS and not permissive: the handshake below fails and says why.
 	tc := tls.Server(newBatchConn(raw), a.cfg)
 	hctx, cancel := context.WithDeadline(ctx, deadline)
-	err := tc.HandshakeContext(hctx)
+	err = tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
 		if ok, n := a.warns.allow("handshake"); ok {
@@ -101,7 +118,9 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		ss := &inboundSession{a: a, raw: raw, tc: tc, id: id, src: src, created: time.Now(),
 			gen: a.Identity.Generation(), released: make(chan bool, 1)}
 		_ = tc.SetReadDeadline(deadline)
+		stop := expireOnDone(ctx, tc)
 		err := readOpen(tc)
+		stop()
 		_ = tc.SetReadDeadline(time.Time{})
 		if err != nil {
 			return Accepted{Conn: tc}, &Refused{Outcome: "handshake_error", Reason: "no tunnel OPEN before the handshake timeout", Err: err}
@@ -188,9 +207,9 @@ func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
 		s.gen = g
 	}
 	_ = s.tc.SetReadDeadline(time.Now().Add(serverTunnelIdle))
-	stop := context.AfterFunc(ctx, func() { _ = s.tc.SetReadDeadline(aLongTimeAgo) })
+	stop := expireOnDone(ctx, s.tc)
 	err := readOpen(s.tc)
-	stop()
+	stop() // the drain's expired deadline cannot land after the reset below
 	if err != nil {
 		s.tc.Close()
 		return Accepted{}, fmt.Errorf("%w: %w", errSessionOver, err)
@@ -199,14 +218,36 @@ func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
 	return s.a.admit(s.raw, newTunnelConn(s.tc, s.release), s.id, s.src, s.next)
 }
 
+// expireOnDone makes c's reads fail once ctx is done (by an expired read
+// deadline) until the returned stop is called. stop waits for a callback
+// that already started, so that a deadline the caller sets after stop is
+// not overwritten by a late expired one (context.AfterFunc's own stop does
+// not wait).
+func expireOnDone(ctx context.Context, c interface{ SetReadDeadline(time.Time) error }) (stop func()) {
+	fired := make(chan struct{})
+	stopFn := context.AfterFunc(ctx, func() {
+		defer close(fired)
+		_ = c.SetReadDeadline(aLongTimeAgo)
+	})
+	return func() {
+		if !stopFn() {
+			<-fired
+		}
+	}
+}
+
 // startsWithTLS peeks (without consuming) at the first byte: a TLS record of
 // type handshake (22) opens every ClientHello. Peeking keeps the socket a
-// plain *net.TCPConn, so a permissive plain connection still splices.
-func startsWithTLS(c *net.TCPConn, deadline time.Time) (bool, error) {
+// plain *net.TCPConn, so a permissive plain connection still splices. It
+// gives up at deadline or when ctx is done (a hard shutdown must not wait
+// for silent clients).
+func startsWithTLS(ctx context.Context, c *net.TCPConn, deadline time.Time) (bool, error) {
 	if err := c.SetReadDeadline(deadline); err != nil {
 		return false, err
 	}
 	defer c.SetReadDeadline(time.Time{})
+	stop := expireOnDone(ctx, c)
+	defer stop()
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return false, err

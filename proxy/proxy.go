@@ -18,6 +18,15 @@ import (
 const (
 	DefaultConnectTimeout = 5 * time.Second // Consul's local_connect_timeout_ms / connect_timeout_ms
 	DefaultIdleTimeout    = time.Hour       // Envoy tcp_proxy's default idle_timeout
+
+	// DefaultMaxPendingHandshakes is the inbound listener's budget of
+	// connections still in their handshake without a connection cap; with
+	// one it is a tenth of the cap, within [16, 256]. Handshakes take a
+	// round trip or two, so even 16 pending means thousands per second;
+	// the budget only has to outlast silent sockets (see listener/pending.go).
+	DefaultMaxPendingHandshakes = 256
+	// DefaultMaxPendingPerSource caps pending handshakes from one source IP.
+	DefaultMaxPendingPerSource = 32
 )
 
 // ErrShutdown is the cause recorded for connections cut at the end of a drain.
@@ -38,16 +47,33 @@ type Config struct {
 	Registry       *Registry
 	ConnectTimeout time.Duration
 	IdleTimeout    time.Duration // < 0 disables
-	// MaxConnections caps connections per listener; 0 means no cap.
+	// MaxConnections caps connections per listener; 0 means no cap. On
+	// the inbound listener it counts connections past their handshake;
+	// those still in it count against MaxPendingHandshakes instead.
 	MaxConnections int
-	Router         Router   // nil: PassthroughRouter
-	Acceptor       Acceptor // nil: PlainAcceptor
+	// MaxPendingHandshakes is the inbound listener's budget of connections
+	// still in their handshake; past it the oldest is reset (outcome
+	// pending_limit). 0: the default (see DefaultMaxPendingHandshakes);
+	// < 0: no separate budget, MaxConnections counts them.
+	MaxPendingHandshakes int
+	// MaxPendingPerSource is the same budget per source IP. 0: the
+	// default (DefaultMaxPendingPerSource, at most MaxPendingHandshakes);
+	// < 0: none.
+	MaxPendingPerSource int
+	Router              Router   // nil: PassthroughRouter
+	Acceptor            Acceptor // nil: PlainAcceptor
 	// Dialer dials passthrough destinations and the local app. Nil: a
 	// net.Dialer. Tests and the redirect rules rely on it dialing from the
 	// proxy's own UID (excluded from redirection).
 	Dialer interface {
 		DialContext(ctx context.Context, network, addr string) (net.Conn, error)
 	}
+	// OwnSockets records the sockets ferry dials, to recognize a redirect
+	// loop (one of them arriving at the outbound listener). Share it with
+	// every other dialer of the process (the MeshRouter's). Nil: a new
+	// one. A Dialer that is not a *net.Dialer must record its sockets
+	// itself (OwnSockets.Control).
+	OwnSockets *OwnSockets
 }
 
 // Proxy is the sidecar data path: an inbound and an outbound listener, the
@@ -69,15 +95,20 @@ type Proxy struct {
 	endpoints *Endpoints
 	inbound   *listener.Listener
 	outbound  *listener.Listener
-	all       []*listener.Listener         // every listener ever started (drain waits for all)
+	all       []*listener.Listener         // listeners not yet finished (drain waits for all)
 	upstreams map[string]*upstreamListener // explicit upstreams by listen address
+	failed    map[*listener.Listener]error // listeners whose accept loop stopped on an error
 	serveWG   sync.WaitGroup
 	checks    []namedCheck
 	draining  bool
+	loopOnce  sync.Once // the misconfiguration behind a redirect loop is logged once
 
 	localApp atomic.Pointer[target]
 	router   atomic.Pointer[Router]
 	acceptor atomic.Pointer[Acceptor]
+
+	// listenTCP binds a listening socket; tests substitute accept errors.
+	listenTCP func(ctx context.Context, addr string) (listener.TCPAcceptor, error)
 }
 
 type namedCheck struct {
@@ -108,13 +139,28 @@ func New(cfg Config) *Proxy {
 	if cfg.Acceptor == nil {
 		cfg.Acceptor = PlainAcceptor{}
 	}
-	if cfg.Dialer == nil {
-		cfg.Dialer = &net.Dialer{}
+	if cfg.OwnSockets == nil {
+		cfg.OwnSockets = NewOwnSockets()
+	}
+	switch d := cfg.Dialer.(type) {
+	case nil:
+		cfg.Dialer = cfg.OwnSockets.Dialer(&net.Dialer{})
+	case *net.Dialer:
+		cfg.Dialer = cfg.OwnSockets.Dialer(d)
+	}
+	if cfg.MaxPendingHandshakes == 0 {
+		cfg.MaxPendingHandshakes = DefaultMaxPendingHandshakes
+		if cfg.MaxConnections > 0 {
+			cfg.MaxPendingHandshakes = min(max(cfg.MaxConnections/10, 16), DefaultMaxPendingHandshakes)
+		}
+	}
+	if cfg.MaxPendingPerSource == 0 {
+		cfg.MaxPendingPerSource = min(DefaultMaxPendingPerSource, max(cfg.MaxPendingHandshakes, 1))
 	}
 	base, kill := context.WithCancelCause(context.Background())
 	drain, startDrain := context.WithCancel(base)
 	p := &Proxy{cfg: cfg, log: cfg.Logger, m: cfg.Metrics, reg: cfg.Registry, base: base, kill: kill,
-		drain: drain, startDrain: startDrain, warns: newRateLog(logInterval, nil)}
+		drain: drain, startDrain: startDrain, warns: newRateLog(logInterval, nil), listenTCP: listenTCP}
 	p.SetRouter(cfg.Router)
 	p.SetAcceptor(cfg.Acceptor)
 	return p
@@ -165,6 +211,9 @@ func (p *Proxy) Ready() error {
 		return errors.New("proxy configuration not loaded")
 	case in == nil || out == nil:
 		return errors.New("listeners not up")
+	}
+	if err := p.listenerFailure(); err != nil {
+		return err
 	}
 	for _, c := range checks {
 		if err := c.fn(); err != nil {
@@ -217,10 +266,10 @@ func (p *Proxy) Apply(e Endpoints) error {
 	}
 	p.localApp.Store(newTarget(e.LocalApp))
 	if newIn != nil {
-		p.swap(&p.inbound, newIn, p.handleInbound)
+		p.swap(&p.inbound, newIn, Inbound.String(), p.handleInbound)
 	}
 	if newOut != nil {
-		p.swap(&p.outbound, newOut, p.handleOutbound)
+		p.swap(&p.outbound, newOut, Outbound.String(), p.handleOutbound)
 	}
 	old := p.endpoints
 	p.endpoints = &e
@@ -231,33 +280,100 @@ func (p *Proxy) Apply(e Endpoints) error {
 }
 
 // swap starts serving on ln and closes the listener it replaces. Caller holds p.mu.
-func (p *Proxy) swap(slot **listener.Listener, ln *listener.Listener, h func(*listener.Listener, *net.TCPConn)) {
+func (p *Proxy) swap(slot **listener.Listener, ln *listener.Listener, name string, h func(*listener.Listener, *net.TCPConn)) {
 	if *slot != nil {
 		(*slot).Close()
 	}
 	*slot = ln
+	p.serve(ln, name, func(c *net.TCPConn) { h(ln, c) })
+}
+
+// serve runs ln's accept loop. An accept loop that stops on an error (not
+// Close) leaves the port bound but dead: it is logged here, once, and
+// turns Ready to an error naming the listener, so that traffic moves away
+// and the pod gets attention. Caller holds p.mu.
+func (p *Proxy) serve(ln *listener.Listener, name string, h listener.Handler) {
+	p.pruneLocked()
 	p.all = append(p.all, ln)
 	p.serveWG.Add(1)
 	go func() {
 		defer p.serveWG.Done()
-		_ = ln.Serve(func(c *net.TCPConn) { h(ln, c) })
+		if err := ln.Serve(h); err != nil {
+			p.log.Error("listener stopped accepting; not ready", "listener", name, "addr", ln.Addr(), "error", err)
+			p.mu.Lock()
+			if p.failed == nil {
+				p.failed = map[*listener.Listener]error{}
+			}
+			p.failed[ln] = fmt.Errorf("%s listener %s stopped: %w", name, ln.Addr(), err)
+			p.mu.Unlock()
+		}
 	}()
 }
 
-func (p *Proxy) listen(addr string, d Direction) (*listener.Listener, error) {
+// pruneLocked drops finished listeners (closed, accept loop and handlers
+// done) from p.all, which otherwise grows with every rebind. Caller holds p.mu.
+func (p *Proxy) pruneLocked() {
+	kept := p.all[:0]
+	for _, ln := range p.all {
+		if ln.Finished() {
+			delete(p.failed, ln)
+			continue
+		}
+		kept = append(kept, ln)
+	}
+	clear(p.all[len(kept):])
+	p.all = kept
+}
+
+// listenerFailure returns the failure of a listener in service, if any.
+func (p *Proxy) listenerFailure() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.failed) == 0 {
+		return nil
+	}
+	lns := []*listener.Listener{p.inbound, p.outbound}
+	for _, ul := range p.upstreams {
+		lns = append(lns, ul.ln)
+	}
+	for _, ln := range lns {
+		if err := p.failed[ln]; err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func listenTCP(ctx context.Context, addr string) (listener.TCPAcceptor, error) {
 	var lc net.ListenConfig
-	l, err := lc.Listen(p.base, "tcp", addr)
+	l, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return l.(*net.TCPListener), nil
+}
+
+func (p *Proxy) listen(addr string, d Direction) (*listener.Listener, error) {
+	l, err := p.listenTCP(p.base, addr)
 	if err != nil {
 		return nil, fmt.Errorf("%s listener: %w", d, err)
 	}
 	dir := d.String()
-	return listener.New(l.(*net.TCPListener), listener.Options{
+	opts := listener.Options{
 		Name:          dir,
 		MaxConns:      p.cfg.MaxConnections,
 		Logger:        p.log,
 		OnOverLimit:   func() { p.m.Connections.With(dir, "over_limit").Inc() },
 		OnAcceptError: func(error) { p.m.AcceptErrors.With(dir).Inc() },
-	}), nil
+	}
+	if d == Inbound && p.cfg.MaxPendingHandshakes > 0 {
+		// Only inbound connections have a handshake (the acceptor's);
+		// handleInbound calls Established once it is through.
+		opts.MaxPending = p.cfg.MaxPendingHandshakes
+		opts.MaxPendingPerSource = max(p.cfg.MaxPendingPerSource, 0)
+		opts.OnPendingEvicted = func() { p.m.Connections.With(dir, "pending_limit").Inc() }
+	}
+	return listener.New(l, opts), nil
 }
 
 // Shutdown stops accepting (and turns Ready to "draining"), lets established

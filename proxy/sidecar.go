@@ -76,9 +76,14 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Sidecar{cfg: cfg, log: log, ctx: ctx, cancel: cancel, fatal: make(chan error, 1), id: mtls.NewIdentity()}
+	if cfg.Proxy.OwnSockets == nil {
+		cfg.Proxy.OwnSockets = NewOwnSockets()
+	}
 	s.proxy = New(cfg.Proxy)
 	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog")})
 	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
+	// mTLS dials to peers loop too when ferry's UID is not exempted.
+	s.router.dialer = cfg.Proxy.OwnSockets.Dialer(s.router.dialer)
 	if cfg.DisableTunnels {
 		s.router.DisableTunnels()
 	}

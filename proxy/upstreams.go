@@ -67,12 +67,7 @@ func (p *Proxy) SetUpstreams(ups []Upstream) error {
 		ul := &upstreamListener{ln: ln, name: u.Name}
 		ul.route.Store(&route)
 		p.upstreams[addr] = ul
-		p.all = append(p.all, ln)
-		p.serveWG.Add(1)
-		go func() {
-			defer p.serveWG.Done()
-			_ = ln.Serve(func(c *net.TCPConn) { p.handleUpstream(ul, c) })
-		}()
+		p.serve(ln, "upstream "+u.Name, func(c *net.TCPConn) { p.handleUpstream(ul, c) })
 		p.log.Info("upstream listener", "upstream", u.Name, "addr", ln.Addr())
 	}
 	if len(errs) > 0 {

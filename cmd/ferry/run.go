@@ -17,6 +17,13 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
+// defaultMaxConnections bounds each listener by default: unbounded, a
+// connection flood ends in EMFILE for the whole process (app connections
+// through the outbound listener, DNS, the Consul watches share the fd
+// table). 10,000 established per listener, about 2 fds each, keeps inbound
+// and outbound together within a 65,536 RLIMIT_NOFILE.
+const defaultMaxConnections = 10000
+
 // runConfig is everything `ferry run` needs, from flags and environment.
 type runConfig struct {
 	ProxyID, SidecarFor string
@@ -25,6 +32,7 @@ type runConfig struct {
 	LocalApp            string
 	AdminAddr           string
 	MaxConnections      int
+	ProxyUID            int
 	ConnectTimeout      time.Duration
 	IdleTimeout         time.Duration
 	DrainTimeout        time.Duration
@@ -51,7 +59,8 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.StringVar(&c.Outbound, "outbound-addr", "", "outbound listen address (default: 127.0.0.1:<OutboundListenerPort or 15001>)")
 	fs.StringVar(&c.LocalApp, "local-app", "", "local application address (default: <LocalServiceAddress or 127.0.0.1>:<LocalServicePort>)")
 	fs.StringVar(&c.AdminAddr, "admin-addr", "127.0.0.1:19000", "admin HTTP address (/ready, /metrics)")
-	fs.IntVar(&c.MaxConnections, "max-connections", 0, "per-listener cap on concurrent connections; new ones past it are reset (0 = no cap)")
+	fs.IntVar(&c.MaxConnections, "max-connections", defaultMaxConnections, "per-listener cap on established connections; new ones past it are reset (0 = no cap). Inbound connections still in their handshake do not count: they have their own budget (a tenth of the cap, 16 to 256; 32 per source IP; the oldest is reset past it)")
+	fs.IntVar(&c.ProxyUID, "proxy-uid", 5995, "UID the redirect rules exempt (ferry redirect -proxy-uid); ferry warns at start when it runs as another, whose own connections would loop")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", proxy.DefaultConnectTimeout, "upstream and local-app connect timeout")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", proxy.DefaultIdleTimeout, "close a connection after this long without traffic in either direction (0 = never)")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM/SIGINT, how long established connections may finish")
@@ -79,6 +88,8 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 		return c, usageError("run: -proxy-id and -sidecar-for are mutually exclusive")
 	case c.MaxConnections < 0:
 		return c, usageError("run: -max-connections must be >= 0")
+	case c.ProxyUID < 0:
+		return c, usageError("run: -proxy-uid must be >= 0")
 	case c.ConnectTimeout <= 0:
 		return c, usageError("run: -connect-timeout must be > 0")
 	case c.HandshakeTimeout <= 0:
@@ -97,6 +108,10 @@ func runRun(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "ferry", Level: hclog.LevelFromString(cfg.LogLevel), Output: stderr})
+	if uid := os.Getuid(); uid != cfg.ProxyUID {
+		log.Warn("ferry runs as a UID other than -proxy-uid: unless the redirect rules exempt this UID, its own connections loop back to it (they are reset as outcome loop)",
+			"uid", uid, "proxy_uid", cfg.ProxyUID)
+	}
 
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)

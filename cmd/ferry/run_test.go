@@ -34,7 +34,7 @@ func TestParseRunFlags(t *testing.T) {
 		{"proxy id with defaults", []string{"-proxy-id", "web-sidecar-proxy"}, 0, "", func(c runConfig) bool {
 			return c.ProxyID == "web-sidecar-proxy" && c.AdminAddr == "127.0.0.1:19000" &&
 				c.ConnectTimeout == proxy.DefaultConnectTimeout && c.IdleTimeout == proxy.DefaultIdleTimeout &&
-				c.DrainTimeout == 15*time.Second && c.MaxConnections == 0
+				c.DrainTimeout == 15*time.Second && c.MaxConnections == 10000 && c.ProxyUID == 5995
 		}},
 		{"sidecar-for and overrides", []string{"-sidecar-for", "web", "-inbound-addr", "0.0.0.0:21000", "-outbound-addr", "127.0.0.1:15101",
 			"-local-app", "127.0.0.1:9090", "-max-connections", "100", "-idle-timeout", "0", "-http-addr", "198.18.0.1:8500", "-token", "t"}, 0, "",
@@ -55,6 +55,7 @@ func TestParseRunFlags(t *testing.T) {
 		{"no id", nil, 2, "one of -proxy-id or -sidecar-for", nil},
 		{"both ids", []string{"-proxy-id", "a", "-sidecar-for", "b"}, 2, "mutually exclusive", nil},
 		{"negative cap", []string{"-proxy-id", "a", "-max-connections", "-1"}, 2, "max-connections", nil},
+		{"negative proxy uid", []string{"-proxy-id", "a", "-proxy-uid", "-1"}, 2, "proxy-uid", nil},
 		{"zero connect timeout", []string{"-proxy-id", "a", "-connect-timeout", "0s"}, 2, "connect-timeout", nil},
 		{"bad level", []string{"-proxy-id", "a", "-log-level", "loud"}, 2, "log-level", nil},
 		{"stray arg", []string{"-proxy-id", "a", "extra"}, 2, "unexpected arguments", nil},

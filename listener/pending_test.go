@@ -1,0 +1,164 @@
+package listener
+
+import (
+	"errors"
+	"net"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// dialFrom connects to addr from the loopback address src (any 127/8
+// address works on Linux) and returns the client end.
+func dialFrom(t *testing.T, src, addr string) *net.TCPConn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// wantReset reads c and fails unless the peer reset it.
+func wantReset(t *testing.T, c net.Conn, what string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("%s: %v, want connection reset", what, err)
+	}
+}
+
+// stillOpen fails if c was closed or reset by the peer within a short wait.
+func stillOpen(t *testing.T, c net.Conn, what string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	var ne net.Error
+	if _, err := c.Read(make([]byte, 1)); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("%s: %v, want still open", what, err)
+	}
+}
+
+// Pending connections have their own budget, per source and in total; past
+// it the oldest pending connection is reset, not the new one, and
+// established connections do not count against it.
+func TestPendingBudgetEvictsOldest(t *testing.T) {
+	checkLeaks(t)
+	ln := listen(t)
+	var evicted atomic.Int32
+	l := New(ln, Options{MaxConns: 10, MaxPending: 3, MaxPendingPerSource: 2, OnPendingEvicted: func() { evicted.Add(1) }})
+	accepted := make(chan *net.TCPConn, 10)
+	established := make(chan error, 10)
+	release := make(chan struct{})
+	serve(t, l, func(c *net.TCPConn) {
+		defer c.Close()
+		accepted <- c
+		// The "handshake": one byte from the client.
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			if !l.Evicted(c) {
+				t.Errorf("handshake failed but not evicted: %v", err)
+			}
+			return
+		}
+		err := l.Established(c)
+		established <- err
+		if err != nil {
+			return
+		}
+		<-release
+	})
+	t.Cleanup(func() { close(release) })
+	addr := ln.Addr().String()
+	next := func() { t.Helper(); <-accepted }
+
+	a1 := dialFrom(t, "127.0.0.2", addr)
+	next()
+	a2 := dialFrom(t, "127.0.0.2", addr)
+	next()
+	a3 := dialFrom(t, "127.0.0.2", addr) // third from one source: a1 goes
+	next()
+	wantReset(t, a1, "oldest of its source")
+	if evicted.Load() != 1 {
+		t.Fatalf("evicted %d, want 1", evicted.Load())
+	}
+	b1 := dialFrom(t, "127.0.0.3", addr) // 3 pending: a2, a3, b1
+	next()
+	stillOpen(t, a2, "a2 with the budget not exceeded")
+	b2 := dialFrom(t, "127.0.0.3", addr) // total full: the oldest (a2) goes
+	next()
+	wantReset(t, a2, "oldest overall")
+	if l.Pending() != 3 || evicted.Load() != 2 {
+		t.Fatalf("pending %d, evicted %d; want 3, 2", l.Pending(), evicted.Load())
+	}
+	// Established connections leave the pending budget.
+	for _, c := range []*net.TCPConn{a3, b1, b2} {
+		c.Write([]byte{1})
+		if err := <-established; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if l.Pending() != 0 || l.Active() != 3 {
+		t.Fatalf("pending %d, active %d; want 0, 3", l.Pending(), l.Active())
+	}
+	for _, c := range []*net.TCPConn{a3, b1, b2} {
+		stillOpen(t, c, "established")
+	}
+}
+
+// MaxConns counts established connections only: at the cap a new
+// connection is refused at accept, and one whose handshake completes past
+// it gets ErrOverLimit.
+func TestPendingMaxConnsCountsEstablished(t *testing.T) {
+	checkLeaks(t)
+	ln := listen(t)
+	var over atomic.Int32
+	l := New(ln, Options{MaxConns: 1, MaxPending: 4, OnOverLimit: func() { over.Add(1) }})
+	accepted := make(chan struct{}, 10)
+	established := make(chan error, 10)
+	release := make(chan struct{})
+	serve(t, l, func(c *net.TCPConn) {
+		defer c.Close()
+		accepted <- struct{}{}
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			return
+		}
+		err := l.Established(c)
+		established <- err
+		if err == nil {
+			<-release
+		}
+	})
+	t.Cleanup(func() { close(release) })
+	addr := ln.Addr().String()
+	// Two pending at once although MaxConns is 1.
+	a := dialFrom(t, "127.0.0.1", addr)
+	<-accepted
+	b := dialFrom(t, "127.0.0.1", addr)
+	<-accepted
+	a.Write([]byte{1})
+	if err := <-established; err != nil {
+		t.Fatal(err)
+	}
+	b.Write([]byte{1})
+	if err := <-established; !errors.Is(err, ErrOverLimit) {
+		t.Fatalf("second established: %v, want ErrOverLimit", err)
+	}
+	wantReset(t, b, "established past the cap")
+	// At the cap, a new connection is refused at once.
+	// The reset may beat Dial's own completion check; both are a reset.
+	c, err := net.Dial("tcp", addr)
+	if err == nil {
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("new connection at the cap: %v, want connection reset", err)
+	}
+	if over.Load() != 2 {
+		t.Fatalf("over limit %d, want 2", over.Load())
+	}
+	stillOpen(t, a, "established")
+}
