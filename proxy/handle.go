@@ -31,7 +31,11 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 		return
 	}
 
-	route := (*p.router.Load()).RouteOutbound(p.base, dst)
+	// Bounded: a router that has not loaded its view waits for it (see
+	// Router) rather than guessing.
+	rctx, rcancel := context.WithTimeout(p.base, p.cfg.ConnectTimeout)
+	route := (*p.router.Load()).RouteOutbound(rctx, dst)
+	rcancel()
 	var dial DialFunc
 	switch route.Action {
 	case Passthrough:
@@ -45,8 +49,13 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 		}
 		dial = route.Dial
 	default:
-		p.log.Info("outbound connection rejected", "src", src, "dst", dst, "upstream", route.Upstream, "reason", route.Reason)
-		p.m.Connections.With(dir, "rejected").Inc()
+		outcome := route.Outcome
+		if outcome == "" {
+			outcome = "rejected"
+		}
+		p.log.Info("outbound connection rejected", "src", src, "dst", dst, "upstream", route.Upstream, "reason", route.Reason,
+			"outcome", outcome)
+		p.m.Connections.With(dir, outcome).Inc()
 		reset(c)
 		return
 	}
