@@ -74,7 +74,7 @@ const mapWatches = 4
 type View struct {
 	src    Source
 	o      Options
-	resync *resync // restarts every watch after any watch fails
+	resync *resync // restarts every local watch when the agent went away
 	log    hclog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -271,14 +271,16 @@ func (v *View) watchProxies(ctx context.Context) {
 		}
 	}
 	var have uint64 // services index the current listing reflects
+	loaded := false
 	blockingLoop(ctx, &v.o, v.resync, "catalog", func(ctx context.Context, idx uint64) (uint64, error) {
 		next, err := v.src.ServicesIndex(ctx, v.q(idx))
 		if err != nil {
 			return 0, err
 		}
-		// idx 0 is the first call or a reset after the index went
-		// backwards (agent restarted with a new catalog): always re-read.
-		if next == have && idx != 0 {
+		// Re-read only when the index moved, either way (backwards: a
+		// restore). A resync after an agent restart lands here with idx
+		// 0, but the servers' catalog is the same: skip the dump.
+		if loaded && next == have {
 			return next, nil
 		}
 		start := time.Now()
@@ -289,7 +291,7 @@ func (v *View) watchProxies(ctx context.Context) {
 		d := time.Since(start)
 		v.dumpFetches.Add(1)
 		v.lastDump.Store(int64(d))
-		have = next
+		have, loaded = next, true
 		v.update(srcProxies, func() { v.proxies = recs })
 		// Coalesce bursts: spend at most about half the time reading.
 		sleep(ctx, d)
