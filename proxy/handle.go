@@ -53,8 +53,12 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 		if outcome == "" {
 			outcome = "rejected"
 		}
-		p.log.Info("outbound connection rejected", "src", src, "dst", dst, "upstream", route.Upstream, "reason", route.Reason,
-			"outcome", outcome)
+		// Once per outcome and destination per interval: an app retrying
+		// a refused address (not ready, contested) must not flood the log.
+		if ok, n := p.warns.allow("reject|" + outcome + "|" + dst.Addr().String()); ok {
+			p.log.Info("outbound connection rejected", "src", src, "dst", dst, "upstream", route.Upstream, "reason", route.Reason,
+				"outcome", outcome, "suppressed_since_last", n)
+		}
 		p.m.Connections.With(dir, outcome).Inc()
 		reset(c)
 		return

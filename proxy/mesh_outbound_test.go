@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/hashicorp/go-hclog"
 )
 
 // gatedSource is a catalog.Source whose map reads answer once their gate
@@ -168,16 +170,25 @@ func TestRouteOutboundPassthroughOnceLoaded(t *testing.T) {
 }
 
 // The proxy bounds RouteOutbound by the connect timeout (a router may wait
-// there for its view) and counts a Reject under its Route.Outcome.
+// there for its view), counts a Reject under its Route.Outcome, and logs a
+// burst of rejections of one destination once.
 func TestOutboundRouteWaitBoundedAndOutcomeCounted(t *testing.T) {
 	checkLeaks(t)
 	router := RouterFunc(func(ctx context.Context, dst netip.AddrPort) Route {
 		<-ctx.Done() // a view that never loads
 		return Route{Action: Reject, Outcome: "not_ready", Reason: "catalog view not loaded yet"}
 	})
-	p, dial := setupOutbound(t, Config{Router: router, ConnectTimeout: 200 * time.Millisecond})
-	if _, err := dialExchange(t, dial, "198.18.251.1:7000", "x"); !errors.Is(err, syscall.ECONNRESET) {
-		t.Fatalf("connection while not ready: %v; want reset", err)
+	var logs syncBuf
+	p, dial := setupOutbound(t, Config{Router: router, ConnectTimeout: 100 * time.Millisecond,
+		Logger: hclog.New(&hclog.LoggerOptions{Output: &logs})})
+	const n = 3
+	for range n {
+		if _, err := dialExchange(t, dial, "198.18.251.1:7000", "x"); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("connection while not ready: %v; want reset", err)
+		}
 	}
-	waitFor(t, "not_ready counted", func() bool { return counter(p, "outbound", "not_ready") == 1 })
+	waitFor(t, "not_ready counted", func() bool { return counter(p, "outbound", "not_ready") == n })
+	if got := strings.Count(logs.String(), "outbound connection rejected"); got != 1 {
+		t.Fatalf("%d rejections, %d log lines; want 1:\n%s", n, got, logs.String())
+	}
 }
