@@ -54,12 +54,14 @@
 //		Dial     DialFunc // Action Dial: e.g. mTLS to a healthy instance, with retries
 //		Upstream string   // name for logs, metrics, registry
 //		Reason   string   // logged on Reject (e.g. MeshDestinationsOnly)
+//		Outcome  string   // metric outcome of a Reject (default "rejected")
 //		Keys     []string // extra registry keys
 //	}
 //	type DialFunc func(ctx context.Context) (net.Conn, error)
 //
-// RouteOutbound runs once per connection and must answer from memory. ctx
-// passed to DialFunc carries the connect timeout. Return a *tls.Conn (after
+// RouteOutbound runs once per connection and must answer from memory; its
+// ctx ends after the connect timeout, which bounds a wait for a view that
+// has not loaded yet. ctx passed to DialFunc carries the connect timeout. Return a *tls.Conn (after
 // Handshake) or anything with CloseWrite so half-close is forwarded.
 // Install with Config.Router or, once the catalog is ready, Proxy.SetRouter.
 //

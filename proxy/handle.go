@@ -46,7 +46,11 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 		return
 	}
 
-	route := (*p.router.Load()).RouteOutbound(p.base, dst)
+	// Bounded: a router that has not loaded its view waits for it (see
+	// Router) rather than guessing.
+	rctx, rcancel := context.WithTimeout(p.base, p.cfg.ConnectTimeout)
+	route := (*p.router.Load()).RouteOutbound(rctx, dst)
+	rcancel()
 	var dial DialFunc
 	switch route.Action {
 	case Passthrough:
@@ -60,8 +64,17 @@ func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 		}
 		dial = route.Dial
 	default:
-		p.log.Info("outbound connection rejected", "src", src, "dst", dst, "upstream", route.Upstream, "reason", route.Reason)
-		p.m.Connections.With(dir, "rejected").Inc()
+		outcome := route.Outcome
+		if outcome == "" {
+			outcome = "rejected"
+		}
+		// Once per outcome and destination per interval: an app retrying
+		// a refused address (not ready, contested) must not flood the log.
+		if ok, n := p.warns.allow("reject|" + outcome + "|" + dst.Addr().String()); ok {
+			p.log.Info("outbound connection rejected", "src", src, "dst", dst, "upstream", route.Upstream, "reason", route.Reason,
+				"outcome", outcome, "suppressed_since_last", n)
+		}
+		p.m.Connections.With(dir, outcome).Inc()
 		reset(c)
 		return
 	}

@@ -48,6 +48,9 @@ type Route struct {
 	Upstream string
 	// Reason is logged when Action is Reject.
 	Reason string
+	// Outcome labels a Reject in ferry_connections_total ("rejected" when
+	// empty), e.g. "not_ready" or "ambiguous".
+	Outcome string
 	// Keys are extra registry keys for the connection (see Registry.CloseKey).
 	Keys []string
 }
@@ -55,6 +58,8 @@ type Route struct {
 // Router decides where an outbound connection goes, given its original
 // destination. It is called once per connection on the hot path: it must
 // answer from memory (a watched catalog view), never with a network call.
+// ctx ends after the connect timeout; a router may wait on it only while
+// its view has not loaded yet (to fail closed rather than open).
 // Dialing, retries and instance choice belong in the returned Route.Dial.
 type Router interface {
 	RouteOutbound(ctx context.Context, dst netip.AddrPort) Route

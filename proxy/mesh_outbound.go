@@ -72,14 +72,33 @@ func (r *MeshRouter) HandshakeMetric() *CounterVec { return r.handshakes }
 // TunnelMetric is the router's tunnel counter, for the metrics set.
 func (r *MeshRouter) TunnelMetric() *CounterVec { return r.tunnels }
 
-// RouteOutbound implements Router. It answers from memory.
-func (r *MeshRouter) RouteOutbound(_ context.Context, dst netip.AddrPort) Route {
+// RouteOutbound implements Router. It answers from memory once the view
+// has loaded. Before that it fails closed (audit F2): an empty view would
+// pass mesh virtual IPs through in plaintext and ignore
+// MeshDestinationsOnly, so it waits for the first full load (the mesh
+// entry included) until ctx ends, which the proxy bounds by the connect
+// timeout, and then refuses. A later Consul outage keeps the last view.
+func (r *MeshRouter) RouteOutbound(ctx context.Context, dst netip.AddrPort) Route {
+	select {
+	case <-r.view.Ready():
+	default:
+		select {
+		case <-r.view.Ready():
+		case <-ctx.Done():
+			return Route{Action: Reject, Outcome: "not_ready", Reason: "catalog view not loaded yet"}
+		}
+	}
 	m, ok := r.view.Lookup(dst.Addr().Unmap())
 	if !ok {
 		if r.view.MeshDestinationsOnly() {
 			return Route{Action: Reject, Reason: "not a mesh destination and the mesh config sets MeshDestinationsOnly"}
 		}
 		return Route{Action: Passthrough}
+	}
+	if m.Ambiguous {
+		// Never resolved by ordering: that would let any registration take
+		// the address over (audit F1). The view logs the claimants.
+		return Route{Action: Reject, Outcome: "ambiguous", Reason: "address claimed by more than one mesh service"}
 	}
 	return r.Upstream(m.Service, m.Direct, dst)
 }

@@ -289,8 +289,8 @@ type Metrics struct {
 
 	// Connections counts finished or refused connections by direction and
 	// outcome (ok, error, idle_timeout, closed, revoked, dial_error,
-	// rejected, loop, over_limit, pending_limit, handshake_error, or a
-	// hook's Refused.Outcome).
+	// rejected, loop, over_limit, pending_limit, handshake_error, a hook's
+	// Refused.Outcome, or a Reject's Route.Outcome).
 	Connections *CounterVec
 	// SentBytes is downstream→upstream, ReceivedBytes upstream→downstream,
 	// counted when a connection ends.

@@ -36,6 +36,9 @@ type SidecarConfig struct {
 	// DisableTunnels turns off tunnel sessions between ferry sidecars
 	// (tunnel.go), both ways: one mTLS session per connection.
 	DisableTunnels bool
+	// VirtualCIDRs, when set, bound the `virtual` tagged addresses the
+	// catalog view honours (flag -virtual-cidr).
+	VirtualCIDRs []netip.Prefix
 }
 
 // Sidecar is the whole sidecar: the data path plus the mesh view it routes
@@ -80,7 +83,8 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 		cfg.Proxy.OwnSockets = NewOwnSockets()
 	}
 	s.proxy = New(cfg.Proxy)
-	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog")})
+	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog"),
+		VirtualCIDRs: cfg.VirtualCIDRs})
 	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
 	// mTLS dials to peers loop too when ferry's UID is not exempted.
 	s.router.dialer = cfg.Proxy.OwnSockets.Dialer(s.router.dialer)
@@ -94,6 +98,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	denied := NewDeniedMetric()
 	s.proxy.Metrics().Set.Register(denied)
 	s.proxy.Metrics().Set.Register(intentionsCollector{s})
+	s.proxy.Metrics().Set.Register(catalogCollector{s.view})
 	s.acceptor = &MeshAcceptor{Identity: s.id, HandshakeTimeout: cfg.HandshakeTimeout,
 		Permissive: cfg.Permissive, Logger: log.Named("inbound"), Denied: denied, Ports: s.localPort,
 		DisableTunnels: cfg.DisableTunnels}
@@ -291,4 +296,21 @@ func (c intentionsCollector) WritePrometheus(w io.Writer) {
 	fmt.Fprintf(w, "# HELP ferry_intentions_fetch_errors_total Failed fetches of the destination's intentions.\n# TYPE ferry_intentions_fetch_errors_total counter\nferry_intentions_fetch_errors_total %d\n", st.FetchErrors)
 	fmt.Fprintf(w, "# HELP ferry_intentions_updates_total Changes of the intentions in force.\n# TYPE ferry_intentions_updates_total counter\nferry_intentions_updates_total %d\n", st.Updates)
 	fmt.Fprintf(w, "# HELP ferry_intentions_revoked_total Established connections closed because an intention change denied their source.\n# TYPE ferry_intentions_revoked_total counter\nferry_intentions_revoked_total %d\n", st.Revoked)
+}
+
+// catalogCollector publishes the catalog view's state.
+type catalogCollector struct{ v *catalog.View }
+
+func (c catalogCollector) WritePrometheus(w io.Writer) {
+	st := c.v.Stats()
+	ready := 0
+	select {
+	case <-c.v.Ready():
+		ready = 1
+	default:
+	}
+	fmt.Fprintf(w, "# HELP ferry_catalog_ready Whether the catalog view (with the mesh entry) has loaded once; outbound connections are refused until then.\n# TYPE ferry_catalog_ready gauge\nferry_catalog_ready %d\n", ready)
+	fmt.Fprintf(w, "# HELP ferry_catalog_address_conflicts Addresses claimed by more than one mesh service; connections to them are refused.\n# TYPE ferry_catalog_address_conflicts gauge\nferry_catalog_address_conflicts %d\n", st.Conflicts)
+	fmt.Fprintf(w, "# HELP ferry_catalog_ignored_claims Virtual or instance address claims ignored (outside -virtual-cidr, or another service's consul-virtual).\n# TYPE ferry_catalog_ignored_claims gauge\nferry_catalog_ignored_claims %d\n", st.IgnoredClaims)
+	fmt.Fprintf(w, "# HELP ferry_catalog_bulk_reads_total Full reads of the catalog's node listing.\n# TYPE ferry_catalog_bulk_reads_total counter\nferry_catalog_bulk_reads_total %d\n", st.BulkReads)
 }

@@ -6,8 +6,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -41,6 +43,7 @@ type runConfig struct {
 	HandshakeTimeout    time.Duration
 	LiveRevocation      bool
 	Tunnels             bool
+	VirtualCIDRs        prefixFlag
 	DNSAddr             string
 	DNSRecursors        repeatedFlag
 	ClusterDomain       string
@@ -69,6 +72,7 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "inbound TLS handshake deadline")
 	fs.BoolVar(&c.LiveRevocation, "live-revocation", true, "close established inbound connections whose source an intention change denies")
 	fs.BoolVar(&c.Tunnels, "tunnels", true, "between ferry sidecars, carry connections one after another over reused mTLS sessions (negotiated by ALPN; other peers are unaffected)")
+	fs.Var(&c.VirtualCIDRs, "virtual-cidr", "CIDR in which a service's `virtual` tagged address (its Kubernetes ClusterIP) is honoured, repeatable, e.g. the cluster's service range 10.96.0.0/12 (default: any address)")
 	fs.StringVar(&c.DNSAddr, "dns-addr", dns.DefaultAddr, "DNS server address, UDP and TCP (empty disables)")
 	fs.Var(&c.DNSRecursors, "dns-recursor", "DNS recursor IP[:port] for names outside the mesh, repeatable (default: the nameservers of /etc/resolv.conf except ferry itself: with -dns-addr on loopback or a wildcard, every loopback nameserver, which the DNS redirect sends back to ferry)")
 	fs.StringVar(&c.ClusterDomain, "cluster-domain", dns.DefaultClusterDomain, "Kubernetes cluster domain (<svc>.<ns>.svc.<domain> names)")
@@ -170,6 +174,7 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		HandshakeTimeout:  cfg.HandshakeTimeout,
 		DisableRevocation: !cfg.LiveRevocation,
 		DisableTunnels:    !cfg.Tunnels,
+		VirtualCIDRs:      cfg.VirtualCIDRs,
 	})
 	if err != nil {
 		return fmt.Errorf("run: %w", err)
@@ -217,6 +222,29 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 	if runErr != nil {
 		return fmt.Errorf("run: %w", runErr)
 	}
+	return nil
+}
+
+// prefixFlag is a repeatable CIDR flag.
+type prefixFlag []netip.Prefix
+
+func (l *prefixFlag) String() string {
+	if l == nil {
+		return ""
+	}
+	out := make([]string, len(*l))
+	for i, p := range *l {
+		out[i] = p.String()
+	}
+	return strings.Join(out, ",")
+}
+
+func (l *prefixFlag) Set(v string) error {
+	p, err := netip.ParsePrefix(strings.TrimSpace(v))
+	if err != nil {
+		return fmt.Errorf("not a CIDR: %w", err)
+	}
+	*l = append(*l, p.Masked())
 	return nil
 }
 

@@ -51,6 +51,9 @@ func TestParseRunFlags(t *testing.T) {
 			return c.Permissive && !c.LiveRevocation && c.DNSAddr == "" && c.ClusterDomain == "example.internal" &&
 				strings.Join(c.DNSRecursors, ",") == "198.18.0.53,198.18.0.54:5353"
 		}},
+		{"virtual cidrs", []string{"-proxy-id", "a", "-virtual-cidr", "10.96.0.0/12", "-virtual-cidr", "fd00:10:96::1/112"}, 0, "",
+			func(c runConfig) bool { return c.VirtualCIDRs.String() == "10.96.0.0/12,fd00:10:96::/112" }},
+		{"bad virtual cidr", []string{"-proxy-id", "a", "-virtual-cidr", "10.96.0.1"}, 2, "not a CIDR", nil},
 		{"zero handshake timeout", []string{"-proxy-id", "a", "-handshake-timeout", "0s"}, 2, "handshake-timeout", nil},
 		{"no id", nil, 2, "one of -proxy-id or -sidecar-for", nil},
 		{"both ids", []string{"-proxy-id", "a", "-sidecar-for", "b"}, 2, "mutually exclusive", nil},

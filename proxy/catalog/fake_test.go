@@ -24,6 +24,7 @@ type fakeSource struct {
 	meshOnly   bool
 	instances  map[string][]Instance // "name" or "name@dc"
 	fail       map[string]error      // topic -> error returned until cleared
+	zeroReads  map[string]int        // topic -> calls with WaitIndex 0
 
 	proxiesCalls atomic.Int64
 	errors       atomic.Int64 // errors returned by blocking calls
@@ -33,7 +34,7 @@ type fakeSource struct {
 
 func newFake() *fakeSource {
 	return &fakeSource{changed: make(chan struct{}), index: map[string]uint64{}, dc: "dc1",
-		instances: map[string][]Instance{}, fail: map[string]error{}}
+		instances: map[string][]Instance{}, fail: map[string]error{}, zeroReads: map[string]int{}}
 }
 
 // mutate changes state under the lock and bumps the given topics' indexes.
@@ -64,6 +65,11 @@ func (f *fakeSource) wait(ctx context.Context, topic string, q Query) (uint64, e
 		defer t.Stop()
 		deadline = t.C
 	}
+	f.mu.Lock()
+	if q.WaitIndex == 0 {
+		f.zeroReads[topic]++
+	}
+	f.mu.Unlock()
 	for {
 		f.mu.Lock()
 		idx, ch, err := max(f.index[topic], 1), f.changed, f.fail[topic]
@@ -185,4 +191,11 @@ func mustAddrPort(s string) netip.AddrPort {
 		panic(fmt.Sprintf("bad addr %q: %v", s, err))
 	}
 	return a
+}
+
+// zeros returns how many calls on topic asked for index 0.
+func (f *fakeSource) zeros(topic string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.zeroReads[topic]
 }

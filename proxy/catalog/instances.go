@@ -106,11 +106,17 @@ func (v *View) startInstWatch(svc Service) *instWatch {
 	if full.Datacenter == "" {
 		full.Datacenter = v.Datacenter()
 	}
+	// Another datacenter's index is its servers', which an agent restart
+	// does not change: that watch neither follows nor triggers a resync.
+	rs := v.resync
+	if svc.Datacenter != "" {
+		rs = nil
+	}
 	v.wg.Add(1)
 	go func() {
 		defer v.wg.Done()
 		defer close(w.done)
-		blockingLoop(ctx, &v.o, v.resync, "instances/"+svc.Name, func(ctx context.Context, idx uint64) (uint64, error) {
+		blockingLoop(ctx, &v.o, rs, "instances/"+svc.Name, func(ctx context.Context, idx uint64) (uint64, error) {
 			q := v.q(idx)
 			q.Datacenter = svc.Datacenter
 			ins, next, err := v.src.Connect(ctx, svc.Name, q)

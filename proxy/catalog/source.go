@@ -47,8 +47,11 @@ type ConsulSource struct {
 
 var _ Source = ConsulSource{}
 
+// opts are the query options of a server read: stale, so that any server
+// answers rather than the leader alone (the leader would otherwise serve
+// every sidecar's node dumps and watches), as Envoy's proxycfg does.
 func (s ConsulSource) opts(ctx context.Context, q Query) *api.QueryOptions {
-	o := &api.QueryOptions{WaitIndex: q.WaitIndex, WaitTime: q.WaitTime, Datacenter: q.Datacenter}
+	o := &api.QueryOptions{WaitIndex: q.WaitIndex, WaitTime: q.WaitTime, Datacenter: q.Datacenter, AllowStale: true}
 	return o.WithContext(ctx)
 }
 
@@ -57,7 +60,8 @@ func (s ConsulSource) LocalDatacenter(ctx context.Context) (string, error) {
 		Config struct{ Datacenter string }
 	}
 	// Agent().Self() has no context; the raw query does.
-	if _, err := s.Client.Raw().Query("/v1/agent/self", &self, s.opts(ctx, Query{})); err != nil {
+	// Agent-local: no consistency mode applies.
+	if _, err := s.Client.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
 		return "", fmt.Errorf("agent self: %w", err)
 	}
 	if self.Config.Datacenter == "" {

@@ -29,9 +29,13 @@ func (s Service) String() string {
 // to. Direct is true when the IP is an instance address of a DialedDirectly
 // service: the proxy must then dial the original destination IP:port (with
 // mTLS) instead of load balancing over the service's instances.
+//
+// Ambiguous is true when more than one service claims the IP (see
+// buildTable): Service is then empty and the connection must be refused.
 type Match struct {
-	Service Service
-	Direct  bool
+	Service   Service
+	Direct    bool
+	Ambiguous bool
 }
 
 // Instance is one passing connect-capable instance (sidecar proxy or

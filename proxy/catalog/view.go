@@ -35,6 +35,11 @@ type Options struct {
 	// (default 64; the agent allows 200 connections per client by default).
 	InstanceIdle       time.Duration
 	MaxInstanceWatches int
+
+	// VirtualCIDRs, when set, are the only ranges in which a `virtual`
+	// tagged address is honoured (the cluster's service range): the tag is
+	// free text from whoever registers an instance.
+	VirtualCIDRs []netip.Prefix
 }
 
 func (o *Options) setDefaults() {
@@ -69,7 +74,7 @@ const mapWatches = 4
 type View struct {
 	src    Source
 	o      Options
-	resync *resync // restarts every watch after any watch fails
+	resync *resync // restarts every local watch when the agent went away
 	log    hclog.Logger
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -93,14 +98,6 @@ type View struct {
 
 	dumpFetches atomic.Uint64
 	lastDump    atomic.Int64 // duration of the last bulk read, ns
-}
-
-type table struct {
-	byIP    map[netip.Addr]Match
-	virtual map[string]netip.Addr // lower-cased service name -> `virtual` tagged address
-	consul  map[string]netip.Addr // lower-cased service name -> `consul-virtual`
-	direct  int
-	records int
 }
 
 const (
@@ -194,6 +191,8 @@ func (v *View) setDC(dc string) {
 }
 
 // Lookup maps an original destination IP (any port) to its mesh service.
+// A Match with Ambiguous set means several services claim the IP: the
+// caller must refuse the connection (fail closed), not pick one.
 func (v *View) Lookup(ip netip.Addr) (Match, bool) {
 	m, ok := v.table.Load().byIP[ip.Unmap()]
 	return m, ok
@@ -225,6 +224,8 @@ type Stats struct {
 	DirectIPs       int // of which DialedDirectly instance addresses
 	MapWatches      int // blocking queries behind the map (constant)
 	InstanceWatches int // live per-service instance watches
+	Conflicts       int // addresses claimed by more than one service (refused)
+	IgnoredClaims   int // `virtual`/instance-address claims dropped (range, another's VIP)
 	BulkReads       uint64
 	LastBulkRead    time.Duration
 }
@@ -239,13 +240,17 @@ func (v *View) Stats() Stats {
 		names[n] = struct{}{}
 	}
 	for _, m := range t.byIP {
+		if m.Ambiguous {
+			continue
+		}
 		names[strings.ToLower(m.Service.Name)] = struct{}{}
 	}
 	v.instMu.Lock()
 	iw := len(v.inst)
 	v.instMu.Unlock()
 	return Stats{Services: len(names), Records: t.records, IPs: len(t.byIP), DirectIPs: t.direct,
-		MapWatches: mapWatches, InstanceWatches: iw, BulkReads: v.dumpFetches.Load(),
+		MapWatches: mapWatches, InstanceWatches: iw,
+		Conflicts: len(t.conflicts), IgnoredClaims: len(t.ignored), BulkReads: v.dumpFetches.Load(),
 		LastBulkRead: time.Duration(v.lastDump.Load())}
 }
 
@@ -266,14 +271,16 @@ func (v *View) watchProxies(ctx context.Context) {
 		}
 	}
 	var have uint64 // services index the current listing reflects
+	loaded := false
 	blockingLoop(ctx, &v.o, v.resync, "catalog", func(ctx context.Context, idx uint64) (uint64, error) {
 		next, err := v.src.ServicesIndex(ctx, v.q(idx))
 		if err != nil {
 			return 0, err
 		}
-		// idx 0 is the first call or a reset after the index went
-		// backwards (agent restarted with a new catalog): always re-read.
-		if next == have && idx != 0 {
+		// Re-read only when the index moved, either way (backwards: a
+		// restore). A resync after an agent restart lands here with idx
+		// 0, but the servers' catalog is the same: skip the dump.
+		if loaded && next == have {
 			return next, nil
 		}
 		start := time.Now()
@@ -284,7 +291,7 @@ func (v *View) watchProxies(ctx context.Context) {
 		d := time.Since(start)
 		v.dumpFetches.Add(1)
 		v.lastDump.Store(int64(d))
-		have = next
+		have, loaded = next, true
 		v.update(srcProxies, func() { v.proxies = recs })
 		// Coalesce bursts: spend at most about half the time reading.
 		sleep(ctx, d)
@@ -302,7 +309,8 @@ func (v *View) update(which int, apply func()) {
 	}
 	v.loaded[which] = true
 	if which != srcMesh && v.loaded[srcProxies] && v.loaded[srcServiceDefaults] && v.loaded[srcProxyDefaults] {
-		v.table.Store(buildTable(v.proxies, v.ddDefaults, v.ddGlobal, v.Datacenter()))
+		t := buildTable(v.proxies, v.ddDefaults, v.ddGlobal, v.Datacenter(), v.o.VirtualCIDRs)
+		v.logChanges(v.table.Swap(t), t)
 	}
 	if !v.readyDone && v.loaded == [mapWatches]bool{true, true, true, true} {
 		v.readyDone = true
@@ -312,47 +320,23 @@ func (v *View) update(which int, apply func()) {
 	}
 }
 
-func buildTable(recs []ProxyRecord, dd map[string]bool, ddGlobal bool, dc string) *table {
-	t := &table{byIP: make(map[netip.Addr]Match, len(recs)), virtual: make(map[string]netip.Addr),
-		consul: make(map[string]netip.Addr), records: len(recs)}
-	type direct struct {
-		m   Match
-		idx uint64
-	}
-	directs := make(map[netip.Addr]direct)
-	for _, r := range recs {
-		svc := r.Service
-		svc.Datacenter = dc
-		if r.ConsulVirtual.IsValid() {
-			t.byIP[r.ConsulVirtual] = Match{Service: svc}
-			if isDefaultTenancy(svc) {
-				t.consul[strings.ToLower(svc.Name)] = r.ConsulVirtual
-			}
-		}
-		if r.Virtual.IsValid() {
-			t.byIP[r.Virtual] = Match{Service: svc}
-			if isDefaultTenancy(svc) {
-				t.virtual[strings.ToLower(svc.Name)] = r.Virtual
-			}
-		}
-		if r.Addr.IsValid() && (r.DialedDirectly || ddGlobal || dd[svc.Name]) {
-			// As Consul's proxycfg does: on an address collision the
-			// registration with the newest Raft index wins.
-			if cur, ok := directs[r.Addr]; !ok || r.ModifyIndex >= cur.idx {
-				directs[r.Addr] = direct{Match{Service: svc, Direct: true}, r.ModifyIndex}
-			}
+// logChanges logs the conflicts and ignored claims that appeared or went
+// away between two tables: once per change, not per connection.
+func (v *View) logChanges(old, cur *table) {
+	for a, who := range cur.conflicts {
+		if old.conflicts[a] != who {
+			v.log.Error("address claimed by more than one service; refusing connections to it until the catalog agrees",
+				"address", a, "services", who)
 		}
 	}
-	for a, d := range directs {
-		if _, taken := t.byIP[a]; taken {
-			continue // a virtual address wins over an instance address
+	for a, who := range old.conflicts {
+		if _, ok := cur.conflicts[a]; !ok {
+			v.log.Info("address conflict resolved", "address", a, "services_were", who)
 		}
-		t.byIP[a] = d.m
-		t.direct++
 	}
-	return t
-}
-
-func isDefaultTenancy(s Service) bool {
-	return (s.Namespace == "" || s.Namespace == "default") && (s.Partition == "" || s.Partition == "default")
+	for k, ic := range cur.ignored {
+		if _, ok := old.ignored[k]; !ok {
+			v.log.Warn("ignoring address claim", "address", ic.Addr, "service", ic.Service, "reason", ic.Reason)
+		}
+	}
 }

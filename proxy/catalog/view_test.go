@@ -125,23 +125,24 @@ func TestViewProxyDefaultsDialedDirectly(t *testing.T) {
 	})
 }
 
+// Collisions between services are refused, not resolved by ordering
+// (audit F1); the cases are in TestBuildTableClaims. Through the view:
 func TestViewCollisions(t *testing.T) {
 	f := newFake()
 	f.proxies = []ProxyRecord{
-		// Same pod IP re-used: the newest registration wins.
+		// Same pod IP claimed by two services: ambiguous, whatever the index.
 		{Service: Service{Name: "old"}, Addr: ip("198.18.0.9"), DialedDirectly: true, ModifyIndex: 10},
 		{Service: Service{Name: "new"}, Addr: ip("198.18.0.9"), DialedDirectly: true, ModifyIndex: 20},
-		// A virtual address beats an instance address.
+		// A virtual address of one service and an instance address of another.
 		{Service: Service{Name: "vip"}, Addr: ip("198.18.0.1"), Virtual: ip("198.18.0.8")},
 		{Service: Service{Name: "direct"}, Addr: ip("198.18.0.8"), DialedDirectly: true, ModifyIndex: 99},
 	}
 	v := startView(t, f, Options{})
 	waitReady(t, v)
-	if m, _ := v.Lookup(ip("198.18.0.9")); m.Service.Name != "new" {
-		t.Errorf("collision: got %q, want newest registration %q", m.Service.Name, "new")
-	}
-	if m, _ := v.Lookup(ip("198.18.0.8")); m.Service.Name != "vip" || m.Direct {
-		t.Errorf("collision: got %+v, want the virtual address of vip", m)
+	for _, a := range []string{"198.18.0.9", "198.18.0.8"} {
+		if m, ok := v.Lookup(ip(a)); !ok || !m.Ambiguous {
+			t.Errorf("Lookup(%s) = %+v, %v; want ambiguous", a, m, ok)
+		}
 	}
 }
 
@@ -279,7 +280,7 @@ func BenchmarkLookup(b *testing.B) {
 		recs[i] = ProxyRecord{Service: Service{Name: "svc"}, ConsulVirtual: netip.AddrFrom4([4]byte{240, 0, byte(i >> 8), byte(i)})}
 	}
 	v := &View{}
-	v.table.Store(buildTable(recs, nil, false, "dc1"))
+	v.table.Store(buildTable(recs, nil, false, "dc1", nil))
 	hit, miss := ip("240.0.10.10"), ip("203.0.113.9")
 	b.ReportAllocs()
 	for b.Loop() {

@@ -2,9 +2,15 @@ package catalog
 
 import (
 	"context"
+	"errors"
+	"io"
 	"math/rand/v2"
+	"net"
 	"sync"
+	"syscall"
 	"time"
+
+	"github.com/hashicorp/consul/api"
 )
 
 // blockingLoop runs fetch as a blocking query until ctx ends. fetch receives
@@ -12,13 +18,21 @@ import (
 // reset the index when it goes backwards, never send 0 in a tight loop, back
 // off (with jitter) on errors and then re-read without blocking, and
 // rate-limit calls that return at once.
+//
+// rs is the view's resync (see there); nil for a watch whose index is not
+// the local servers' (another datacenter's instances), which neither
+// follows nor triggers it.
 func blockingLoop(ctx context.Context, o *Options, rs *resync, name string, fetch func(ctx context.Context, index uint64) (uint64, error)) {
 	var index, gen uint64
+	gctx := context.Background() // never ends without a resync
 	failures := 0
 	for ctx.Err() == nil {
-		g, gctx := rs.current()
-		if g != gen {
-			index, gen = 0, g // another watch failed: start over (see resync)
+		if rs != nil {
+			var g uint64
+			g, gctx = rs.current()
+			if g != gen {
+				index, gen = 0, g // the agent went away: start over (see resync)
+			}
 		}
 		start := time.Now()
 		// Bound each call past the server's wait (plus its jitter of up to
@@ -34,18 +48,23 @@ func blockingLoop(ctx context.Context, o *Options, rs *resync, name string, fetc
 		}
 		if err != nil {
 			if gctx.Err() != nil {
-				continue // cut short by another watch's failure: re-read at once
+				continue // cut short by a resync: re-read at once
 			}
-			// The agent may have restarted with a new catalog whose
-			// indexes are lower than ours; a blocking query at our index
-			// would then sit out its whole wait. Start over after errors,
-			// and make every other watch of the view start over too.
-			rs.trigger(gen)
-			index = 0
+			// Only an agent that went away or hung can have left the
+			// other watches blocked at indexes it no longer has. An HTTP
+			// answer about this one query (no path to a datacenter, a
+			// 403, no leader) says the agent is there: back off this
+			// watch alone (audit F7).
+			gone := agentGone(err)
+			if gone && rs != nil {
+				rs.trigger(gen)
+			}
+			index = 0 // re-read without blocking once it works again
 			failures++
 			d := backoff(o.RetryMin, o.RetryMax, failures)
 			if failures == 1 || failures%10 == 0 {
-				o.Logger.Warn("watch failed; retrying", "watch", name, "error", err, "retry_in", d, "failures", failures)
+				o.Logger.Warn("watch failed; retrying", "watch", name, "error", err, "retry_in", d, "failures", failures,
+					"agent_unreachable", gone)
 			}
 			sleep(ctx, d)
 			continue
@@ -56,7 +75,10 @@ func blockingLoop(ctx context.Context, o *Options, rs *resync, name string, fetc
 		}
 		switch {
 		case next < index:
-			index = 0 // index went backwards (e.g. snapshot restore): start over
+			// Backwards: a restore, or a stale read from a server that
+			// lags the one before (expected with AllowStale). Start this
+			// watch over; it is no sign the agent changed.
+			index = 0
 		case next == 0:
 			index = 1
 		default:
@@ -68,6 +90,27 @@ func blockingLoop(ctx context.Context, o *Options, rs *resync, name string, fetc
 			sleep(ctx, o.MinInterval-el)
 		}
 	}
+}
+
+// agentGone reports whether err says the agent could not be reached or
+// did not answer (refused, reset, EOF, timeout), as opposed to an HTTP
+// answer about one query.
+func agentGone(err error) bool {
+	var se api.StatusError
+	if errors.As(err, &se) {
+		return false
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, e := range []error{context.DeadlineExceeded, syscall.ECONNREFUSED, syscall.ECONNRESET,
+		syscall.ECONNABORTED, syscall.EPIPE, io.EOF, io.ErrUnexpectedEOF} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 func backoff(min, max time.Duration, failures int) time.Duration {
@@ -95,13 +138,15 @@ func sleep(ctx context.Context, d time.Duration) {
 }
 
 // resync makes a view's watches start over together. An agent restart
-// brings a new catalog whose indexes are lower than the ones the watches
+// may bring a catalog whose indexes are lower than the ones the watches
 // hold, and Consul blocks a query until its index passes the one asked
 // for: a watch that was between queries when the agent went away never
 // sees an error and would send its old index to the new agent, then sit
-// out the whole wait (minutes) on a stale view. Any watch's failure
-// therefore ends the current generation: queries in flight are cancelled
-// and every watch re-reads from index 0.
+// out the whole wait (minutes) on a stale view. A watch that finds the
+// agent unreachable (agentGone) therefore ends the current generation:
+// queries in flight are cancelled and every local watch re-reads from
+// index 0. Errors about one query do not: they say nothing about the
+// others, and a permanent one would make every retry re-read everything.
 type resync struct {
 	mu     sync.Mutex
 	gen    uint64

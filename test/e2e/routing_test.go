@@ -260,6 +260,38 @@ func TestRouting(t *testing.T) {
 		})
 	})
 
+	t.Run("a second service claiming backend's ClusterIP makes it refused, not hijacked", func(t *testing.T) {
+		// Audit F1: any registration can set a `virtual` tag. Another
+		// service claiming backend's ClusterIP must not take it over.
+		cip := net.JoinHostPort(e.clusterIP.String(), "80")
+		ambiguous := `ferry_connections_total{direction="outbound",outcome="ambiguous"}`
+		n0 := meshMetric(t, e.client, ambiguous)
+		evil := e.tb.Register(t, testbed.Service{Name: "evil", Pod: e.ext, Port: 7000,
+			TaggedAddresses: map[string]api.ServiceAddress{"virtual": {Address: e.clusterIP.String(), Port: 80}}})
+		took := meshPoll(t, "contested ClusterIP refused", 10*time.Second, func() bool {
+			_, err := meshEchoClient(t, e.client, cip, 1024, 1, "-timeout", "5s")
+			return err != nil
+		})
+		t.Logf("ClusterIP refused %v after evil claimed it", took.Round(time.Millisecond))
+		if n := meshMetric(t, e.client, ambiguous); n <= n0 {
+			t.Fatalf("%s %d -> %d", ambiguous, n0, n)
+		}
+		if c := meshMetric(t, e.client, "ferry_catalog_address_conflicts"); c != 1 {
+			t.Fatalf("ferry_catalog_address_conflicts = %d, want 1", c)
+		}
+		out := e.clientFerry.Output()
+		if !strings.Contains(out, "address claimed by more than one service") || !strings.Contains(out, "backend, evil") {
+			t.Fatalf("no conflict log line naming both services:\n%s", rtTail(out, 20))
+		}
+		e.rtEcho(t, vip, 4096, 2) // backend's consul-virtual is not contested
+
+		e.tb.Deregister(evil)
+		meshPoll(t, "ClusterIP routes again once the claim is gone", 10*time.Second, func() bool {
+			out, err := meshEchoClient(t, e.client, cip, 1024, 1, "-timeout", "5s")
+			return err == nil && strings.HasPrefix(out, "ok ")
+		})
+	})
+
 	t.Run("instance killed (still passing): 30 connections all succeed", func(t *testing.T) {
 		// Kill back-b's app and sidecar without deregistering: the
 		// catalog still lists it as passing; its pod's rules still
