@@ -119,7 +119,7 @@ func newRedirectFlagSet(f *redirectFlags, stderr io.Writer) *flag.FlagSet {
 		fmt.Fprint(stderr, redirectUsage)
 		fs.PrintDefaults()
 	}
-	fs.StringVar(&f.proxyUID, "proxy-uid", "", "user ID of the proxy, whose traffic is not redirected (required)")
+	fs.StringVar(&f.proxyUID, "proxy-uid", "", "user ID of the proxy, whose traffic is not redirected (required; one UID, not a range)")
 	fs.StringVar(&f.proxyID, "proxy-id", "", "service ID of the proxy registration to read ports and exclusions from")
 	fs.StringVar(&f.nodeName, "node-name", "", "with -proxy-id: read the registration from this catalog node instead of the local agent")
 	fs.IntVar(&f.inboundPort, "proxy-inbound-port", 0, "inbound port the proxy listens on")
