@@ -109,7 +109,7 @@ func TestIntentionsOracle(t *testing.T) {
 	}
 	var allows, denies, l7, defaults, compared int
 	for _, dest := range []string{"db", "cache", "billing", "search"} {
-		snap, err := intentions.ConsulFetcher(c, dest, time.Second)(context.Background(), 0)
+		snap, err := intentions.ConsulFetcher(c, dest, time.Second, "")(context.Background(), 0)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -161,7 +161,7 @@ func TestIntentionsWatcherAgent(t *testing.T) {
 
 	w, err := intentions.Watch(context.Background(), intentions.Config{
 		Destination: "db",
-		Fetch:       intentions.ConsulFetcher(c, "db", 0),
+		Fetch:       intentions.ConsulFetcher(c, "db", 0, ""),
 		Logger:      ixnLogger(t, "intentions"),
 		MinBackoff:  100 * time.Millisecond,
 		MaxBackoff:  time.Second,
@@ -313,7 +313,7 @@ func BenchmarkIntentionsDecision(b *testing.B) {
 	}
 	ixnWriteOracleFixture(b, c)
 	w, err := intentions.Watch(context.Background(), intentions.Config{
-		Destination: "db", Fetch: intentions.ConsulFetcher(c, "db", 0),
+		Destination: "db", Fetch: intentions.ConsulFetcher(c, "db", 0, ""),
 	})
 	if err != nil {
 		b.Fatal(err)
