@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -197,7 +196,7 @@ func TestRedirectOracle(t *testing.T) {
 				if !c.viaNetNS {
 					return fp.Exec(t, testbed.Proc{Env: c.ferryEnv}, append([]string{ferry, "redirect"}, fargs...)...)
 				}
-				cmd := exec.Command(ferry, append([]string{"redirect", "-netns", fp.NSPath, "-http-addr", tb.Consul.HTTPAddr}, fargs...)...)
+				cmd := testbed.MustCommand(t, ferry, append([]string{"redirect", "-netns", fp.NSPath, "-http-addr", tb.Consul.HTTPAddr}, fargs...)...)
 				cmd.Env = append(os.Environ(), c.ferryEnv...)
 				out, err := cmd.CombinedOutput()
 				return string(out), err

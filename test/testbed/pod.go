@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
@@ -77,7 +76,7 @@ func (tb *Testbed) NewPod(name string) (*Pod, error) {
 			// Deleting the namespace destroys the pair too, but only once
 			// the kernel has released the namespace; delete it explicitly
 			// so nothing is visible after teardown.
-			tb.addTeardown(func() { exec.Command("ip", "link", "del", veth).Run() })
+			tb.addTeardown(func() { run("ip", "link", "del", veth) })
 			if err := ip("link", "set", veth, "master", bridgeName(tb.Name), "up"); err != nil {
 				return nil, err
 			}
