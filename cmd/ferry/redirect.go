@@ -6,11 +6,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/ferrymesh/ferry/redirect"
 	"github.com/hashicorp/consul/api"
@@ -92,8 +94,13 @@ func (h *httpFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&h.partition, "partition", "", "Consul admin partition (Enterprise)")
 }
 
-func (h *httpFlags) client() (*api.Client, error) {
+// client makes the Consul client; dial, when set, makes its TCP
+// connections.
+func (h *httpFlags) client(dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*api.Client, error) {
 	c := api.DefaultConfig()
+	if dial != nil && c.Transport != nil {
+		c.Transport.DialContext = dial
+	}
 	merge := func(dst *string, v string) {
 		if v != "" {
 			*dst = v
@@ -282,7 +289,20 @@ func redirectConfig(ctx context.Context, f *redirectFlags) (cfg redirect.Config,
 	}
 
 	if f.proxyID != "" {
-		client, err := f.http.client()
+		// The lookup runs before the rules are (re)installed, but on a
+		// second run in the same namespace (an init container after a pod
+		// restart) the first run's rules are in force and would redirect
+		// the connection to the agent to the proxy's outbound port. Dial
+		// as the proxy UID, which the rules exempt (redirect.DialAsUID).
+		uid, err := (redirect.Config{ProxyUserID: cfg.ProxyUserID, ProxyInboundPort: redirect.Item{Value: "1"}}).Validate()
+		if err != nil {
+			return cfg, "", false, usageError("redirect: %v", err)
+		}
+		exemptUID, err := strconv.ParseUint(uid.ProxyUID, 10, 32)
+		if err != nil {
+			return cfg, "", false, usageError("redirect: -proxy-uid %q: %v", uid.ProxyUID, err)
+		}
+		client, err := f.http.client(redirect.DialAsUID(uint32(exemptUID), &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}))
 		if err != nil {
 			return cfg, "", false, usageError("redirect: Consul client: %v", err)
 		}

@@ -105,8 +105,6 @@ type oracleCase struct {
 	ferryEnv []string
 	want     []string // strings the nat table must contain (proves the case exercises what it claims)
 	// viaNetNS runs ferry on the host with -netns instead of inside the pod.
-	// -proxy-id re-runs need it: inside a pod that already has the rules,
-	// the lookup's own connection to the agent would be redirected.
 	viaNetNS bool
 }
 
@@ -140,8 +138,10 @@ func oracleCases(annotations string) []oracleCase {
 				"--dport 20300 -j RETURN", "--dport 20400 -j RETURN", // Expose.Paths
 				"--dport 215", // the agent-assigned exposed check port (21500-21755)
 				"--dport 7070 -j RETURN"}},
+		// In the pod: the second run's lookup passes the first run's rules
+		// (TestRedirectProxyIDRerunInPod).
 		{name: "proxy-id-plain", consul: []string{"-proxy-uid", "5995", "-proxy-id", "rt-api-sidecar-proxy", "-exclude-uid", "5996", "-consul-dns-port", "8600"},
-			viaNetNS: true, want: []string{"--to-ports 20000"}},
+			want: []string{"--to-ports 20000"}},
 		{name: "netns-flag", consul: with("-exclude-uid", "5996", "-consul-dns-port", "8600"), viaNetNS: true, want: []string{"--uid-owner 5996"}},
 		{name: "annotations", consul: with("-exclude-uid", "5996",
 			"-exclude-inbound-port", "8080", "-exclude-inbound-port", "9090",
@@ -570,5 +570,44 @@ func TestRedirectKernel(t *testing.T) {
 	}
 	if outbound.saw(dst) {
 		t.Fatal("redirected after cleanup")
+	}
+}
+
+// TestRedirectProxyIDRerunInPod runs `ferry redirect -proxy-id` twice inside
+// the pod, as an init container does again after a pod restart in the same
+// network namespace. The second run's lookup of the registration must reach
+// the agent although the first run's rules are in force (they would send it
+// to the outbound port, where nothing listens), and must change nothing.
+func TestRedirectProxyIDRerunInPod(t *testing.T) {
+	testbed.RequireRoot(t)
+	ferry := testbed.FerryBinary(t)
+	tb := testbed.New(t)
+	registerRedirectProxies(t, tb, tb.AddPod(t, "rr-svc"))
+	p := tb.AddPod(t, "rr")
+	// The pod's environment points CONSUL_HTTP_ADDR at the agent on the
+	// bridge, an address the outbound rules capture.
+	args := []string{ferry, "redirect", "-proxy-uid", "5995", "-proxy-id", "rt-web-sidecar-proxy", "-consul-dns-port", "8600"}
+	out := p.ExecOK(t, testbed.Proc{}, args...)
+	if !strings.Contains(out, "IPv4 traffic redirection rules installed") {
+		t.Fatalf("first run: %s", out)
+	}
+	first := p.ExecOK(t, testbed.Proc{}, "iptables", "-t", "nat", "-S")
+	if !strings.Contains(first, "REDIRECT --to-ports 15002") {
+		t.Fatalf("first run did not install the registration's rules:\n%s", first)
+	}
+	for i := 0; i < 2; i++ {
+		out, err := p.Exec(t, testbed.Proc{}, args...)
+		if err != nil || !strings.Contains(out, "IPv4 traffic redirection rules already in place; nothing changed") {
+			t.Fatalf("run %d: %v\n%s", i+2, err, out)
+		}
+		if again := p.ExecOK(t, testbed.Proc{}, "iptables", "-t", "nat", "-S"); again != first {
+			t.Fatalf("run %d changed the nat table:\n%s\nwas\n%s", i+2, again, first)
+		}
+	}
+	// The exemption is the proxy UID's and no one else's: an app's
+	// connection to the agent is still redirected.
+	out, err := p.Exec(t, testbed.Proc{UID: 1000}, ferry, "redirect", "-print", "-proxy-uid", "1000", "-proxy-id", "rt-web-sidecar-proxy")
+	if err == nil || !strings.Contains(out, "connection refused") {
+		t.Fatalf("a lookup as the app (UID 1000, not exempt) was not redirected: %v\n%s", err, out)
 	}
 }
