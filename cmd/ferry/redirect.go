@@ -141,7 +141,7 @@ func newRedirectFlagSet(f *redirectFlags, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&f.annotations, "annotations", "", "Kubernetes downward-API annotations `file`; its transparent-proxy annotations are applied on top of the flags")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "remove ferry's (and Consul's) chains and the jumps into them, nothing else")
 	fs.BoolVar(&f.print, "print", false, "print the rules in iptables-restore format and exit; touches nothing, needs no root")
-	fs.BoolVar(&f.ipv6, "ipv6", false, "also install the rules with ip6tables (default: when the namespace has a global IPv6 address)")
+	fs.BoolVar(&f.ipv6, "ipv6", false, "also install the rules with ip6tables (default: whenever the namespace has IPv6 on an interface other than loopback, link-local included; -ipv6=false opts out)")
 	f.exclIn.name, f.exclOut.name, f.exclCIDR.name, f.exclUID.name =
 		"exclude-inbound-port", "exclude-outbound-port", "exclude-outbound-cidr", "exclude-uid"
 	f.http.register(fs)
@@ -203,13 +203,14 @@ func runRedirect(args []string, stdout, stderr io.Writer) error {
 	var planErr error
 	err = redirect.InNetNS(netns, func() error {
 		families := []redirect.Family{redirect.IPv4}
-		v6 := f.ipv6
+		v6, why := f.ipv6, "-ipv6"
 		if !f.set["ipv6"] {
-			has, err := redirect.HasGlobalIPv6()
-			if err != nil {
+			// Whenever the namespace has IPv6 at all, even link-local
+			// only: otherwise IPv6 would reach the app unredirected.
+			var err error
+			if v6, why, err = redirect.IPv6Enabled(); err != nil {
 				return err
 			}
-			v6 = has
 		}
 		if v6 {
 			families = append(families, redirect.IPv6)
@@ -222,6 +223,11 @@ func runRedirect(args []string, stdout, stderr io.Writer) error {
 		backends := map[redirect.Family]redirect.Backend{}
 		for _, fam := range families {
 			be, err := redirect.NewExecBackend(fam)
+			if err != nil && fam == redirect.IPv6 {
+				// Before anything is touched: IPv4 rules alone would leave
+				// IPv6 open to the app.
+				return fmt.Errorf("%w (IPv6 rules are needed: %s; -ipv6=false installs IPv4 rules only and leaves IPv6 traffic unredirected)", err, why)
+			}
 			if err != nil {
 				return err
 			}

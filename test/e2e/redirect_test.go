@@ -182,6 +182,11 @@ func TestRedirectOracle(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			cp := tb.AddPod(t, fmt.Sprintf("oc%d", i))
 			fp := tb.AddPod(t, fmt.Sprintf("of%d", i))
+			// IPv4-only pods: Consul (1.14) installs IPv4 rules only, and
+			// ferry must then do the same (with IPv6 on, even link-local
+			// only, it adds IPv6 rules: TestRedirectIPv6LinkLocal).
+			cp.DisableIPv6(t)
+			fp.DisableIPv6(t)
 			empty := natTable(t, fp, "iptables-save")
 
 			out, err := cp.Exec(t, testbed.Proc{}, append([]string{consul, "connect", "redirect-traffic"}, c.consul...)...)
@@ -291,6 +296,9 @@ func TestRedirectBadInputLeavesTableUntouched(t *testing.T) {
 	}
 	fresh := tb.AddPod(t, "bad-fresh")
 	used := tb.AddPod(t, "bad-used")
+	// IPv4-only, so that an IPv6 DNS IP without -ipv6 is an error.
+	fresh.DisableIPv6(t)
+	used.DisableIPv6(t)
 	used.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-proxy-uid", "5995", "-proxy-inbound-port", "20000", "-exclude-uid", "5996", "-consul-dns-port", "8600")
 	for _, p := range []*testbed.Pod{fresh, used} {
 		before := natTable(t, p, "iptables-save")
@@ -609,5 +617,73 @@ func TestRedirectProxyIDRerunInPod(t *testing.T) {
 	out, err := p.Exec(t, testbed.Proc{UID: 1000}, ferry, "redirect", "-print", "-proxy-uid", "1000", "-proxy-id", "rt-web-sidecar-proxy")
 	if err == nil || !strings.Contains(out, "connection refused") {
 		t.Fatalf("a lookup as the app (UID 1000, not exempt) was not redirected: %v\n%s", err, out)
+	}
+}
+
+// TestRedirectIPv6LinkLocal: a pod whose only IPv6 is the link-local
+// address its eth0 gets by itself. A neighbour on the same bridge reaches a
+// dual-stack app over [fe80::…%eth0] directly; after `ferry redirect` it
+// must not (audit F8): the IPv6 rules are installed because IPv6 is on, and
+// the redirected connection finds no IPv6 listener (fails closed).
+func TestRedirectIPv6LinkLocal(t *testing.T) {
+	testbed.RequireRoot(t)
+	ferry, echo := testbed.FerryBinary(t), testbed.EchoBinary(t)
+	tb := testbed.New(t)
+	app := tb.AddPod(t, "ll-app")
+	peer := tb.AddPod(t, "ll-peer")
+	if out := app.ExecOK(t, testbed.Proc{}, "ip", "-6", "-o", "addr", "show", "scope", "global"); strings.TrimSpace(out) != "" {
+		t.Fatalf("the app pod must have no global IPv6 address for this test:\n%s", out)
+	}
+	ll := app.LinkLocalIPv6(t)
+	peer.LinkLocalIPv6(t)
+	srv := app.Start(t, testbed.Proc{UID: 1000}, echo, "server", "-addr", ":7080") // Go's ":port" is dual-stack
+	if err := srv.WaitOutput("ready", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	dst := net.JoinHostPort(ll.String()+"%eth0", "7080")
+	connect := func() (string, error) {
+		return peer.Exec(t, testbed.Proc{UID: 1000}, echo, "client", "-addr", dst, "-bytes", "1000", "-timeout", "5s")
+	}
+	// Without the rules the app is reachable over link-local IPv6.
+	if out, err := connect(); err != nil || !strings.HasPrefix(out, "ok") {
+		t.Fatalf("control: %s not reachable before the rules: %v\n%s", dst, err, out)
+	}
+
+	out := app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-proxy-uid", "5995", "-proxy-inbound-port", "20000")
+	if !strings.Contains(out, "IPv6 traffic redirection rules installed") {
+		t.Fatalf("no IPv6 rules in a pod with link-local IPv6:\n%s", out)
+	}
+	if v6 := natTable(t, app, "ip6tables-save"); !strings.Contains(v6, "REDIRECT --to-ports 20000") {
+		t.Fatalf("IPv6 inbound not redirected:\n%s", v6)
+	}
+	if out, err := connect(); err == nil {
+		t.Fatalf("a neighbour reached the app over link-local IPv6 past the redirect:\n%s", out)
+	}
+
+	// -ipv6=false is the explicit opt-out: IPv4 rules only.
+	app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-cleanup")
+	out = app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-ipv6=false", "-proxy-uid", "5995", "-proxy-inbound-port", "20000")
+	if strings.Contains(out, "IPv6") || strings.Contains(natTable(t, app, "ip6tables-save"), "CONSUL") {
+		t.Fatalf("-ipv6=false installed IPv6 rules:\n%s", out)
+	}
+	app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-cleanup")
+
+	// IPv6 on but no ip6tables: fail before touching either table.
+	bin := t.TempDir()
+	if err := os.Chmod(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, prog := range []string{"iptables", "iptables-restore", "iptables-save"} {
+		if err := os.Symlink(testbed.Program(t, prog), filepath.Join(bin, prog)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before4, before6 := natTable(t, app, "iptables-save"), natTable(t, app, "ip6tables-save")
+	out, err := app.Exec(t, testbed.Proc{Env: []string{"PATH=" + bin}}, ferry, "redirect", "-proxy-uid", "5995", "-proxy-inbound-port", "20000")
+	if err == nil || !strings.Contains(out, "ip6tables") || !strings.Contains(out, "-ipv6=false") {
+		t.Fatalf("without ip6tables in a pod with IPv6: %v\n%s", err, out)
+	}
+	if a4, a6 := natTable(t, app, "iptables-save"), natTable(t, app, "ip6tables-save"); a4 != before4 || a6 != before6 {
+		t.Fatalf("the failed run changed the tables:\n%s\n%s", a4, a6)
 	}
 }
