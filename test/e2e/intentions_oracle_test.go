@@ -116,6 +116,11 @@ func TestIntentionsOracle(t *testing.T) {
 		if !snap.DefaultAllow {
 			t.Fatalf("default policy deny with ACLs off")
 		}
+		// Consul 1.14 has no default_intention_policy: agent/self answers
+		// without it and the ACL default policy header decides.
+		if snap.DefaultSource != intentions.DefaultFromACL || snap.DefaultNote != "" {
+			t.Fatalf("default from %q (%s), want %q", snap.DefaultSource, snap.DefaultNote, intentions.DefaultFromACL)
+		}
 		ev := intentions.NewEvaluator(snap.Intentions, snap.DefaultAllow)
 		for _, s := range ixnOracleSources() {
 			uri := "spiffe://" + roots.TrustDomain + s.uri
