@@ -17,7 +17,9 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ferry ./cmd/ferry
 
-# The e2e bench smoke test runs HAProxy too, so tests install it as well.
+# Installs the packages of every program in test/testbed/programs.txt
+# (WITH_BENCH is kept for compatibility: the list includes HAProxy, which
+# the e2e bench smoke test runs).
 deps:
 	@WITH_BENCH=1 test/scripts/deps.sh
 

@@ -39,6 +39,9 @@ type SidecarConfig struct {
 	// VirtualCIDRs, when set, bound the `virtual` tagged addresses the
 	// catalog view honours (flag -virtual-cidr).
 	VirtualCIDRs []netip.Prefix
+	// DefaultIntentionPolicy, when set, is the decision when no intention
+	// matches; otherwise it comes from Consul (intentions.ConsulFetcher).
+	DefaultIntentionPolicy intentions.Policy
 }
 
 // Sidecar is the whole sidecar: the data path plus the mesh view it routes
@@ -185,7 +188,7 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 		s.startIdentity(dest)
 		w, err := intentions.Watch(s.ctx, intentions.Config{
 			Destination:       dest,
-			Fetch:             intentions.ConsulFetcher(s.cfg.Client, dest, 0),
+			Fetch:             intentions.ConsulFetcher(s.cfg.Client, dest, 0, s.cfg.DefaultIntentionPolicy),
 			Logger:            s.log.Named("intentions"),
 			DisableRevocation: s.cfg.DisableRevocation,
 		})
@@ -295,6 +298,9 @@ func (c intentionsCollector) WritePrometheus(w io.Writer) {
 	fmt.Fprintf(w, "# HELP ferry_intentions_stale Whether the last fetch of intentions failed (decisions use the last known list).\n# TYPE ferry_intentions_stale gauge\nferry_intentions_stale %d\n", b2i(st.Failing))
 	fmt.Fprintf(w, "# HELP ferry_intentions_fetch_errors_total Failed fetches of the destination's intentions.\n# TYPE ferry_intentions_fetch_errors_total counter\nferry_intentions_fetch_errors_total %d\n", st.FetchErrors)
 	fmt.Fprintf(w, "# HELP ferry_intentions_updates_total Changes of the intentions in force.\n# TYPE ferry_intentions_updates_total counter\nferry_intentions_updates_total %d\n", st.Updates)
+	if st.Loaded {
+		fmt.Fprintf(w, "# HELP ferry_intentions_default_allow Whether connections no intention matches are allowed, by where that default came from (flag, agent, acl, unknown = not established, denied).\n# TYPE ferry_intentions_default_allow gauge\nferry_intentions_default_allow{source=%q} %d\n", st.DefaultSource, b2i(st.DefaultAllow))
+	}
 	fmt.Fprintf(w, "# HELP ferry_intentions_revoked_total Established connections closed because an intention change denied their source.\n# TYPE ferry_intentions_revoked_total counter\nferry_intentions_revoked_total %d\n", st.Revoked)
 }
 

@@ -74,6 +74,11 @@ func (c Config) Validate() (Spec, error) {
 		bad(c.ProxyUserID, "a proxy UID is required")
 	} else if uid, err := canonicalUID(c.ProxyUserID.Value); err != nil {
 		bad(c.ProxyUserID, "%v", err)
+	} else if strings.Contains(uid, "-") {
+		// iptables would take a range, and "0-4294967294" would exempt
+		// every process from redirection. The proxy is one user; extra
+		// exempt users (and ranges) belong in the exclude-UID list.
+		bad(c.ProxyUserID, "the proxy UID must be a single user ID, not a range (use -exclude-uid for more users)")
 	} else {
 		s.ProxyUID = uid
 	}

@@ -87,3 +87,42 @@ func TestValidateReportsAllErrors(t *testing.T) {
 		t.Fatalf("want 4 errors, got %v", err)
 	}
 }
+
+// The proxy UID is exempt from outbound redirection, so a range there
+// (audit F16: "0-4294967294") would exempt every process. Only a single UID
+// is accepted; ranges stay allowed in ExcludeUIDs, as in Consul.
+func TestValidateProxyUIDSingle(t *testing.T) {
+	cases := []struct {
+		uid, want, err string
+	}{
+		{uid: "5995", want: "5995"},
+		{uid: " 0 ", want: "0"},
+		{uid: "4294967294", want: "4294967294"},
+		{uid: "7-7", want: "7"}, // a one-UID range is that UID
+		{uid: "0-4294967294", err: "not a range"},
+		{uid: "5995-5996", err: "not a range"},
+		{uid: "1-2", err: "not a range"},
+		{uid: "-5", err: "-proxy-uid"},
+		{uid: "5-", err: "-proxy-uid"},
+		{uid: "4294967295", err: "-proxy-uid"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.uid, func(t *testing.T) {
+			c := Config{ProxyUserID: Item{Value: tc.uid, Source: "-proxy-uid"}, ProxyInboundPort: it("20000"),
+				ExcludeUIDs: items("-exclude-uid", "10-20")}
+			s, err := c.Validate()
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("got %v (spec %+v), want error containing %q", err, s, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.ProxyUID != tc.want || strings.Join(s.ExcludeUIDs, ",") != "10-20" {
+				t.Fatalf("got uid %q excl %v, want %q and 10-20", s.ProxyUID, s.ExcludeUIDs, tc.want)
+			}
+		})
+	}
+}

@@ -254,3 +254,58 @@ func TestConcurrentRunsRealKernel(t *testing.T) {
 		}
 	}
 }
+
+// TestIPv6EnabledKernel: IPv6 counts as on when any interface other than
+// loopback may carry it, whatever its addresses' scope; both the interface
+// list and /proc/sys/net are read in the namespace of the calling thread.
+func TestIPv6EnabledKernel(t *testing.T) {
+	path, _ := scratchNetNS(t)
+	if _, err := os.Stat("/proc/sys/net/ipv6"); err != nil {
+		t.Skip("kernel without IPv6")
+	}
+	check := func(step string, want bool, wantWhy string) {
+		t.Helper()
+		var got bool
+		var why string
+		err := InNetNS(path, func() error {
+			var err error
+			got, why, err = IPv6Enabled()
+			return err
+		})
+		if err != nil || got != want || !strings.Contains(why, wantWhy) {
+			t.Fatalf("%s: IPv6Enabled = %v %q %v, want %v %q", step, got, why, err, want, wantWhy)
+		}
+	}
+	inNS := func(f func() error) {
+		t.Helper()
+		if err := InNetNS(path, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check("loopback only", false, "")
+	// A veth pair (dummy interfaces need a module not every kernel has).
+	setIPv6 := func(v string) func() error {
+		return func() error {
+			for _, ifc := range []string{"v0", "v1"} {
+				if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+ifc+"/disable_ipv6", []byte(v), 0o644); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+	}
+	inNS(func() error {
+		return exec.Command("ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1").Run()
+	})
+	check("interfaces down, IPv6 not disabled", true, "IPv6 is enabled on v")
+	inNS(setIPv6("1"))
+	check("IPv6 disabled on the interfaces", false, "")
+	inNS(setIPv6("0"))
+	inNS(func() error {
+		if err := os.WriteFile("/proc/sys/net/ipv6/conf/v1/disable_ipv6", []byte("1"), 0o644); err != nil {
+			return err
+		}
+		return exec.Command("ip", "addr", "add", "fe80::1/64", "dev", "v0", "nodad").Run()
+	})
+	check("link-local address", true, "v0 has IPv6 address fe80::1")
+}

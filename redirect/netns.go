@@ -1,10 +1,14 @@
 package redirect
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -58,22 +62,49 @@ func InNetNS(path string, fn func() error) error {
 	return <-errc
 }
 
-// HasGlobalIPv6 reports whether any interface of the current thread's
-// network namespace has a global-scope IPv6 address (ULA included; not
-// loopback, link-local or multicast). Call it inside InNetNS.
-func HasGlobalIPv6() (bool, error) {
-	addrs, err := net.InterfaceAddrs()
+// IPv6Enabled reports whether the current thread's network namespace
+// carries IPv6 on any interface other than loopback: an interface that has
+// an IPv6 address of any scope (a link-local fe80:: address is enough for
+// same-L2 neighbours to connect), or on which IPv6 is not disabled
+// (disable_ipv6 = 0: it gets a link-local address as soon as it is up).
+// why names the interface and the reason. Call it inside InNetNS: both the
+// interface list and /proc/sys/net belong to the calling thread's
+// namespace.
+//
+// Installing the IPv6 rules only for global addresses (as ferry did) let a
+// neighbour pod reach a dual-stack app over link-local IPv6 directly, past
+// mTLS and intentions (audit F8).
+func IPv6Enabled() (enabled bool, why string, err error) {
+	ifs, err := net.Interfaces()
 	if err != nil {
-		return false, fmt.Errorf("redirect: list addresses: %w", err)
+		return false, "", fmt.Errorf("redirect: list interfaces: %w", err)
 	}
-	for _, a := range addrs {
-		ipn, ok := a.(*net.IPNet)
-		if !ok || ipn.IP.To4() != nil {
+	if _, err := os.Stat("/proc/sys/net/ipv6"); errors.Is(err, fs.ErrNotExist) {
+		return false, "", nil // kernel without IPv6 (ipv6.disable=1)
+	}
+	for _, ifc := range ifs {
+		if ifc.Flags&net.FlagLoopback != 0 {
 			continue
 		}
-		if ipn.IP.IsGlobalUnicast() {
-			return true, nil
+		addrs, err := ifc.Addrs()
+		if err != nil {
+			return false, "", fmt.Errorf("redirect: addresses of %s: %w", ifc.Name, err)
+		}
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() == nil && !ipn.IP.IsLoopback() {
+				return true, fmt.Sprintf("%s has IPv6 address %s", ifc.Name, ipn.IP), nil
+			}
+		}
+		b, err := os.ReadFile(filepath.Join("/proc/sys/net/ipv6/conf", ifc.Name, "disable_ipv6"))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return false, "", fmt.Errorf("redirect: IPv6 setting of %s: %w", ifc.Name, err)
+		}
+		if strings.TrimSpace(string(b)) == "0" {
+			return true, fmt.Sprintf("IPv6 is enabled on %s (disable_ipv6 = 0)", ifc.Name), nil
 		}
 	}
-	return false, nil
+	return false, "", nil
 }

@@ -6,11 +6,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/ferrymesh/ferry/redirect"
 	"github.com/hashicorp/consul/api"
@@ -92,8 +94,13 @@ func (h *httpFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&h.partition, "partition", "", "Consul admin partition (Enterprise)")
 }
 
-func (h *httpFlags) client() (*api.Client, error) {
+// client makes the Consul client; dial, when set, makes its TCP
+// connections.
+func (h *httpFlags) client(dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*api.Client, error) {
 	c := api.DefaultConfig()
+	if dial != nil && c.Transport != nil {
+		c.Transport.DialContext = dial
+	}
 	merge := func(dst *string, v string) {
 		if v != "" {
 			*dst = v
@@ -119,7 +126,7 @@ func newRedirectFlagSet(f *redirectFlags, stderr io.Writer) *flag.FlagSet {
 		fmt.Fprint(stderr, redirectUsage)
 		fs.PrintDefaults()
 	}
-	fs.StringVar(&f.proxyUID, "proxy-uid", "", "user ID of the proxy, whose traffic is not redirected (required)")
+	fs.StringVar(&f.proxyUID, "proxy-uid", "", "user ID of the proxy, whose traffic is not redirected (required; one UID, not a range)")
 	fs.StringVar(&f.proxyID, "proxy-id", "", "service ID of the proxy registration to read ports and exclusions from")
 	fs.StringVar(&f.nodeName, "node-name", "", "with -proxy-id: read the registration from this catalog node instead of the local agent")
 	fs.IntVar(&f.inboundPort, "proxy-inbound-port", 0, "inbound port the proxy listens on")
@@ -134,7 +141,7 @@ func newRedirectFlagSet(f *redirectFlags, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&f.annotations, "annotations", "", "Kubernetes downward-API annotations `file`; its transparent-proxy annotations are applied on top of the flags")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "remove ferry's (and Consul's) chains and the jumps into them, nothing else")
 	fs.BoolVar(&f.print, "print", false, "print the rules in iptables-restore format and exit; touches nothing, needs no root")
-	fs.BoolVar(&f.ipv6, "ipv6", false, "also install the rules with ip6tables (default: when the namespace has a global IPv6 address)")
+	fs.BoolVar(&f.ipv6, "ipv6", false, "also install the rules with ip6tables (default: whenever the namespace has IPv6 on an interface other than loopback, link-local included; -ipv6=false opts out)")
 	f.exclIn.name, f.exclOut.name, f.exclCIDR.name, f.exclUID.name =
 		"exclude-inbound-port", "exclude-outbound-port", "exclude-outbound-cidr", "exclude-uid"
 	f.http.register(fs)
@@ -196,13 +203,14 @@ func runRedirect(args []string, stdout, stderr io.Writer) error {
 	var planErr error
 	err = redirect.InNetNS(netns, func() error {
 		families := []redirect.Family{redirect.IPv4}
-		v6 := f.ipv6
+		v6, why := f.ipv6, "-ipv6"
 		if !f.set["ipv6"] {
-			has, err := redirect.HasGlobalIPv6()
-			if err != nil {
+			// Whenever the namespace has IPv6 at all, even link-local
+			// only: otherwise IPv6 would reach the app unredirected.
+			var err error
+			if v6, why, err = redirect.IPv6Enabled(); err != nil {
 				return err
 			}
-			v6 = has
 		}
 		if v6 {
 			families = append(families, redirect.IPv6)
@@ -215,6 +223,11 @@ func runRedirect(args []string, stdout, stderr io.Writer) error {
 		backends := map[redirect.Family]redirect.Backend{}
 		for _, fam := range families {
 			be, err := redirect.NewExecBackend(fam)
+			if err != nil && fam == redirect.IPv6 {
+				// Before anything is touched: IPv4 rules alone would leave
+				// IPv6 open to the app.
+				return fmt.Errorf("%w (IPv6 rules are needed: %s; -ipv6=false installs IPv4 rules only and leaves IPv6 traffic unredirected)", err, why)
+			}
 			if err != nil {
 				return err
 			}
@@ -282,7 +295,20 @@ func redirectConfig(ctx context.Context, f *redirectFlags) (cfg redirect.Config,
 	}
 
 	if f.proxyID != "" {
-		client, err := f.http.client()
+		// The lookup runs before the rules are (re)installed, but on a
+		// second run in the same namespace (an init container after a pod
+		// restart) the first run's rules are in force and would redirect
+		// the connection to the agent to the proxy's outbound port. Dial
+		// as the proxy UID, which the rules exempt (redirect.DialAsUID).
+		uid, err := (redirect.Config{ProxyUserID: cfg.ProxyUserID, ProxyInboundPort: redirect.Item{Value: "1"}}).Validate()
+		if err != nil {
+			return cfg, "", false, usageError("redirect: %v", err)
+		}
+		exemptUID, err := strconv.ParseUint(uid.ProxyUID, 10, 32)
+		if err != nil {
+			return cfg, "", false, usageError("redirect: -proxy-uid %q: %v", uid.ProxyUID, err)
+		}
+		client, err := f.http.client(redirect.DialAsUID(uint32(exemptUID), &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}))
 		if err != nil {
 			return cfg, "", false, usageError("redirect: Consul client: %v", err)
 		}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/ferrymesh/ferry/dns"
 	"github.com/ferrymesh/ferry/proxy"
+	"github.com/ferrymesh/ferry/proxy/intentions"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 )
@@ -48,6 +49,7 @@ type runConfig struct {
 	DNSRecursors        repeatedFlag
 	ClusterDomain       string
 	ConsulDNSAddr       string
+	DefaultPolicy       string
 }
 
 func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
@@ -77,6 +79,7 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.Var(&c.DNSRecursors, "dns-recursor", "DNS recursor IP[:port] for names outside the mesh, repeatable (default: the nameservers of /etc/resolv.conf except ferry itself: with -dns-addr on loopback or a wildcard, every loopback nameserver, which the DNS redirect sends back to ferry)")
 	fs.StringVar(&c.ClusterDomain, "cluster-domain", dns.DefaultClusterDomain, "Kubernetes cluster domain (<svc>.<ns>.svc.<domain> names)")
 	fs.StringVar(&c.ConsulDNSAddr, "consul-dns-addr", "", "Consul agent DNS address for .consul names the sidecar does not answer itself (SRV, TXT, ...); default: the recursors")
+	fs.StringVar(&c.DefaultPolicy, "default-intention-policy", "", "allow or deny: the decision when no intention matches (default: the agent's default_intention_policy, else its ACL default policy, else deny)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return c, &exitError{code: 0, err: errHelp}
@@ -102,6 +105,9 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 		return c, usageError("run: timeouts must be >= 0")
 	case hclog.LevelFromString(c.LogLevel) == hclog.NoLevel:
 		return c, usageError("run: unknown -log-level %q", c.LogLevel)
+	}
+	if _, err := intentions.ParsePolicy(c.DefaultPolicy); err != nil {
+		return c, usageError("run: -default-intention-policy: %v", err)
 	}
 	return c, nil
 }
@@ -175,6 +181,8 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		DisableRevocation: !cfg.LiveRevocation,
 		DisableTunnels:    !cfg.Tunnels,
 		VirtualCIDRs:      cfg.VirtualCIDRs,
+		// Checked in parseRunFlags.
+		DefaultIntentionPolicy: intentions.Policy(cfg.DefaultPolicy),
 	})
 	if err != nil {
 		return fmt.Errorf("run: %w", err)

@@ -62,6 +62,11 @@ func TestParseRunFlags(t *testing.T) {
 		{"zero connect timeout", []string{"-proxy-id", "a", "-connect-timeout", "0s"}, 2, "connect-timeout", nil},
 		{"bad level", []string{"-proxy-id", "a", "-log-level", "loud"}, 2, "log-level", nil},
 		{"stray arg", []string{"-proxy-id", "a", "extra"}, 2, "unexpected arguments", nil},
+		{"default intention policy", []string{"-proxy-id", "a", "-default-intention-policy", "deny"}, 0, "", func(c runConfig) bool {
+			return c.DefaultPolicy == "deny"
+		}},
+		{"default intention policy from consul", []string{"-proxy-id", "a"}, 0, "", func(c runConfig) bool { return c.DefaultPolicy == "" }},
+		{"bad default intention policy", []string{"-proxy-id", "a", "-default-intention-policy", "open"}, 2, "default-intention-policy", nil},
 		{"unknown flag", []string{"-nope"}, 2, "not defined", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -42,11 +42,13 @@ type Stats struct {
 	Index        uint64 // index of the last successful fetch
 	Intentions   int    // intentions in the current evaluator
 	DefaultAllow bool
-	Updates      uint64 // evaluator swaps, including the first load
-	FetchErrors  uint64
-	Failing      bool   // the last fetch failed
-	Revoked      uint64 // live connections closed by revocation
-	Tracked      int    // live connections tracked for revocation
+	// DefaultSource is where DefaultAllow came from (Snapshot.DefaultSource).
+	DefaultSource string
+	Updates       uint64 // evaluator swaps, including the first load
+	FetchErrors   uint64
+	Failing       bool   // the last fetch failed
+	Revoked       uint64 // live connections closed by revocation
+	Tracked       int    // live connections tracked for revocation
 }
 
 // Watcher keeps the Evaluator of one destination current. Decide and Admit
@@ -61,6 +63,8 @@ type Watcher struct {
 
 	index, updates, fetchErrors, revoked atomic.Uint64
 	failing                              atomic.Bool
+	defaultSource                        atomic.Pointer[string]
+	defaultNote                          string // last logged Snapshot.DefaultNote; run goroutine only
 
 	cancel    context.CancelFunc
 	done      chan struct{}
@@ -158,6 +162,9 @@ func (w *Watcher) Stats() Stats {
 	if ev := w.ev.Load(); ev != nil {
 		s.Loaded, s.Intentions, s.DefaultAllow = true, ev.Len(), ev.DefaultAllow()
 	}
+	if src := w.defaultSource.Load(); src != nil {
+		s.DefaultSource = *src
+	}
 	if w.tracker != nil {
 		s.Tracked = w.tracker.Len()
 	}
@@ -238,6 +245,17 @@ func (w *Watcher) run(ctx context.Context) {
 // current one, then revokes live connections it now denies.
 func (w *Watcher) apply(snap Snapshot) {
 	w.index.Store(snap.Index)
+	src := snap.DefaultSource
+	if src == "" {
+		src = DefaultFromTest
+	}
+	w.defaultSource.Store(&src)
+	if snap.DefaultNote != w.defaultNote {
+		w.defaultNote = snap.DefaultNote
+		if snap.DefaultNote != "" {
+			w.log.Warn("default intention policy: "+snap.DefaultNote, "default", policyName(snap.DefaultAllow), "default_source", src)
+		}
+	}
 	ev := NewEvaluator(snap.Intentions, snap.DefaultAllow)
 	old := w.ev.Load()
 	if ev.Equal(old) {
@@ -250,7 +268,7 @@ func (w *Watcher) apply(snap Snapshot) {
 		msg = "intentions loaded"
 		close(w.ready)
 	}
-	w.log.Info(msg, "index", snap.Index, "intentions", ev.Len(), "default", policyName(ev.DefaultAllow()))
+	w.log.Info(msg, "index", snap.Index, "intentions", ev.Len(), "default", policyName(ev.DefaultAllow()), "default_source", src)
 	for _, d := range ev.L7() {
 		w.log.Warn("intention has L7 permissions; ferry enforces L4 only and treats it as deny", "intention", d)
 	}

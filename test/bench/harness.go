@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -147,7 +146,11 @@ type runMeta struct {
 // describeEnv records what the figures depend on.
 func describeEnv(consul, ferry, ferryB string) []string {
 	first := func(argv ...string) string {
-		out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+		cmd, err := testbed.Command(argv[0], argv[1:]...)
+		if err != nil {
+			return "unknown"
+		}
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			return "unknown"
 		}

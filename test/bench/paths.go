@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -117,7 +116,14 @@ func (e *env) exec(pod *testbed.Pod, o testbed.Proc, d time.Duration, argv ...st
 // tunePod lets the connection-rate scenario reuse TIME_WAIT ports.
 func (e *env) tunePod(pod *testbed.Pod) error {
 	for _, kv := range []string{"net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=15500 60999"} {
-		if out, err := exec.Command("ip", "netns", "exec", pod.NS, "sysctl", "-q", "-w", kv).CombinedOutput(); err != nil {
+		if _, err := testbed.LookPath("sysctl"); err != nil {
+			return err
+		}
+		cmd, err := testbed.Command("ip", "netns", "exec", pod.NS, "sysctl", "-q", "-w", kv)
+		if err != nil {
+			return err
+		}
+		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("sysctl %s in %s: %w: %s", kv, pod.Name, err, out)
 		}
 	}
@@ -146,7 +152,11 @@ func (e *env) ferryMissing(bin string) string {
 		return "ferry binary did not build (or no -ferry-b)"
 	}
 	for _, sub := range []string{"run", "redirect"} {
-		out, _ := exec.Command(bin, sub, "-h").CombinedOutput()
+		cmd, err := testbed.Command(bin, sub, "-h")
+		if err != nil {
+			return err.Error()
+		}
+		out, _ := cmd.CombinedOutput()
 		if strings.Contains(string(out), "not implemented") {
 			return "`ferry " + sub + "` is not implemented yet"
 		}
@@ -246,9 +256,9 @@ func (e *env) setupConsul(p *path, cli, srv *testbed.Pod) error {
 }
 
 func (e *env) setupHAProxy(p *path, cli, srv *testbed.Pod) error {
-	bin, err := exec.LookPath("haproxy")
+	bin, err := testbed.LookPath("haproxy")
 	if err != nil {
-		p.NA = "haproxy not installed (apt-get install -y haproxy)"
+		p.NA = err.Error()
 		return nil
 	}
 	agent := e.tb.Consul.Client.Agent()

@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -27,7 +26,7 @@ func TestBenchSmoke(t *testing.T) {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(t.TempDir(), "bench")
-	build := exec.Command("go", "build", "-o", bin, "./test/bench")
+	build := testbed.MustCommand(t, "go", "build", "-o", bin, "./test/bench")
 	build.Dir = root
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build bench: %v\n%s", err, out)
@@ -35,7 +34,10 @@ func TestBenchSmoke(t *testing.T) {
 	out := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "-quick", "-reps", "1", "-idle", "200", "-out", out)
+	cmd, err := testbed.CommandContext(ctx, bin, "-quick", "-reps", "1", "-idle", "200", "-out", out)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cmd.Dir = root
 	// On timeout let the harness tear its testbed down (it handles SIGTERM).
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
@@ -75,7 +77,7 @@ func TestBenchSmoke(t *testing.T) {
 		t.Errorf("harness did not name its testbed")
 	} else {
 		for _, argv := range [][]string{{"ip", "netns", "list"}, {"ip", "-o", "link", "show"}} {
-			o, _ := exec.Command(argv[0], argv[1:]...).Output()
+			o, _ := testbed.MustCommand(t, argv[0], argv[1:]...).Output()
 			if strings.Contains(string(o), m[1]) {
 				t.Errorf("testbed %s left behind (%s):\n%s", m[1], strings.Join(argv, " "), o)
 			}

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -310,7 +309,7 @@ func dnsBuildApp(t *testing.T) string {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "dnsapp")
-	cmd := exec.Command("go", "build", "-o", out, "./test/dnsapp")
+	cmd := testbed.MustCommand(t, "go", "build", "-o", out, "./test/dnsapp")
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {

@@ -109,12 +109,17 @@ func TestIntentionsOracle(t *testing.T) {
 	}
 	var allows, denies, l7, defaults, compared int
 	for _, dest := range []string{"db", "cache", "billing", "search"} {
-		snap, err := intentions.ConsulFetcher(c, dest, time.Second)(context.Background(), 0)
+		snap, err := intentions.ConsulFetcher(c, dest, time.Second, "")(context.Background(), 0)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !snap.DefaultAllow {
 			t.Fatalf("default policy deny with ACLs off")
+		}
+		// Consul 1.14 has no default_intention_policy: agent/self answers
+		// without it and the ACL default policy header decides.
+		if snap.DefaultSource != intentions.DefaultFromACL || snap.DefaultNote != "" {
+			t.Fatalf("default from %q (%s), want %q", snap.DefaultSource, snap.DefaultNote, intentions.DefaultFromACL)
 		}
 		ev := intentions.NewEvaluator(snap.Intentions, snap.DefaultAllow)
 		for _, s := range ixnOracleSources() {
@@ -161,7 +166,7 @@ func TestIntentionsWatcherAgent(t *testing.T) {
 
 	w, err := intentions.Watch(context.Background(), intentions.Config{
 		Destination: "db",
-		Fetch:       intentions.ConsulFetcher(c, "db", 0),
+		Fetch:       intentions.ConsulFetcher(c, "db", 0, ""),
 		Logger:      ixnLogger(t, "intentions"),
 		MinBackoff:  100 * time.Millisecond,
 		MaxBackoff:  time.Second,
@@ -313,7 +318,7 @@ func BenchmarkIntentionsDecision(b *testing.B) {
 	}
 	ixnWriteOracleFixture(b, c)
 	w, err := intentions.Watch(context.Background(), intentions.Config{
-		Destination: "db", Fetch: intentions.ConsulFetcher(c, "db", 0),
+		Destination: "db", Fetch: intentions.ConsulFetcher(c, "db", 0, ""),
 	})
 	if err != nil {
 		b.Fatal(err)

@@ -15,7 +15,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os/exec"
 	"runtime"
 	"strconv"
 	"sync"
@@ -379,7 +378,7 @@ func maStartProcess(t *testing.T, argv ...string) {
 	var out bytes.Buffer
 	var mu sync.Mutex
 	w := maWriterFunc(func(p []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return out.Write(p) })
-	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd := testbed.MustCommand(t, argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -106,8 +105,6 @@ type oracleCase struct {
 	ferryEnv []string
 	want     []string // strings the nat table must contain (proves the case exercises what it claims)
 	// viaNetNS runs ferry on the host with -netns instead of inside the pod.
-	// -proxy-id re-runs need it: inside a pod that already has the rules,
-	// the lookup's own connection to the agent would be redirected.
 	viaNetNS bool
 }
 
@@ -141,8 +138,10 @@ func oracleCases(annotations string) []oracleCase {
 				"--dport 20300 -j RETURN", "--dport 20400 -j RETURN", // Expose.Paths
 				"--dport 215", // the agent-assigned exposed check port (21500-21755)
 				"--dport 7070 -j RETURN"}},
+		// In the pod: the second run's lookup passes the first run's rules
+		// (TestRedirectProxyIDRerunInPod).
 		{name: "proxy-id-plain", consul: []string{"-proxy-uid", "5995", "-proxy-id", "rt-api-sidecar-proxy", "-exclude-uid", "5996", "-consul-dns-port", "8600"},
-			viaNetNS: true, want: []string{"--to-ports 20000"}},
+			want: []string{"--to-ports 20000"}},
 		{name: "netns-flag", consul: with("-exclude-uid", "5996", "-consul-dns-port", "8600"), viaNetNS: true, want: []string{"--uid-owner 5996"}},
 		{name: "annotations", consul: with("-exclude-uid", "5996",
 			"-exclude-inbound-port", "8080", "-exclude-inbound-port", "9090",
@@ -183,6 +182,11 @@ func TestRedirectOracle(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			cp := tb.AddPod(t, fmt.Sprintf("oc%d", i))
 			fp := tb.AddPod(t, fmt.Sprintf("of%d", i))
+			// IPv4-only pods: Consul (1.14) installs IPv4 rules only, and
+			// ferry must then do the same (with IPv6 on, even link-local
+			// only, it adds IPv6 rules: TestRedirectIPv6LinkLocal).
+			cp.DisableIPv6(t)
+			fp.DisableIPv6(t)
 			empty := natTable(t, fp, "iptables-save")
 
 			out, err := cp.Exec(t, testbed.Proc{}, append([]string{consul, "connect", "redirect-traffic"}, c.consul...)...)
@@ -197,7 +201,7 @@ func TestRedirectOracle(t *testing.T) {
 				if !c.viaNetNS {
 					return fp.Exec(t, testbed.Proc{Env: c.ferryEnv}, append([]string{ferry, "redirect"}, fargs...)...)
 				}
-				cmd := exec.Command(ferry, append([]string{"redirect", "-netns", fp.NSPath, "-http-addr", tb.Consul.HTTPAddr}, fargs...)...)
+				cmd := testbed.MustCommand(t, ferry, append([]string{"redirect", "-netns", fp.NSPath, "-http-addr", tb.Consul.HTTPAddr}, fargs...)...)
 				cmd.Env = append(os.Environ(), c.ferryEnv...)
 				out, err := cmd.CombinedOutput()
 				return string(out), err
@@ -292,6 +296,9 @@ func TestRedirectBadInputLeavesTableUntouched(t *testing.T) {
 	}
 	fresh := tb.AddPod(t, "bad-fresh")
 	used := tb.AddPod(t, "bad-used")
+	// IPv4-only, so that an IPv6 DNS IP without -ipv6 is an error.
+	fresh.DisableIPv6(t)
+	used.DisableIPv6(t)
 	used.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-proxy-uid", "5995", "-proxy-inbound-port", "20000", "-exclude-uid", "5996", "-consul-dns-port", "8600")
 	for _, p := range []*testbed.Pod{fresh, used} {
 		before := natTable(t, p, "iptables-save")
@@ -571,5 +578,112 @@ func TestRedirectKernel(t *testing.T) {
 	}
 	if outbound.saw(dst) {
 		t.Fatal("redirected after cleanup")
+	}
+}
+
+// TestRedirectProxyIDRerunInPod runs `ferry redirect -proxy-id` twice inside
+// the pod, as an init container does again after a pod restart in the same
+// network namespace. The second run's lookup of the registration must reach
+// the agent although the first run's rules are in force (they would send it
+// to the outbound port, where nothing listens), and must change nothing.
+func TestRedirectProxyIDRerunInPod(t *testing.T) {
+	testbed.RequireRoot(t)
+	ferry := testbed.FerryBinary(t)
+	tb := testbed.New(t)
+	registerRedirectProxies(t, tb, tb.AddPod(t, "rr-svc"))
+	p := tb.AddPod(t, "rr")
+	// The pod's environment points CONSUL_HTTP_ADDR at the agent on the
+	// bridge, an address the outbound rules capture.
+	args := []string{ferry, "redirect", "-proxy-uid", "5995", "-proxy-id", "rt-web-sidecar-proxy", "-consul-dns-port", "8600"}
+	out := p.ExecOK(t, testbed.Proc{}, args...)
+	if !strings.Contains(out, "IPv4 traffic redirection rules installed") {
+		t.Fatalf("first run: %s", out)
+	}
+	first := p.ExecOK(t, testbed.Proc{}, "iptables", "-t", "nat", "-S")
+	if !strings.Contains(first, "REDIRECT --to-ports 15002") {
+		t.Fatalf("first run did not install the registration's rules:\n%s", first)
+	}
+	for i := 0; i < 2; i++ {
+		out, err := p.Exec(t, testbed.Proc{}, args...)
+		if err != nil || !strings.Contains(out, "IPv4 traffic redirection rules already in place; nothing changed") {
+			t.Fatalf("run %d: %v\n%s", i+2, err, out)
+		}
+		if again := p.ExecOK(t, testbed.Proc{}, "iptables", "-t", "nat", "-S"); again != first {
+			t.Fatalf("run %d changed the nat table:\n%s\nwas\n%s", i+2, again, first)
+		}
+	}
+	// The exemption is the proxy UID's and no one else's: an app's
+	// connection to the agent is still redirected.
+	out, err := p.Exec(t, testbed.Proc{UID: 1000}, ferry, "redirect", "-print", "-proxy-uid", "1000", "-proxy-id", "rt-web-sidecar-proxy")
+	if err == nil || !strings.Contains(out, "connection refused") {
+		t.Fatalf("a lookup as the app (UID 1000, not exempt) was not redirected: %v\n%s", err, out)
+	}
+}
+
+// TestRedirectIPv6LinkLocal: a pod whose only IPv6 is the link-local
+// address its eth0 gets by itself. A neighbour on the same bridge reaches a
+// dual-stack app over [fe80::…%eth0] directly; after `ferry redirect` it
+// must not (audit F8): the IPv6 rules are installed because IPv6 is on, and
+// the redirected connection finds no IPv6 listener (fails closed).
+func TestRedirectIPv6LinkLocal(t *testing.T) {
+	testbed.RequireRoot(t)
+	ferry, echo := testbed.FerryBinary(t), testbed.EchoBinary(t)
+	tb := testbed.New(t)
+	app := tb.AddPod(t, "ll-app")
+	peer := tb.AddPod(t, "ll-peer")
+	if out := app.ExecOK(t, testbed.Proc{}, "ip", "-6", "-o", "addr", "show", "scope", "global"); strings.TrimSpace(out) != "" {
+		t.Fatalf("the app pod must have no global IPv6 address for this test:\n%s", out)
+	}
+	ll := app.LinkLocalIPv6(t)
+	peer.LinkLocalIPv6(t)
+	srv := app.Start(t, testbed.Proc{UID: 1000}, echo, "server", "-addr", ":7080") // Go's ":port" is dual-stack
+	if err := srv.WaitOutput("ready", 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	dst := net.JoinHostPort(ll.String()+"%eth0", "7080")
+	connect := func() (string, error) {
+		return peer.Exec(t, testbed.Proc{UID: 1000}, echo, "client", "-addr", dst, "-bytes", "1000", "-timeout", "5s")
+	}
+	// Without the rules the app is reachable over link-local IPv6.
+	if out, err := connect(); err != nil || !strings.HasPrefix(out, "ok") {
+		t.Fatalf("control: %s not reachable before the rules: %v\n%s", dst, err, out)
+	}
+
+	out := app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-proxy-uid", "5995", "-proxy-inbound-port", "20000")
+	if !strings.Contains(out, "IPv6 traffic redirection rules installed") {
+		t.Fatalf("no IPv6 rules in a pod with link-local IPv6:\n%s", out)
+	}
+	if v6 := natTable(t, app, "ip6tables-save"); !strings.Contains(v6, "REDIRECT --to-ports 20000") {
+		t.Fatalf("IPv6 inbound not redirected:\n%s", v6)
+	}
+	if out, err := connect(); err == nil {
+		t.Fatalf("a neighbour reached the app over link-local IPv6 past the redirect:\n%s", out)
+	}
+
+	// -ipv6=false is the explicit opt-out: IPv4 rules only.
+	app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-cleanup")
+	out = app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-ipv6=false", "-proxy-uid", "5995", "-proxy-inbound-port", "20000")
+	if strings.Contains(out, "IPv6") || strings.Contains(natTable(t, app, "ip6tables-save"), "CONSUL") {
+		t.Fatalf("-ipv6=false installed IPv6 rules:\n%s", out)
+	}
+	app.ExecOK(t, testbed.Proc{}, ferry, "redirect", "-cleanup")
+
+	// IPv6 on but no ip6tables: fail before touching either table.
+	bin := t.TempDir()
+	if err := os.Chmod(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, prog := range []string{"iptables", "iptables-restore", "iptables-save"} {
+		if err := os.Symlink(testbed.Program(t, prog), filepath.Join(bin, prog)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before4, before6 := natTable(t, app, "iptables-save"), natTable(t, app, "ip6tables-save")
+	out, err := app.Exec(t, testbed.Proc{Env: []string{"PATH=" + bin}}, ferry, "redirect", "-proxy-uid", "5995", "-proxy-inbound-port", "20000")
+	if err == nil || !strings.Contains(out, "ip6tables") || !strings.Contains(out, "-ipv6=false") {
+		t.Fatalf("without ip6tables in a pod with IPv6: %v\n%s", err, out)
+	}
+	if a4, a6 := natTable(t, app, "iptables-save"), natTable(t, app, "ip6tables-save"); a4 != before4 || a6 != before6 {
+		t.Fatalf("the failed run changed the tables:\n%s\n%s", a4, a6)
 	}
 }

@@ -3,7 +3,6 @@ package e2e
 import (
 	"debug/elf"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -21,7 +20,7 @@ func TestStaticBinary(t *testing.T) {
 	}
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "ferry")
-	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -X main.version=static-test", "-o", bin, "./cmd/ferry")
+	build := testbed.MustCommand(t, "go", "build", "-trimpath", "-ldflags", "-s -w -X main.version=static-test", "-o", bin, "./cmd/ferry")
 	build.Dir = root
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
@@ -39,7 +38,7 @@ func TestStaticBinary(t *testing.T) {
 		}
 	}
 
-	out, err := exec.Command("chroot", dir, "/ferry", "version").CombinedOutput()
+	out, err := testbed.MustCommand(t, "chroot", dir, "/ferry", "version").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ferry version in an empty chroot: %v\n%s", err, out)
 	}

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"net/netip"
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -66,7 +65,7 @@ func TestTestbed(t *testing.T) {
 		t.Fatal("testbed was not created")
 	}
 	for _, argv := range [][]string{{"ip", "netns", "list"}, {"ip", "-o", "link", "show"}, {"ls", "/etc/netns"}, {"ps", "-eo", "args"}} {
-		out, _ := exec.Command(argv[0], argv[1:]...).Output()
+		out, _ := testbed.MustCommand(t, argv[0], argv[1:]...).Output()
 		for _, l := range strings.Split(string(out), "\n") {
 			if strings.Contains(l, name) {
 				t.Errorf("left behind (%s): %s", strings.Join(argv, " "), l)
@@ -89,7 +88,7 @@ func hostPort(addr string) string { return strings.Replace(addr, ":", "/", 1) }
 // v1.14.11, the last MPL-2.0 line this project may use.
 func TestConsulVersion(t *testing.T) {
 	testbed.RequireRoot(t)
-	out, err := exec.Command(testbed.ConsulBinary(t), "version").CombinedOutput()
+	out, err := testbed.MustCommand(t, testbed.ConsulBinary(t), "version").CombinedOutput()
 	if err != nil {
 		t.Fatalf("consul version: %v\n%s", err, out)
 	}

@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
-# Installs the system packages that ferry's tests, demo and bench need, only
-# where they are missing: iptables (redirect rules), iproute2 (netns, veth,
-# bridge, ifb), util-linux (setpriv, nsenter), procps (ps), haproxy (bench's
-# reference proxy). apt-get update runs at most once.
+# Installs the Debian packages of the external programs that ferry's tests,
+# demo and bench run, only where a program is missing. The programs are
+# listed in one place, test/testbed/programs.txt ("program package" per
+# line), which the testbed also embeds: it refuses to run a program that is
+# not listed there. apt-get update runs at most once. A package "-" is a
+# prerequisite (the Go toolchain) that is checked, not installed.
+#
+# WITH_BENCH is accepted for compatibility; the e2e bench smoke test runs
+# HAProxy too, so the whole list is always installed.
 set -euo pipefail
 
-need=()
-command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
-command -v ps >/dev/null 2>&1 || need+=(procps)
-if [ "${WITH_BENCH:-0}" = 1 ]; then
-  command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
-fi
+list="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/test/testbed/programs.txt"
+[ -r "$list" ] || { echo "deps: cannot read $list" >&2; exit 1; }
 
+need=()
+missing_prereq=()
+while read -r line; do
+  line="${line%%#*}"
+  read -r prog pkg extra <<<"$line" || true
+  [ -n "${prog:-}" ] || continue
+  if [ -z "${pkg:-}" ] || [ -n "${extra:-}" ]; then
+    echo "deps: $list: bad line: $line" >&2
+    exit 1
+  fi
+  command -v "$prog" >/dev/null 2>&1 && continue
+  if [ "$pkg" = - ]; then
+    missing_prereq+=("$prog")
+    continue
+  fi
+  case " ${need[*]-} " in *" $pkg "*) ;; *) need+=("$pkg") ;; esac
+done <"$list"
+
+if [ ${#missing_prereq[@]} -gt 0 ]; then
+  echo "deps: missing prerequisites (not installed by this script): ${missing_prereq[*]}" >&2
+fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

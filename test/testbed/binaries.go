@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -153,7 +152,10 @@ func buildTool(name, pkg string) (string, error) {
 		dir := filepath.Join(root, ".cache", "bin")
 		removeOrphans(dir, name)
 		out := filepath.Join(dir, fmt.Sprintf("%s-%d", name, os.Getpid()))
-		cmd := exec.Command("go", "build", "-trimpath", "-o", out, pkg)
+		cmd, err := Command("go", "build", "-trimpath", "-o", out, pkg)
+		if err != nil {
+			return "", err
+		}
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if b, err := cmd.CombinedOutput(); err != nil {
@@ -197,7 +199,10 @@ func buildLocked(root, out, stamp string, argv []string) error {
 			return nil
 		}
 	}
-	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd, err := Command(argv[0], argv[1:]...)
+	if err != nil {
+		return err
+	}
 	cmd.Dir = root
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("testbed: %s: %w\n%s", strings.Join(argv, " "), err, b)

@@ -3,7 +3,6 @@ package testbed
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -116,27 +115,27 @@ func sweepStale() {
 // fallback path; the normal path tears down the exact objects it created.
 func teardownByID(id string) {
 	prefix := nsPrefix(id)
-	out, _ := exec.Command("ip", "netns", "list").Output()
+	out, _ := output("ip", "netns", "list")
 	for _, line := range strings.Split(string(out), "\n") {
 		name, _, _ := strings.Cut(strings.TrimSpace(line), " ")
 		if strings.HasPrefix(name, prefix) {
 			deleteNetns(name)
 		}
 	}
-	exec.Command("ip", "link", "del", bridgeName(id)).Run()
+	run("ip", "link", "del", bridgeName(id))
 }
 
 // deleteNetns kills every process in the namespace, then removes it and its
 // /etc/netns directory.
 func deleteNetns(name string) {
-	if out, err := exec.Command("ip", "netns", "pids", name).Output(); err == nil {
+	if out, err := output("ip", "netns", "pids", name); err == nil {
 		for _, f := range strings.Fields(string(out)) {
 			if pid, err := strconv.Atoi(f); err == nil {
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
 	}
-	exec.Command("ip", "netns", "del", name).Run()
+	run("ip", "netns", "del", name)
 	os.RemoveAll(filepath.Join("/etc/netns", name))
 }
 

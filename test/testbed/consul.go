@@ -80,7 +80,7 @@ func (a *Agent) Start() error {
 		return nil
 	}
 	p := a.ports
-	cmd := exec.Command(a.path, "agent", "-dev",
+	cmd, err := Command(a.path, "agent", "-dev",
 		"-node", a.node,
 		"-bind", "127.0.0.1",
 		"-client", "127.0.0.1 "+a.gateway.String(),
@@ -93,6 +93,10 @@ func (a *Agent) Start() error {
 		"-server-port", strconv.Itoa(p.server),
 		"-log-level", "info",
 	)
+	if err != nil {
+		a.mu.Unlock()
+		return err
+	}
 	cmd.Stdout = a.log
 	cmd.Stderr = a.log
 	// No Pdeathsig (see Pod.command); the agent's pid goes into the

@@ -4,10 +4,11 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 )
 
 // Pod is a network namespace attached to the testbed bridge: lo up, eth0 with
@@ -77,7 +78,7 @@ func (tb *Testbed) NewPod(name string) (*Pod, error) {
 			// Deleting the namespace destroys the pair too, but only once
 			// the kernel has released the namespace; delete it explicitly
 			// so nothing is visible after teardown.
-			tb.addTeardown(func() { exec.Command("ip", "link", "del", veth).Run() })
+			tb.addTeardown(func() { run("ip", "link", "del", veth) })
 			if err := ip("link", "set", veth, "master", bridgeName(tb.Name), "up"); err != nil {
 				return nil, err
 			}
@@ -94,4 +95,33 @@ func (tb *Testbed) NewPod(name string) (*Pod, error) {
 	tb.pods = append(tb.pods, p)
 	tb.mu.Unlock()
 	return p, nil
+}
+
+// DisableIPv6 turns IPv6 off in the pod (an IPv4-only pod, as some CNIs
+// make them; by default a pod's interfaces get link-local IPv6 addresses).
+func (p *Pod) DisableIPv6(t testing.TB) {
+	t.Helper()
+	p.ExecOK(t, Proc{}, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+	if out := p.ExecOK(t, Proc{}, "ip", "-6", "-o", "addr", "show", "scope", "link"); strings.TrimSpace(out) != "" {
+		t.Fatalf("pod %s still has link-local IPv6 addresses:\n%s", p.Name, out)
+	}
+}
+
+// LinkLocalIPv6 waits until the pod's eth0 has a usable (not tentative)
+// link-local IPv6 address and returns it.
+func (p *Pod) LinkLocalIPv6(t testing.TB) netip.Addr {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out := p.ExecOK(t, Proc{}, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link")
+		for _, f := range strings.Fields(out) {
+			if pf, err := netip.ParsePrefix(f); err == nil && pf.Addr().IsLinkLocalUnicast() && !strings.Contains(out, "tentative") {
+				return pf.Addr()
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pod %s: no usable link-local IPv6 address on eth0:\n%s", p.Name, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

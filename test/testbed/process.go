@@ -52,7 +52,10 @@ func (p *Pod) Start(t testing.TB, o Proc, argv ...string) *Process {
 // StartProcess is Start for callers without a testing.TB; they must Stop it
 // (the pod's teardown also kills everything left in its namespace).
 func (p *Pod) StartProcess(o Proc, argv ...string) (*Process, error) {
-	cmd := p.command(o, argv...)
+	cmd, err := p.command(o, argv...)
+	if err != nil {
+		return nil, err
+	}
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	name := o.Name
@@ -73,10 +76,15 @@ func (p *Pod) StartProcess(o Proc, argv ...string) (*Process, error) {
 // Exec runs argv in the pod to completion and returns its combined output.
 func (p *Pod) Exec(t testing.TB, o Proc, argv ...string) (string, error) {
 	t.Helper()
-	cmd := p.command(o, argv...)
+	cmd, err := p.command(o, argv...)
+	if err != nil {
+		// An unlisted or missing program is the test's setup failing, not
+		// a result the caller should interpret.
+		t.Fatal(err)
+	}
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Run()
+	err = cmd.Run()
 	return out.String(), err
 }
 
@@ -91,22 +99,36 @@ func (p *Pod) ExecOK(t testing.TB, o Proc, argv ...string) string {
 }
 
 // command builds `ip netns exec NS [setpriv ...] argv`; ip netns exec also
-// bind-mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf.
-func (p *Pod) command(o Proc, argv ...string) *exec.Cmd {
+// bind-mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf. Every
+// program in it must be in the programs list (LookPath).
+func (p *Pod) command(o Proc, argv ...string) (*exec.Cmd, error) {
+	if len(argv) == 0 {
+		return nil, fmt.Errorf("testbed: pod %s: no command", p.Name)
+	}
 	args := []string{"netns", "exec", p.NS}
 	if o.UID != 0 {
+		if _, err := LookPath("setpriv"); err != nil {
+			return nil, err
+		}
 		id := strconv.Itoa(o.UID)
 		args = append(args, "setpriv", "--reuid", id, "--regid", id, "--clear-groups", "--")
 	}
+	// Checked here, run by name as before: ip netns exec finds it on PATH.
+	if _, err := LookPath(argv[0]); err != nil {
+		return nil, err
+	}
 	args = append(args, argv...)
-	cmd := exec.Command("ip", args...)
+	cmd, err := Command("ip", args...)
+	if err != nil {
+		return nil, err
+	}
 	cmd.Env = append(append(os.Environ(), p.env...), o.Env...)
 	// No Pdeathsig: it fires when the OS *thread* that forked exits, and
 	// code that enters a namespace on a locked thread ends that thread, so
 	// it would kill pod processes at random. A dead test process's pods are
 	// reaped by the sweep instead (every process in the pod's netns).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	return cmd
+	return cmd, nil
 }
 
 // Output returns what the process printed so far.

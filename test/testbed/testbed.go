@@ -7,7 +7,6 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -121,7 +120,7 @@ func (tb *Testbed) makeBridge() error {
 	if err := ip("link", "add", br, "type", "bridge"); err != nil {
 		return err
 	}
-	tb.addTeardown(func() { exec.Command("ip", "link", "del", br).Run() })
+	tb.addTeardown(func() { run("ip", "link", "del", br) })
 	if err := ip("addr", "add", netip.PrefixFrom(tb.Gateway, 24).String(), "dev", br); err != nil {
 		return err
 	}
@@ -147,7 +146,7 @@ func randomID() string {
 
 // ip runs an iproute2 command and returns its output in the error.
 func ip(args ...string) error {
-	out, err := exec.Command("ip", args...).CombinedOutput()
+	out, err := run("ip", args...)
 	if err != nil {
 		return fmt.Errorf("testbed: ip %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}

@@ -6,7 +6,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"os/exec"
 
 	"github.com/ferrymesh/ferry/test/testbed"
 )
@@ -17,7 +16,12 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	out, err := exec.Command(p, "version").Output()
+	cmd, err := testbed.Command(p, "version")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	out, err := cmd.Output()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "consul version:", err)
 		os.Exit(1)
