@@ -127,13 +127,17 @@ func (w *readWaiter) peek(fd uintptr) bool {
 }
 
 // readable reports, without consuming anything or blocking, whether the
-// socket has something for a read: data, EOF or an error.
+// socket has something for a read: data, EOF or an error. It polls rather
+// than peeks: a recv(MSG_PEEK) that meets a pending error (a reset)
+// returns it and clears it from the socket, and the real read that follows
+// then sees only the shutdown the reset left and reports a clean EOF, a
+// reset turned into a normal end.
 func readable(fd uintptr) bool {
-	var b [1]byte
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
 	for {
-		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		n, err := unix.Poll(pfd, 0)
 		if err != unix.EINTR {
-			return err != unix.EAGAIN
+			return err != nil || n > 0
 		}
 	}
 }

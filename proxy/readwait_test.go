@@ -3,10 +3,14 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // A *tls.Conn can hold a complete record in its own buffer while its socket
@@ -61,5 +65,27 @@ func testBufferedRecord(t *testing.T, wrap bool) {
 	tlsClient.SetReadDeadline(time.Now().Add(3 * time.Second))
 	if _, err := io.ReadFull(tlsClient, got[:4]); err != nil || string(got[:4]) != "back" {
 		t.Fatalf("client read %q, %v", got[:4], err)
+	}
+}
+
+// Waiting for a reset socket to become readable must leave the reset for
+// the read: a MSG_PEEK probe used to consume the pending ECONNRESET, and the
+// read after it reported a clean EOF (a reset turned into a normal end).
+func TestReadWaiterKeepsPendingReset(t *testing.T) {
+	client, server := tcpPair(t)
+	server.SetLinger(0)
+	server.Close()
+	// Block until the reset has arrived, so the waiter's probe meets it.
+	rc, err := client.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) {
+		unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 5000)
+	})
+	w := newReadWaiter(client)
+	w.wait()
+	if _, err := client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("read after the wait: %v, want ECONNRESET", err)
 	}
 }
