@@ -143,7 +143,8 @@ func (a *MeshAcceptor) admit(raw *net.TCPConn, conn net.Conn, id mtls.SpiffeID, 
 	if !d.Allow {
 		if ok, n := a.warns.allow("deny|" + id.String() + "|" + d.Intention); ok {
 			a.Logger.Warn("inbound connection denied by intentions", "src", src, "source", id.Service,
-				"destination", a.Service, "intention", d.Intention, "reason", d.Reason, "suppressed_since_last", n)
+				"destination", a.Service, "rule", intentionLabel(d), "intention", d.Intention, "reason", d.Reason,
+				"suppressed_since_last", n)
 		}
 		if a.Denied != nil {
 			a.Denied.With(id.Service, a.Service, intentionLabel(d)).Inc()
