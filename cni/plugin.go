@@ -238,7 +238,7 @@ func parseRedirectConfig(raw, source string) (redirect.Spec, bool, error) {
 		code := uint(types.ErrInvalidNetworkConfig)
 		var syn *json.SyntaxError
 		var typ *json.UnmarshalTypeError
-		if errors.As(err, &syn) || errors.As(err, &typ) {
+		if errors.As(err, &syn) || errors.As(err, &typ) || errors.Is(err, io.ErrUnexpectedEOF) {
 			code = types.ErrDecodingFailure
 		}
 		return redirect.Spec{}, false, types.NewError(code, "ferry-cni: invalid redirect config",

@@ -241,3 +241,20 @@ func nomadArgs(cfg string) string {
 func uniqueNet(tb *testbed.Testbed, what string) string {
 	return fmt.Sprintf("ferry-%s-%s", tb.Name, what)
 }
+
+// hostConsulRules is the node's own nat table, only its CONSUL_ lines: other
+// tests running in parallel may change the rest.
+func hostConsulRules(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("iptables-save", "-t", "nat").CombinedOutput()
+	if err != nil {
+		t.Fatalf("iptables-save on the node: %v\n%s", err, out)
+	}
+	var keep []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "CONSUL_") {
+			keep = append(keep, counters.ReplaceAllString(l, ""))
+		}
+	}
+	return strings.Join(keep, "\n")
+}

@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -87,5 +89,80 @@ func TestCNIChain(t *testing.T) {
 				t.Fatalf("DEL without CNI_NETNS: %v\n%s\n%s", err, out, stderr)
 			}
 		})
+	}
+}
+
+// TestCNIBadInput runs ferry-cni, as the runtime runs it after the bridge
+// plugin, with bad inputs: each must give a CNI error result (code, msg,
+// details naming the input) on stdout and a non-zero exit, install no rule,
+// and leave the interface the bridge plugin configured as it was. A
+// namespace that is the node's own is refused before anything is touched.
+func TestCNIBadInput(t *testing.T) {
+	e := newCNIEnv(t)
+	tb := testbed.New(t)
+	net := uniqueNet(tb, "bad")
+	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir()))
+	pod := tb.AddBarePod(t, "cnibad")
+	e.runOK(t, "add", "lo", pod.NSPath, "")
+	prev := e.runOK(t, "add", net, pod.NSPath, "")
+	t.Cleanup(func() { e.run(t, "del", net, pod.NSPath, "") })
+	entry := map[string]any{"type": "ferry-cni", "name": "ferry-cni"}
+	good := pluginConf(t, "1.0.0", entry, prev)
+	addrs, nat, nat6 := addrsOf(t, pod), natTable(t, pod, "iptables-save"), natTable(t, pod, "ip6tables-save")
+	hostConsul := hostConsulRules(t)
+
+	cfg := func(s string) string { return nomadArgs(s) }
+	cases := []struct {
+		name, netns, args string
+		stdin             []byte
+		code              uint
+		want              string // in msg or details
+	}{
+		{"malformed network config", pod.NSPath, cfg(consulRedirectJSON), []byte(`{"cniVersion":"1.0.0","name":"x","type":"ferry-cni",`), 6, "unmarshal"},
+		{"unknown CNI version", pod.NSPath, cfg(consulRedirectJSON), pluginConf(t, "9.9.9", entry, ""), 1, "incompatible"},
+		{"missing netns", "/var/run/netns/ferry-no-such-ns", cfg(consulRedirectJSON), good, 8, "ferry-no-such-ns"},
+		{"netns is the node's own", fmt.Sprintf("/proc/%d/ns/net", os.Getpid()), cfg(consulRedirectJSON), good, 8, "own"},
+		{"malformed CONSUL_IPTABLES_CONFIG", pod.NSPath, cfg(`{"ProxyUserID":"5995","ProxyInboundPort":`), good, 6, "CNI_ARGS CONSUL_IPTABLES_CONFIG"},
+		{"wrong JSON type", pod.NSPath, cfg(`{"ProxyUserID":5995,"ProxyInboundPort":20000}`), good, 6, "ProxyUserID"},
+		{"unknown field", pod.NSPath, cfg(`{"ProxyUserID":"5995","ProxyInboundPort":20000,"ExcludeUID":["1"]}`), good, 7, "ExcludeUID"},
+		{"octal port", pod.NSPath, cfg(`{"ProxyUserID":"5995","ProxyInboundPort":20000,"ExcludeInboundPorts":["0443"]}`), good, 7,
+			`CNI_ARGS CONSUL_IPTABLES_CONFIG field ExcludeInboundPorts "0443"`},
+		{"no proxy UID", pod.NSPath, cfg(`{"ProxyInboundPort":20000}`), good, 7, "ProxyUserID"},
+		{"IPv6 DNS in an IPv4 pod", pod.NSPath, cfg(`{"ProxyUserID":"5995","ProxyInboundPort":20000,"ConsulDNSIP":"::1","ConsulDNSPort":8600}`), good, 7, "IPv6"},
+		{"bad CNI_ARGS", pod.NSPath, "CONSUL_IPTABLES_CONFIG", good, 4, "CNI_ARGS"},
+		{"k8s pod without a kubeconfig", pod.NSPath, "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=b", good, 7, "kubeconfig"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			out, stderr, err := e.plugin(t, "ADD", c.netns, c.args, c.stdin)
+			if err == nil {
+				t.Fatalf("ADD succeeded:\n%s", out)
+			}
+			ce := decodeCNIError(t, out)
+			t.Logf("code %d msg %q details %q", ce.Code, ce.Msg, ce.Details)
+			if ce.Code != c.code {
+				t.Errorf("code %d, want %d", ce.Code, c.code)
+			}
+			if !strings.Contains(ce.Msg+" "+ce.Details, c.want) {
+				t.Errorf("error does not name %q: %+v\n%s", c.want, ce, stderr)
+			}
+			if got := natTable(t, pod, "iptables-save"); got != nat {
+				t.Fatalf("nat table changed:\n%s", got)
+			}
+			if got := natTable(t, pod, "ip6tables-save"); got != nat6 {
+				t.Fatalf("IPv6 nat table changed:\n%s", got)
+			}
+			if got := addrsOf(t, pod); got != addrs {
+				t.Fatalf("eth0 changed:\n%s\nwas\n%s", got, addrs)
+			}
+		})
+	}
+	if got := hostConsulRules(t); got != hostConsul {
+		t.Fatalf("the node's nat table changed:\n%s\nwas\n%s", got, hostConsul)
+	}
+	// CHECK of a pod whose rules were never installed fails, naming a chain.
+	out, _, err := e.plugin(t, "CHECK", pod.NSPath, cfg(consulRedirectJSON), good)
+	if ce := decodeCNIError(t, out); err == nil || !strings.Contains(ce.Details, "CONSUL_") {
+		t.Fatalf("CHECK without rules: %v %+v", err, ce)
 	}
 }
