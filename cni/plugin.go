@@ -42,6 +42,16 @@ type Plugin struct {
 	Pods func(conf *PluginConf) (PodGetter, error)
 	// Timeout bounds one command (the API lookup and iptables).
 	Timeout time.Duration
+	// CheckNetNS vets CNI_NETNS; nil means the real check (a network
+	// namespace that is not the node's). Tests without root replace it.
+	CheckNetNS func(path string) error
+}
+
+func (p *Plugin) checkNetNS(path string) error {
+	if p.CheckNetNS != nil {
+		return p.CheckNetNS(path)
+	}
+	return checkNetNS(path)
 }
 
 // New returns the plugin wired to the real namespace rules and the
@@ -95,7 +105,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	ctx, cancel := context.WithTimeout(context.Background(), p.Timeout)
 	defer cancel()
 
-	if err := checkNetNS(args.Netns); err != nil {
+	if err := p.checkNetNS(args.Netns); err != nil {
 		return cniError(types.ErrInvalidNetNS, "ferry-cni: invalid CNI_NETNS", err)
 	}
 	spec, ok, err := p.spec(ctx, conf, args)
@@ -145,7 +155,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), p.Timeout)
 	defer cancel()
-	if err := checkNetNS(args.Netns); err != nil {
+	if err := p.checkNetNS(args.Netns); err != nil {
 		return cniError(types.ErrInvalidNetNS, "ferry-cni: invalid CNI_NETNS", err)
 	}
 	spec, ok, err := p.spec(ctx, conf, args)
@@ -168,7 +178,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 		return err
 	}
 	log := p.logger(conf, args)
-	if err := checkNetNS(args.Netns); err != nil {
+	if err := p.checkNetNS(args.Netns); err != nil {
 		if errors.Is(err, errNoNetNS) {
 			log.Debug("network namespace is gone; nothing to remove")
 			return nil
