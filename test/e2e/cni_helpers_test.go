@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferrymesh/ferry/test/testbed"
 )
@@ -257,4 +258,27 @@ func hostConsulRules(t *testing.T) string {
 		}
 	}
 	return strings.Join(keep, "\n")
+}
+
+// cniStartFerry starts `ferry run` for proxyID in pod as the proxy UID and
+// waits for /ready: meshSidecar without its `ferry redirect` step, since in
+// a CNI pod the plugin has installed the rules already.
+func cniStartFerry(t *testing.T, pod *testbed.Pod, proxyID string) *testbed.Process {
+	t.Helper()
+	pr := pod.Start(t, testbed.Proc{UID: meshProxyUID, Name: "ferry run " + pod.Name}, testbed.FerryBinary(t), "run", "-proxy-id", proxyID)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if code, _ := meshAdminGet(t, pod, "/ready"); code == 200 {
+			return pr
+		}
+		select {
+		case <-pr.Done():
+			t.Fatalf("ferry in %s exited before ready:\n%s", pod.Name, pr.Output())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ferry in %s not ready after 30s:\n%s", pod.Name, pr.Output())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

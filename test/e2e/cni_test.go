@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ferrymesh/ferry/test/testbed"
 )
@@ -165,4 +166,42 @@ func TestCNIBadInput(t *testing.T) {
 	if ce := decodeCNIError(t, out); err == nil || !strings.Contains(ce.Details, "CONSUL_") {
 		t.Fatalf("CHECK without rules: %v %+v", err, ce)
 	}
+}
+
+// TestCNIMesh: a pod whose network and redirect rules come only from the
+// CNI chain (no ferry redirect, no NET_ADMIN anywhere in the pod) runs a
+// ferry sidecar, and its app's plain connection to a service's virtual IP
+// is carried by that sidecar over mTLS to a meshed backend.
+func TestCNIMesh(t *testing.T) {
+	e := newCNIEnv(t)
+	tb := testbed.New(t)
+	backend := tb.AddPod(t, "cni-back")
+	br := tb.Register(t, testbed.Service{Name: "backend", Pod: backend, Port: 8080})
+	backendApp := meshEchoServer(t, backend, "backend app", ":8080")
+	meshSidecar(t, backend, br.ProxyID)
+
+	net := uniqueNet(tb, "mesh")
+	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir(), map[string]any{"type": "ferry-cni", "name": "ferry-cni"}))
+	front := tb.AddBarePod(t, "cni-front")
+	args := nomadArgs(`{"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001}`)
+	e.runOK(t, "add", "lo", front.NSPath, "")
+	front.IP = cniResultIP(t, e.runOK(t, "add", net, front.NSPath, args))
+	t.Cleanup(func() { e.run(t, "del", net, front.NSPath, args) })
+	fr := tb.Register(t, testbed.Service{Name: "frontend", Pod: front, Port: 8080})
+	cniStartFerry(t, front, fr.ProxyID)
+
+	vip := meshVIP(t, tb, "backend") + ":8080"
+	sent := meshMetric(t, front, `ferry_sent_bytes_total{direction="outbound"}`)
+	accepts := meshAccepts(backendApp)
+	const n = 256 << 10
+	out, err := meshEchoClient(t, front, vip, n, 1)
+	if err != nil || !strings.Contains(out, "ok conns=1") {
+		t.Fatalf("echo client in the CNI pod -> %s: %v\n%s", vip, err, out)
+	}
+	if got := meshAcceptsAtLeast(t, backendApp, accepts+1); got != accepts+1 {
+		t.Fatalf("backend app accepted %d connections, want %d", got, accepts+1)
+	}
+	meshPoll(t, "the CNI pod's ferry counting the bytes", 5*time.Second, func() bool {
+		return meshMetric(t, front, `ferry_sent_bytes_total{direction="outbound"}`)-sent >= n
+	})
 }
