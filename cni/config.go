@@ -89,13 +89,14 @@ func ParseConf(stdin []byte) (*PluginConf, error) {
 }
 
 // PodArgs are the CNI_ARGS ferry-cni reads: the pod's identity (kubelet,
-// containerd and CRI-O pass it) and Nomad's redirect config.
+// containerd and CRI-O pass it) and Nomad's redirect config. The field
+// names are the keys: the CNI library matches them by reflection.
 type PodArgs struct {
 	types.CommonArgs
-	K8S_POD_NAME               types.UnmarshallableString //nolint:revive // CNI_ARGS key
-	K8S_POD_NAMESPACE          types.UnmarshallableString //nolint:revive
-	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive
-	CONSUL_IPTABLES_CONFIG     types.UnmarshallableString //nolint:revive
+	K8S_POD_NAME               types.UnmarshallableString
+	K8S_POD_NAMESPACE          types.UnmarshallableString
+	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString
+	CONSUL_IPTABLES_CONFIG     types.UnmarshallableString
 }
 
 // ParseArgs reads CNI_ARGS with the CNI library's parser ("K=V;K=V",
