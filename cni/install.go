@@ -253,7 +253,8 @@ func restoreConf(netDir string, st installState) error {
 
 // firstConfig returns the lexically first valid network config, as the
 // container runtime picks it (libcni's rules: .conf, .conflist and .json
-// files; a .conflist needs a name and plugins, a single config a type).
+// files; a .conflist needs a name and plugins, a single config a name
+// and a type).
 // libcni itself is not imported: it drags in the plugin invoker and its
 // tracing dependencies for what is a directory listing.
 func firstConfig(dir string) (string, error) {
@@ -278,7 +279,7 @@ func firstConfig(dir string) (string, error) {
 			}
 		} else {
 			var c types.PluginConf
-			if json.Unmarshal(b, &c) == nil && c.Type != "" {
+			if json.Unmarshal(b, &c) == nil && c.Type != "" && c.Name != "" {
 				return f, nil
 			}
 		}
@@ -304,7 +305,8 @@ func withEntry(data []byte, isList bool, entry map[string]any) ([]byte, error) {
 	}
 	v, _ := list["cniVersion"].(string)
 	if v == "" {
-		v = "0.3.1"
+		v = "0.3.1" // what consul-k8s's installer writes
+		list["cniVersion"] = v
 	}
 	ok := false
 	for _, s := range SupportedVersions.SupportedVersions() {

@@ -115,7 +115,7 @@ func TestInstallUninstallRoundTrip(t *testing.T) {
 			"10-podnet.conflist", []string{"bridge", "ferry-cni"}},
 		{"first conflist", map[string]string{"05-other.conflist": ptpConflist, "10-podnet.conf": bridgeConf},
 			"05-other.conflist", []string{"ptp", "portmap", "ferry-cni"}},
-		{"invalid files are skipped", map[string]string{"00-broken.conf": "{", "01-notype.conf": `{"name":"x"}`, "10-podnet.json": bridgeConf},
+		{"invalid files are skipped", map[string]string{"00-broken.conf": "{", "01-notype.conf": `{"name":"x"}`, "02-noname.conf": `{"type":"bridge"}`, "10-podnet.json": bridgeConf},
 			"10-podnet.conflist", []string{"bridge", "ferry-cni"}},
 	}
 	for _, c := range cases {
@@ -246,5 +246,18 @@ func TestInstallWithoutKubernetes(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(d.net, KubeconfigName)); err == nil {
 		t.Fatal("kubeconfig written")
+	}
+}
+
+// A .conf without cniVersion (0.1.0 by the spec's old default; runtimes
+// accept it) becomes a 0.3.1 list, as consul-k8s writes, never "null".
+func TestInstallConfWithoutVersion(t *testing.T) {
+	d := newInstallDirs(t, map[string]string{"10-podnet.conf": `{"name":"podnet","type":"bridge"}`})
+	res, err := Install(d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, plugins := readPlugins(t, res.ConfFile); v != "0.3.1" || len(plugins) != 2 {
+		t.Fatalf("cniVersion %q, plugins %v", v, plugins)
 	}
 }

@@ -214,6 +214,10 @@ func (p *Plugin) spec(ctx context.Context, conf *PluginConf, args *skel.CmdArgs)
 	case string(pa.CONSUL_IPTABLES_CONFIG) != "":
 		raw, source = string(pa.CONSUL_IPTABLES_CONFIG), "CNI_ARGS "+ArgIptablesConfig
 	case pa.K8S_POD_NAME != "" || pa.K8S_POD_NAMESPACE != "":
+		if pa.K8S_POD_NAME == "" || pa.K8S_POD_NAMESPACE == "" {
+			return redirect.Spec{}, false, types.NewError(types.ErrInvalidEnvironmentVariables,
+				"ferry-cni: CNI_ARGS names only one of K8S_POD_NAMESPACE and K8S_POD_NAME", "")
+		}
 		if conf.Kubeconfig == "" {
 			// Failing closed: without the lookup, a pod that wants its
 			// traffic redirected would start with none.

@@ -193,6 +193,7 @@ func TestAddConfigSources(t *testing.T) {
 		{name: "API unreachable", args: k8s, extra: kc, pods: &fakePods{err: errors.New("connection refused")}, code: types.ErrTryAgainLater, want: "refused"},
 		{name: "k8s pod, no kubeconfig", args: k8s, code: types.ErrInvalidNetworkConfig, want: "kubeconfig"},
 		{name: "unknown CNI_ARGS key", args: "FOO=bar", code: types.ErrInvalidEnvironmentVariables, want: "FOO"},
+		{name: "pod name without namespace", args: "K8S_POD_NAME=web", extra: kc, code: types.ErrInvalidEnvironmentVariables, want: "K8S_POD_NAMESPACE"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
