@@ -93,6 +93,35 @@ func TestCNIChain(t *testing.T) {
 	}
 }
 
+// TestCNIVersion110 runs ferry-cni alone (Debian's reference plugins stop
+// at spec 1.0.0) in a 1.1.0 network through cnitool, whose libcni speaks
+// 1.1.0: ADD installs the oracle's rules and returns an empty result,
+// CHECK passes, STATUS and GC are supported, DEL removes the rules.
+func TestCNIVersion110(t *testing.T) {
+	e := newCNIEnv(t)
+	tb := testbed.New(t)
+	want, empty := cniOracle(t, tb)
+	net := uniqueNet(tb, "v110")
+	e.writeConf(t, "10-"+net+".conflist", map[string]any{"cniVersion": "1.1.0", "name": net,
+		"plugins": []any{map[string]any{"type": "ferry-cni", "name": "ferry-cni"}}})
+	pod := tb.AddBarePod(t, "cni110")
+	args := nomadArgs(consulRedirectJSON)
+	out := e.runOK(t, "add", net, pod.NSPath, args)
+	if !strings.Contains(out, `"cniVersion": "1.1.0"`) {
+		t.Fatalf("result:\n%s", out)
+	}
+	if got := natTable(t, pod, "iptables-save"); got != want {
+		t.Fatalf("nat tables differ\n--- consul connect redirect-traffic\n%s\n--- ferry-cni\n%s", want, got)
+	}
+	e.runOK(t, "check", net, pod.NSPath, args)
+	e.runOK(t, "status", net, pod.NSPath, "")
+	e.runOK(t, "gc", net, pod.NSPath, "")
+	e.runOK(t, "del", net, pod.NSPath, args)
+	if got := natTable(t, pod, "iptables-save"); got != empty {
+		t.Fatalf("DEL left\n%s", got)
+	}
+}
+
 // TestCNIBadInput runs ferry-cni, as the runtime runs it after the bridge
 // plugin, with bad inputs: each must give a CNI error result (code, msg,
 // details naming the input) on stdout and a non-zero exit, install no rule,
