@@ -32,7 +32,7 @@ func TestCNIChain(t *testing.T) {
 			pod := tb.AddBarePod(t, "cni"+strings.ReplaceAll(v, ".", ""))
 			args := nomadArgs(consulRedirectJSON)
 
-			e.runOK(t, "add", "lo", pod.NSPath, "")
+			e.runOK(t, "add", e.lo, pod.NSPath, "")
 			res := e.runOK(t, "add", net, pod.NSPath, args)
 			ip := cniResultIP(t, res)
 			if !tb.Subnet.Contains(ip) {
@@ -133,7 +133,7 @@ func TestCNIBadInput(t *testing.T) {
 	net := uniqueNet(tb, "bad")
 	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir()))
 	pod := tb.AddBarePod(t, "cnibad")
-	e.runOK(t, "add", "lo", pod.NSPath, "")
+	e.runOK(t, "add", e.lo, pod.NSPath, "")
 	prev := e.runOK(t, "add", net, pod.NSPath, "")
 	t.Cleanup(func() { e.run(t, "del", net, pod.NSPath, "") })
 	entry := map[string]any{"type": "ferry-cni", "name": "ferry-cni"}
@@ -213,7 +213,7 @@ func TestCNIMesh(t *testing.T) {
 	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir(), map[string]any{"type": "ferry-cni", "name": "ferry-cni"}))
 	front := tb.AddBarePod(t, "cni-front")
 	args := nomadArgs(`{"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001}`)
-	e.runOK(t, "add", "lo", front.NSPath, "")
+	e.runOK(t, "add", e.lo, front.NSPath, "")
 	front.IP = cniResultIP(t, e.runOK(t, "add", net, front.NSPath, args))
 	t.Cleanup(func() { e.run(t, "del", net, front.NSPath, args) })
 	fr := tb.Register(t, testbed.Service{Name: "frontend", Pod: front, Port: 8080})
