@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -120,6 +121,41 @@ func TestCNIVersion110(t *testing.T) {
 	if got := natTable(t, pod, "iptables-save"); got != empty {
 		t.Fatalf("DEL left\n%s", got)
 	}
+}
+
+// TestCNINomadAsConsulCNI replaces consul-cni the way Nomad needs it:
+// Nomad's bridge network config names the plugin type consul-cni (with
+// only log_level), so the ferry binary is installed under that name. The
+// chain mirrors Nomad's: bridge, then consul-cni, CONSUL_IPTABLES_CONFIG in
+// CNI_ARGS.
+func TestCNINomadAsConsulCNI(t *testing.T) {
+	e := newCNIEnv(t)
+	if err := os.Symlink(e.ferry, filepath.Join(e.binDir, "consul-cni")); err != nil {
+		t.Fatal(err)
+	}
+	tb := testbed.New(t)
+	want, empty := cniOracle(t, tb)
+	net := uniqueNet(tb, "nomad")
+	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir(), map[string]any{"type": "consul-cni", "log_level": "debug"}))
+	pod := tb.AddBarePod(t, "nomad")
+	args := nomadArgs(consulRedirectJSON)
+	e.runOK(t, "add", e.lo, pod.NSPath, "")
+	cniResultIP(t, e.runOK(t, "add", net, pod.NSPath, args))
+	if got := natTable(t, pod, "iptables-save"); got != want {
+		t.Fatalf("nat tables differ\n--- consul connect redirect-traffic\n%s\n--- ferry as consul-cni\n%s", want, got)
+	}
+	e.runOK(t, "check", net, pod.NSPath, args)
+	e.runOK(t, "del", net, pod.NSPath, args)
+	if got := natTable(t, pod, "iptables-save"); got != empty {
+		t.Fatalf("DEL left\n%s", got)
+	}
+	// An allocation without transparent proxy: no CONSUL_IPTABLES_CONFIG.
+	pod2 := tb.AddBarePod(t, "nomad-plain")
+	cniResultIP(t, e.runOK(t, "add", net, pod2.NSPath, "IgnoreUnknown=true"))
+	if got := natTable(t, pod2, "iptables-save"); got != empty {
+		t.Fatalf("rules without a config:\n%s", got)
+	}
+	e.runOK(t, "del", net, pod2.NSPath, "IgnoreUnknown=true")
 }
 
 // TestCNIBadInput runs ferry-cni, as the runtime runs it after the bridge
