@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -120,6 +121,54 @@ func TestCNIVersion110(t *testing.T) {
 	e.runOK(t, "del", net, pod.NSPath, args)
 	if got := natTable(t, pod, "iptables-save"); got != empty {
 		t.Fatalf("DEL left\n%s", got)
+	}
+}
+
+// TestCNIDualStack gives the pod an IPv6 address too (a documentation
+// prefix, routed nowhere): ferry-cni then installs IPv6 rules as well,
+// exactly the tables `ferry redirect` installs with the same config in a
+// pod the same chain set up without ferry-cni.
+func TestCNIDualStack(t *testing.T) {
+	e := newCNIEnv(t)
+	tb := testbed.New(t)
+	// The two networks' host-local allocators are separate: each gets its
+	// own IPv4 range and IPv6 /64, so the pods never share an address.
+	dual := func(name string, n byte, extra ...map[string]any) map[string]any {
+		c := bridgeNet(tb, name, "1.0.0", t.TempDir(), extra...)
+		ipam := c["plugins"].([]any)[0].(map[string]any)["ipam"].(map[string]any)
+		v4 := ipam["ranges"].([]any)[0].([]any)[0].(map[string]any)
+		a := tb.Subnet.Addr().As4()
+		a[3] = 100 + 10*n
+		v4["rangeStart"], v4["rangeEnd"] = netip.AddrFrom4(a).String(), netip.AddrFrom4(a).Next().String()
+		ipam["ranges"] = append(ipam["ranges"].([]any), []any{map[string]any{"subnet": fmt.Sprintf("2001:db8:f%s:%d::/64", tb.Name[:3], n)}})
+		return c
+	}
+	withCNI, without := uniqueNet(tb, "ds"), uniqueNet(tb, "ds-plain")
+	e.writeConf(t, "10-"+withCNI+".conflist", dual(withCNI, 1, map[string]any{"type": "ferry-cni", "name": "ferry-cni"}))
+	e.writeConf(t, "11-"+without+".conflist", dual(without, 2))
+	cfg := `{"ProxyUserID":"5995","ProxyInboundPort":20000,"ConsulDNSPort":8600,"ExcludeOutboundCIDRs":["203.0.113.0/24","2001:db8::/32"],"ExcludeUIDs":["5996"]}`
+
+	pc := tb.AddBarePod(t, "ds-cni")
+	e.runOK(t, "add", withCNI, pc.NSPath, nomadArgs(cfg))
+	t.Cleanup(func() { e.run(t, "del", withCNI, pc.NSPath, nomadArgs(cfg)) })
+	pr := tb.AddBarePod(t, "ds-redirect")
+	e.runOK(t, "add", without, pr.NSPath, "")
+	t.Cleanup(func() { e.run(t, "del", without, pr.NSPath, "") })
+	out := pr.ExecOK(t, testbed.Proc{Env: []string{"CONSUL_REDIRECT_TRAFFIC_CONFIG=" + cfg}}, e.ferry, "redirect")
+	if !strings.Contains(out, "IPv6 traffic redirection rules installed") {
+		t.Fatalf("ferry redirect did not see the IPv6 address:\n%s", out)
+	}
+	for _, save := range []string{"iptables-save", "ip6tables-save"} {
+		want, got := natTable(t, pr, save), natTable(t, pc, save)
+		if got != want {
+			t.Fatalf("%s differs\n--- ferry redirect\n%s\n--- ferry-cni\n%s", save, want, got)
+		}
+		if !strings.Contains(got, "CONSUL_PROXY_OUTPUT") {
+			t.Fatalf("%s has no rules:\n%s", save, got)
+		}
+	}
+	if v6 := natTable(t, pc, "ip6tables-save"); !strings.Contains(v6, "-d 2001:db8::/32 -j RETURN") || strings.Contains(v6, "203.0.113") {
+		t.Fatalf("IPv6 table:\n%s", v6)
 	}
 }
 
