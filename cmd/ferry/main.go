@@ -8,9 +8,17 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+
+	"github.com/ferrymesh/ferry/cni"
 )
 
 func main() {
+	if b := filepath.Base(os.Args[0]); b == cni.PluginType || b == cni.ConsulPluginType {
+		// Installed as the CNI plugin: the runtime runs it by that name
+		// (consul-cni's where Nomad's own network config names that type).
+		os.Exit(exitCode(runCNI(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
+	}
 	os.Exit(exitCode(run(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
 }
 
@@ -50,6 +58,7 @@ const usage = `Usage: ferry <command> [flags]
 Commands:
   run        run the sidecar proxy (inbound and outbound listeners)
   redirect   install the pod's traffic redirection rules (iptables)
+  cni        the same rules as a chained CNI plugin (ferry-cni), and its installer
   version    print the version
 
 Run "ferry <command> -h" for a command's flags.
@@ -66,6 +75,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runRun(rest, stdout, stderr)
 	case "redirect":
 		return runRedirect(rest, stdout, stderr)
+	case "cni":
+		return runCNI(rest, stdout, stderr)
 	case "version", "-version", "--version":
 		return runVersion(rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":

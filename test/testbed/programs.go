@@ -30,8 +30,9 @@ func ParsePrograms(text string) (map[string]string, error) {
 			continue
 		case len(f) != 2:
 			return nil, fmt.Errorf("%s:%d: want \"program package\", got %q", ProgramsFile, i+1, strings.TrimSpace(line))
-		case strings.Contains(f[0], "/"):
-			return nil, fmt.Errorf("%s:%d: %q: a program name, not a path", ProgramsFile, i+1, f[0])
+		case strings.Contains(f[0], "/") && !strings.HasPrefix(f[0], "/"):
+			// An absolute path names a program off PATH (the CNI plugins).
+			return nil, fmt.Errorf("%s:%d: %q: a program name or an absolute path", ProgramsFile, i+1, f[0])
 		}
 		if _, dup := progs[f[0]]; dup {
 			return nil, fmt.Errorf("%s:%d: %s listed twice", ProgramsFile, i+1, f[0])
