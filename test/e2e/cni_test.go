@@ -217,6 +217,9 @@ func TestCNIBadInput(t *testing.T) {
 	net := uniqueNet(tb, "bad")
 	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir()))
 	pod := tb.AddBarePod(t, "cnibad")
+	// IPv4 only, as the "IPv6 DNS in an IPv4 pod" case says (a namespace
+	// with any IPv6, link-local included, gets IPv6 rules).
+	pod.DisableIPv6(t)
 	e.runOK(t, "add", e.lo, pod.NSPath, "")
 	prev := e.runOK(t, "add", net, pod.NSPath, "")
 	t.Cleanup(func() { e.run(t, "del", net, pod.NSPath, "") })
