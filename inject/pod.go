@@ -2,6 +2,7 @@ package inject
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -70,6 +71,11 @@ func Pod(cfg Config, ns Namespace, in *corev1.Pod) (out *corev1.Pod, skip string
 	}
 	if err := p.check(pod); err != nil {
 		return nil, "", err
+	}
+	if p.dns && len(cfg.DNS.Nameservers) == 0 {
+		// Consul DNS alone would leave the pod unable to resolve anything
+		// outside Consul.
+		return nil, "", errors.New(`Consul DNS redirection is on but no cluster DNS server is configured (ferry inject -cluster-dns <kube-dns Service IP>, or annotate the pod consul.hashicorp.com/consul-dns: "false")`)
 	}
 
 	if _, ok := pod.Annotations[AnnotationPort]; !ok && len(pod.Spec.Containers) > 0 && len(pod.Spec.Containers[0].Ports) > 0 {

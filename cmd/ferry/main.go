@@ -50,6 +50,7 @@ const usage = `Usage: ferry <command> [flags]
 Commands:
   run        run the sidecar proxy (inbound and outbound listeners)
   redirect   install the pod's traffic redirection rules (iptables)
+  inject     inject ferry into Kubernetes manifests, or serve the admission webhook
   version    print the version
 
 Run "ferry <command> -h" for a command's flags.
@@ -66,6 +67,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runRun(rest, stdout, stderr)
 	case "redirect":
 		return runRedirect(rest, stdout, stderr)
+	case "inject":
+		return runInject(rest, os.Stdin, stdout, stderr)
 	case "version", "-version", "--version":
 		return runVersion(rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":

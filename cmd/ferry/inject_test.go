@@ -1,0 +1,89 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"strings"
+	"testing"
+)
+
+func runInjectForTest(t *testing.T, stdin string, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	err := runInject(args, strings.NewReader(stdin), &out, &errb)
+	code = exitCode(err, &errb)
+	return out.String(), errb.String(), code
+}
+
+// TestInjectCommandMatchesGolden: the command's defaults and -cluster-dns
+// give the library's reviewed output, from stdin and from a file alike.
+func TestInjectCommandMatchesGolden(t *testing.T) {
+	in, err := os.ReadFile("../../inject/testdata/golden/deployment-probes.in.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden, err := os.ReadFile("../../inject/testdata/golden/deployment-probes.golden.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want strings.Builder
+	for _, line := range strings.SplitAfter(string(golden), "\n") {
+		if !strings.HasPrefix(line, "# Deployment ") {
+			want.WriteString(line)
+		}
+	}
+	for _, args := range [][]string{{"-cluster-dns", "10.96.0.10"}, {"-cluster-dns", "10.96.0.10", "../../inject/testdata/golden/deployment-probes.in.yaml"}} {
+		out, errs, code := runInjectForTest(t, string(in), args...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d: %s", args, code, errs)
+		}
+		if out != want.String() {
+			t.Errorf("%v: output differs from the golden file:\n%s", args, out)
+		}
+		if errs != "ferry inject: Deployment shop/web: injected\n" {
+			t.Errorf("%v: stderr %q", args, errs)
+		}
+	}
+}
+
+func TestInjectCommandErrors(t *testing.T) {
+	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {consul.hashicorp.com/connect-inject: \"true\"}}\nspec: {containers: [{name: a, image: a}]}\n"
+	cases := []struct {
+		name  string
+		stdin string
+		args  []string
+		code  int
+		want  string
+	}{
+		{"no cluster DNS", pod, nil, 1, "-cluster-dns"},
+		{"bad cluster DNS", pod, []string{"-cluster-dns", "kube-dns"}, 2, "not an IP address"},
+		{"refused pod", strings.Replace(pod, "image: a}", "image: a, securityContext: {runAsUser: 5995}}", 1), []string{"-cluster-dns", "10.0.0.10"}, 1, "runAsUser 5995"},
+		{"not YAML", "{", []string{"-cluster-dns", "10.0.0.10"}, 1, "document 1"},
+		{"webhook without certificate", "", []string{"-webhook"}, 2, "-tls-cert-file"},
+		{"webhook outside a cluster", "", []string{"-webhook", "-tls-cert-file", "c", "-tls-key-file", "k"}, 2, "-kube-server"},
+		{"bad namespace label", pod, []string{"-cluster-dns", "10.0.0.10", "-namespace-label", "x"}, 2, "key=value"},
+	}
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	for _, c := range cases {
+		out, errs, code := runInjectForTest(t, c.stdin, c.args...)
+		if code != c.code || !strings.Contains(errs, c.want) {
+			t.Errorf("%s: exit %d, stderr %q; want exit %d mentioning %q", c.name, code, errs, c.code, c.want)
+		}
+		if code != 0 && out != "" {
+			t.Errorf("%s: wrote output although it failed: %q", c.name, out)
+		}
+	}
+}
+
+// TestInjectNamespaceLabel: -namespace-label stands for the namespace's
+// labels, here turning transparent proxy off.
+func TestInjectNamespaceLabel(t *testing.T) {
+	pod := "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {consul.hashicorp.com/connect-inject: \"true\"}}\nspec: {containers: [{name: a, image: a}]}\n"
+	out, errs, code := runInjectForTest(t, pod, "-namespace-label", "consul.hashicorp.com/transparent-proxy=false")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	if strings.Contains(out, "consul-connect-inject-init") || !strings.Contains(out, "name: consul-dataplane") {
+		t.Errorf("output:\n%s", out)
+	}
+}
