@@ -10,7 +10,7 @@ BENCH   ?= full
 
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/test/')
 
-.PHONY: all build test unit e2e vet deps consul demo bench fmt clean
+.PHONY: all build test unit e2e vet deps consul k8stools demo bench fmt clean
 
 all: build
 
@@ -25,6 +25,11 @@ deps:
 consul:
 	@$(GO) run ./test/cmd/buildconsul
 
+# k8stools builds kube-apiserver, etcd and cnitool from the nested module
+# test/k8stools once (about ten minutes cold on two cores); tests reuse them.
+k8stools:
+	@$(GO) run ./test/cmd/buildk8s
+
 vet:
 	$(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -34,7 +39,7 @@ unit:
 	# Allocation tests again without -race, whose sync.Pool drops items.
 	$(GO) test -count=1 -run 'Allocs' $(UNIT_PKGS)
 
-e2e: deps consul
+e2e: deps consul k8stools
 	$(GO) test -count=1 -timeout 40m ./test/...
 
 test: deps vet unit e2e

@@ -8,9 +8,16 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+
+	"github.com/ferrymesh/ferry/cni"
 )
 
 func main() {
+	if filepath.Base(os.Args[0]) == cni.PluginType {
+		// Installed as the CNI plugin: the runtime runs it by that name.
+		os.Exit(exitCode(runCNI(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
+	}
 	os.Exit(exitCode(run(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
 }
 
@@ -51,6 +58,7 @@ Commands:
   run        run the sidecar proxy (inbound and outbound listeners)
   redirect   install the pod's traffic redirection rules (iptables)
   inject     inject ferry into Kubernetes manifests, or serve the admission webhook
+  cni        the same rules as a chained CNI plugin (ferry-cni), and its installer
   version    print the version
 
 Run "ferry <command> -h" for a command's flags.
@@ -69,6 +77,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runRedirect(rest, stdout, stderr)
 	case "inject":
 		return runInject(rest, os.Stdin, stdout, stderr)
+	case "cni":
+		return runCNI(rest, stdout, stderr)
 	case "version", "-version", "--version":
 		return runVersion(rest, stdout, stderr)
 	case "help", "-h", "-help", "--help":

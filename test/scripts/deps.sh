@@ -2,7 +2,8 @@
 # Installs the system packages that ferry's tests, demo and bench need, only
 # where they are missing: iptables (redirect rules), iproute2 (netns, veth,
 # bridge, ifb), util-linux (setpriv, nsenter), procps (ps), haproxy (bench's
-# reference proxy). apt-get update runs at most once.
+# reference proxy), containernetworking-plugins (the CNI tests' reference
+# plugins). apt-get update runs at most once.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,9 @@ command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v ps >/dev/null 2>&1 || need+=(procps)
+# CNI tests (issue 16): the reference plugins bridge, host-local, loopback.
+[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/loopback ] ||
+  need+=(containernetworking-plugins)
 if [ "${WITH_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 fi
