@@ -2,9 +2,13 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"os"
 	"strings"
 	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	"sigs.k8s.io/yaml"
 )
 
 func runInjectForTest(t *testing.T, stdin string, args ...string) (stdout, stderr string, code int) {
@@ -85,5 +89,33 @@ func TestInjectNamespaceLabel(t *testing.T) {
 	}
 	if strings.Contains(out, "consul-connect-inject-init") || !strings.Contains(out, "name: consul-dataplane") {
 		t.Errorf("output:\n%s", out)
+	}
+}
+
+// TestInjectDeployManifestFlags: the webhook Deployment in
+// deploy/ferry-inject.yaml passes flags ferry inject knows.
+func TestInjectDeployManifestFlags(t *testing.T) {
+	b, err := os.ReadFile("../../deploy/ferry-inject.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var command []string
+	for _, doc := range strings.Split(string(b), "\n---\n") {
+		if !strings.Contains(doc, "kind: Deployment") {
+			continue
+		}
+		var d appsv1.Deployment
+		if err := yaml.UnmarshalStrict([]byte(doc), &d); err != nil {
+			t.Fatal(err)
+		}
+		command = d.Spec.Template.Spec.Containers[0].Command
+	}
+	if len(command) < 3 || command[0] != "/ferry" || command[1] != "inject" {
+		t.Fatalf("command %q", command)
+	}
+	var f injectFlags
+	fs := newInjectFlagSet(&f, io.Discard)
+	if err := fs.Parse(command[2:]); err != nil || fs.NArg() != 0 || !f.webhook {
+		t.Fatalf("parse %q: %v (args %q)", command[2:], err, fs.Args())
 	}
 }
