@@ -200,7 +200,16 @@ func (p *plan) redirectConfig(pod *corev1.Pod) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("inject: encode the redirect config: %w", err)
 	}
-	rc, _, err := redirect.ParseConsulJSON(b)
+	// Service names in port exclusions are resolved by the init container,
+	// from its own /etc/services; the injector's may differ (the webhook's
+	// image has none), so they are not judged here.
+	v := c
+	v.ExcludeInboundPorts, v.ExcludeOutboundPorts = numericPorts(c.ExcludeInboundPorts), numericPorts(c.ExcludeOutboundPorts)
+	vb, err := json.Marshal(v)
+	if err != nil {
+		return "", fmt.Errorf("inject: encode the redirect config: %w", err)
+	}
+	rc, _, err := redirect.ParseConsulJSON(vb)
 	if err == nil {
 		_, err = rc.Validate()
 	}
@@ -209,6 +218,24 @@ func (p *plan) redirectConfig(pod *corev1.Pod) (string, error) {
 	}
 	return string(b), nil
 }
+
+// numericPorts replaces port exclusions that name a service (alone or as
+// an end of a range) with port 1, keeping everything else for validation.
+func numericPorts(ports []string) []string {
+	out := make([]string, len(ports))
+	for i, p := range ports {
+		parts := strings.Split(p, ":")
+		for j, q := range parts {
+			if q = strings.TrimSpace(q); q != "" && isLetter(q[0]) {
+				parts[j] = "1"
+			}
+		}
+		out[i] = strings.Join(parts, ":")
+	}
+	return out
+}
+
+func isLetter(b byte) bool { return b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' }
 
 // initContainer runs `ferry redirect` as root with NET_ADMIN, the only
 // rights iptables needs, and exits before any app container starts.

@@ -323,3 +323,19 @@ func TestPodACLAndTLS(t *testing.T) {
 		t.Errorf("mounts %v", sc.VolumeMounts)
 	}
 }
+
+// TestPodServiceNamePortsNotJudged: a service name in a port exclusion is
+// the init container's to resolve (its /etc/services), not the injector's.
+func TestPodServiceNamePortsNotJudged(t *testing.T) {
+	out, _, err := Pod(testConfig(), Namespace{Name: "ns"}, testPod(map[string]string{
+		AnnotationExcludeOutboundPorts: "no-such-service-anywhere,postgresql:9000"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := redirectEnv(t, out)["ExcludeOutboundPorts"]; !reflect.DeepEqual(got, []any{"no-such-service-anywhere", "postgresql:9000"}) {
+		t.Errorf("ExcludeOutboundPorts = %v", got)
+	}
+	if _, _, err := Pod(testConfig(), Namespace{Name: "ns"}, testPod(map[string]string{AnnotationExcludeOutboundPorts: "http:1x"})); err == nil {
+		t.Error("a malformed range end was not refused")
+	}
+}

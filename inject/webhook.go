@@ -88,7 +88,7 @@ func deny(code int32, format string, args ...any) *admissionv1.AdmissionResponse
 // anything else is allowed unchanged.
 func (w *Webhook) Review(ctx context.Context, req *admissionv1.AdmissionRequest) *admissionv1.AdmissionResponse {
 	log := w.Log.With("namespace", req.Namespace, "name", req.Name, "uid", string(req.UID))
-	if req.Kind.Kind != "Pod" || req.Kind.Group != "" || req.Operation != admissionv1.Create {
+	if req.Kind.Kind != "Pod" || req.Kind.Group != "" || req.SubResource != "" || req.Operation != admissionv1.Create {
 		return &admissionv1.AdmissionResponse{Allowed: true}
 	}
 	var pod corev1.Pod
