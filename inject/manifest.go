@@ -9,6 +9,7 @@ import (
 	"io"
 	"strings"
 
+	yaml2 "go.yaml.in/yaml/v2"
 	corev1 "k8s.io/api/core/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	kjson "sigs.k8s.io/json"
@@ -95,11 +96,13 @@ func Manifest(cfg Config, labels func(ns string) map[string]string, r io.Reader,
 			}
 			continue
 		}
-		js, err = json.Marshal(obj)
-		if err != nil {
-			return nil, fmt.Errorf("document %d: %w", n, err)
+		// The original's key order, so that a diff of the output shows
+		// only what injection changed.
+		var ref yaml2.MapSlice
+		if yaml2.Unmarshal(doc, &ref) != nil {
+			ref = nil
 		}
-		y, err := yaml.JSONToYAML(js)
+		y, err := yaml2.Marshal(ordered(obj, ref))
 		if err != nil {
 			return nil, fmt.Errorf("document %d: %w", n, err)
 		}
@@ -109,6 +112,59 @@ func Manifest(cfg Config, labels func(ns string) map[string]string, r io.Reader,
 		return nil, err
 	}
 	return outcomes, nil
+}
+
+// ordered turns an untyped JSON value into YAML-encodable form with each
+// object's keys in the order ref (the original document) has them, new
+// keys after them in sorted order. Array elements are matched to ref's by
+// name when they have one, else by position.
+func ordered(v any, ref any) any {
+	switch v := v.(type) {
+	case map[string]any:
+		refMap, _ := ref.(yaml2.MapSlice)
+		out := make(yaml2.MapSlice, 0, len(v))
+		seen := map[string]bool{}
+		for _, it := range refMap {
+			k, ok := it.Key.(string)
+			if val, present := v[k]; ok && present && !seen[k] {
+				out = append(out, yaml2.MapItem{Key: k, Value: ordered(val, it.Value)})
+				seen[k] = true
+			}
+		}
+		for _, k := range sortedKeys(v) {
+			if !seen[k] {
+				out = append(out, yaml2.MapItem{Key: k, Value: ordered(v[k], nil)})
+			}
+		}
+		return out
+	case []any:
+		refs, _ := ref.([]any)
+		byName := map[string]any{}
+		for _, r := range refs {
+			if m, ok := r.(yaml2.MapSlice); ok {
+				for _, it := range m {
+					if name, ok := it.Value.(string); ok && it.Key == "name" {
+						byName[name] = r
+					}
+				}
+			}
+		}
+		out := make([]any, len(v))
+		for i, e := range v {
+			var r any
+			if m, ok := e.(map[string]any); ok && m["name"] != nil {
+				if name, ok := m["name"].(string); ok {
+					r = byName[name] // a new named element has no reference
+				}
+			} else if i < len(refs) {
+				r = refs[i]
+			}
+			out[i] = ordered(e, r)
+		}
+		return out
+	default:
+		return v
+	}
 }
 
 // blank is a document holding only comments and whitespace.
