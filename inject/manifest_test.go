@@ -166,3 +166,54 @@ func TestManifestIdempotent(t *testing.T) {
 		}
 	}
 }
+
+// TestManifestJSONList: kubectl's JSON output (a List) is injected too.
+func TestManifestJSONList(t *testing.T) {
+	in := `{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"web","namespace":"shop","resourceVersion":"42"},` +
+		`"spec":{"selector":{"matchLabels":{"app":"web"}},"template":{"metadata":{"labels":{"app":"web"},"annotations":{"consul.hashicorp.com/connect-inject":"true"}},` +
+		`"spec":{"containers":[{"name":"web","image":"web:1"}]}}},"status":{"replicas":1}}]}`
+	out, oc := runManifest(t, testConfig(), []byte(in))
+	if len(oc) != 1 || !oc[0].Injected {
+		t.Fatalf("outcomes %v", oc)
+	}
+	var list corev1.List
+	if err := yaml.UnmarshalStrict(out, &list); err != nil {
+		t.Fatal(err)
+	}
+	var d appsv1.Deployment
+	if err := yaml.UnmarshalStrict(list.Items[0].Raw, &d); err != nil {
+		t.Fatal(err)
+	}
+	if d.ResourceVersion != "42" || d.Status.Replicas != 1 || len(d.Spec.Template.Spec.InitContainers) != 1 || len(d.Spec.Template.Spec.Containers) != 2 {
+		t.Errorf("deployment %+v", d)
+	}
+}
+
+// FuzzManifest: any input is either refused with an error or injected into
+// objects that decode, and injecting the output again changes nothing.
+func FuzzManifest(f *testing.F) {
+	ins, _ := filepath.Glob("testdata/golden/*.in.yaml")
+	for _, in := range ins {
+		b, err := os.ReadFile(in)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		var out bytes.Buffer
+		if _, err := Manifest(testConfig(), nil, bytes.NewReader(in), &out); err != nil {
+			if out.Len() != 0 {
+				t.Fatalf("output written although Manifest failed: %v", err)
+			}
+			return
+		}
+		var again bytes.Buffer
+		if _, err := Manifest(testConfig(), nil, bytes.NewReader(out.Bytes()), &again); err != nil {
+			t.Fatalf("re-injecting the output: %v\n%s", err, out.Bytes())
+		}
+		if !bytes.Equal(out.Bytes(), again.Bytes()) {
+			t.Fatalf("not idempotent:\n--- once\n%s\n--- twice\n%s", out.Bytes(), again.Bytes())
+		}
+	})
+}
