@@ -38,6 +38,13 @@ type Webhook struct {
 	Log        hclog.Logger
 }
 
+func (w *Webhook) logger() hclog.Logger {
+	if w.Log == nil {
+		return hclog.NewNullLogger()
+	}
+	return w.Log
+}
+
 // Handler serves /mutate, and /healthz for the webhook's own probes.
 func (w *Webhook) Handler() http.Handler {
 	mux := http.NewServeMux()
@@ -87,7 +94,7 @@ func deny(code int32, format string, args ...any) *admissionv1.AdmissionResponse
 // Review decides one admission request: pods being created are injected;
 // anything else is allowed unchanged.
 func (w *Webhook) Review(ctx context.Context, req *admissionv1.AdmissionRequest) *admissionv1.AdmissionResponse {
-	log := w.Log.With("namespace", req.Namespace, "name", req.Name, "uid", string(req.UID))
+	log := w.logger().With("namespace", req.Namespace, "name", req.Name, "uid", string(req.UID))
 	if req.Kind.Kind != "Pod" || req.Kind.Group != "" || req.SubResource != "" || req.Operation != admissionv1.Create {
 		return &admissionv1.AdmissionResponse{Allowed: true}
 	}
@@ -214,8 +221,10 @@ func (w *Webhook) Serve(ctx context.Context, ln net.Listener, certs *CertReloade
 		Handler:           w.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
 		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
-		ErrorLog:          w.Log.StandardLogger(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug}),
+		ErrorLog:          w.logger().StandardLogger(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug}),
 	}
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeTLS(ln, "", "") }()
