@@ -15,6 +15,11 @@ import (
 // its binary in the CNI bin dir.
 const PluginType = "ferry-cni"
 
+// ConsulPluginType is consul-cni's type. Nomad writes it into its own bridge
+// network config, so to replace consul-cni there the binary is installed
+// under that name and answers to that type too.
+const ConsulPluginType = "consul-cni"
+
 // SupportedVersions are the CNI spec versions ferry-cni speaks. Chaining
 // (prevResult) exists from 0.3.0 on; CHECK from 0.4.0 on (skel enforces
 // that).
@@ -73,11 +78,10 @@ func ParseConf(stdin []byte) (*PluginConf, error) {
 	if err := dec.Decode(&c); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "ferry-cni: network config is not valid JSON", err.Error())
 	}
-	if c.Type != PluginType {
-		// Not fatal in itself (a renamed binary still works), but a config
-		// meant for another plugin is a mistake worth refusing.
+	if c.Type != PluginType && c.Type != ConsulPluginType {
+		// A config meant for another plugin is a mistake worth refusing.
 		return nil, types.NewError(types.ErrInvalidNetworkConfig,
-			fmt.Sprintf("ferry-cni: network config has type %q, want %q", c.Type, PluginType), "")
+			fmt.Sprintf("ferry-cni: network config has type %q, want %q (or %q)", c.Type, PluginType, ConsulPluginType), "")
 	}
 	if c.Multus {
 		return nil, types.NewError(types.ErrUnsupportedField, "ferry-cni: multus mode is not supported", "")

@@ -246,7 +246,7 @@ func TestParseConf(t *testing.T) {
 		code uint
 	}{
 		{`{"cniVersion":"1.0.0","name":"n","type":"ferry-cni"`, types.ErrDecodingFailure},
-		{`{"cniVersion":"1.0.0","name":"n","type":"consul-cni"}`, types.ErrInvalidNetworkConfig},
+		{`{"cniVersion":"1.0.0","name":"n","type":"bridge"}`, types.ErrInvalidNetworkConfig},
 		{`{"cniVersion":"1.0.0","name":"n","type":"ferry-cni","multus":true}`, types.ErrUnsupportedField},
 		{`{"cniVersion":"1.0.0","name":"n","type":"ferry-cni","prevResult":{"ips":[{"address":"nope"}]}}`, types.ErrDecodingFailure},
 	} {
@@ -254,7 +254,11 @@ func TestParseConf(t *testing.T) {
 			t.Errorf("%s: %v, want code %d", c.in, err, c.code)
 		}
 	}
-	// consul-cni's entry, type changed, is accepted as is.
+	// Nomad's entry: consul-cni's type, nothing else.
+	if _, err := ParseConf([]byte(`{"cniVersion":"1.0.0","name":"nomad","type":"consul-cni","log_level":"debug"}`)); err != nil {
+		t.Fatal(err)
+	}
+	// consul-k8s's consul-cni entry, type changed, is accepted as is.
 	c, err := ParseConf([]byte(`{"cniVersion":"0.3.1","name":"k8s-pod-network","type":"ferry-cni","autorotate_token":false,` +
 		`"cni_bin_dir":"/opt/cni/bin","cni_host_token_path":"/etc/cni/net.d/cni-host-token","cni_net_dir":"/etc/cni/net.d",` +
 		`"cni_token_path":"/var/run/secrets/kubernetes.io/serviceaccount/token","kubeconfig":"ZZZ-consul-cni-kubeconfig",` +

@@ -14,8 +14,9 @@ import (
 )
 
 func main() {
-	if filepath.Base(os.Args[0]) == cni.PluginType {
-		// Installed as the CNI plugin: the runtime runs it by that name.
+	if b := filepath.Base(os.Args[0]); b == cni.PluginType || b == cni.ConsulPluginType {
+		// Installed as the CNI plugin: the runtime runs it by that name
+		// (consul-cni's where Nomad's own network config names that type).
 		os.Exit(exitCode(runCNI(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
 	}
 	os.Exit(exitCode(run(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))

@@ -42,6 +42,7 @@ type cniEnv struct {
 	binDir string // holds ferry-cni (a symlink to ferry)
 	netDir string // NETCONFPATH
 	path   string // CNI_PATH
+	lo     string // the loopback network's name
 }
 
 func newCNIEnv(t *testing.T) *cniEnv {
@@ -64,12 +65,17 @@ func newCNIEnv(t *testing.T) *cniEnv {
 	e.path = e.binDir + ":" + cniRefDir
 	// Every pod gets lo up from the loopback plugin, as its own network,
 	// which is how containerd and CRI-O run it.
+	e.lo = "ferry-lo-" + filepath.Base(e.netDir)
 	e.writeConf(t, "99-lo.conflist", map[string]any{
-		"cniVersion": "1.0.0", "name": "lo", "plugins": []any{map[string]any{"type": "loopback"}}})
+		"cniVersion": "1.0.0", "name": e.lo, "plugins": []any{map[string]any{"type": "loopback"}}})
 	return e
 }
 
-func (e *cniEnv) writeConf(t *testing.T, name string, conf any) {
+// writeConf writes a network config into the test's config dir. libcni
+// caches each attachment's result under /var/lib/cni/results, named after
+// the network; cleanup removes this test's entries (a failed test may not
+// have reached its DEL).
+func (e *cniEnv) writeConf(t *testing.T, name string, conf map[string]any) {
 	t.Helper()
 	b, err := json.MarshalIndent(conf, "", "  ")
 	if err != nil {
@@ -77,6 +83,14 @@ func (e *cniEnv) writeConf(t *testing.T, name string, conf any) {
 	}
 	if err := os.WriteFile(filepath.Join(e.netDir, name), b, 0o644); err != nil {
 		t.Fatal(err)
+	}
+	if net, _ := conf["name"].(string); net != "" {
+		t.Cleanup(func() {
+			stale, _ := filepath.Glob(filepath.Join("/var/lib/cni/results", net+"-*"))
+			for _, f := range stale {
+				os.Remove(f)
+			}
+		})
 	}
 }
 

@@ -61,7 +61,7 @@ func TestCNIKubeAnnotation(t *testing.T) {
 	}
 	t.Run("annotated pod gets Consul's rules", func(t *testing.T) {
 		pod := tb.AddBarePod(t, "k8s-meshed")
-		e.runOK(t, "add", "lo", pod.NSPath, "")
+		e.runOK(t, "add", e.lo, pod.NSPath, "")
 		res := e.runOK(t, "add", net, pod.NSPath, podArgs("meshed"))
 		if a := addrsOf(t, pod); !strings.Contains(a, cniResultIP(t, res).String()) {
 			t.Fatalf("eth0: %s", a)

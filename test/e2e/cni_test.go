@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -32,7 +34,7 @@ func TestCNIChain(t *testing.T) {
 			pod := tb.AddBarePod(t, "cni"+strings.ReplaceAll(v, ".", ""))
 			args := nomadArgs(consulRedirectJSON)
 
-			e.runOK(t, "add", "lo", pod.NSPath, "")
+			e.runOK(t, "add", e.lo, pod.NSPath, "")
 			res := e.runOK(t, "add", net, pod.NSPath, args)
 			ip := cniResultIP(t, res)
 			if !tb.Subnet.Contains(ip) {
@@ -122,6 +124,89 @@ func TestCNIVersion110(t *testing.T) {
 	}
 }
 
+// TestCNIDualStack gives the pod an IPv6 address too (a documentation
+// prefix, routed nowhere): ferry-cni then installs IPv6 rules as well,
+// exactly the tables `ferry redirect` installs with the same config in a
+// pod the same chain set up without ferry-cni.
+func TestCNIDualStack(t *testing.T) {
+	e := newCNIEnv(t)
+	tb := testbed.New(t)
+	// The two networks' host-local allocators are separate: each gets its
+	// own IPv4 range and IPv6 /64, so the pods never share an address.
+	dual := func(name string, n byte, extra ...map[string]any) map[string]any {
+		c := bridgeNet(tb, name, "1.0.0", t.TempDir(), extra...)
+		ipam := c["plugins"].([]any)[0].(map[string]any)["ipam"].(map[string]any)
+		v4 := ipam["ranges"].([]any)[0].([]any)[0].(map[string]any)
+		a := tb.Subnet.Addr().As4()
+		a[3] = 100 + 10*n
+		v4["rangeStart"], v4["rangeEnd"] = netip.AddrFrom4(a).String(), netip.AddrFrom4(a).Next().String()
+		ipam["ranges"] = append(ipam["ranges"].([]any), []any{map[string]any{"subnet": fmt.Sprintf("2001:db8:f%s:%d::/64", tb.Name[:3], n)}})
+		return c
+	}
+	withCNI, without := uniqueNet(tb, "ds"), uniqueNet(tb, "ds-plain")
+	e.writeConf(t, "10-"+withCNI+".conflist", dual(withCNI, 1, map[string]any{"type": "ferry-cni", "name": "ferry-cni"}))
+	e.writeConf(t, "11-"+without+".conflist", dual(without, 2))
+	cfg := `{"ProxyUserID":"5995","ProxyInboundPort":20000,"ConsulDNSPort":8600,"ExcludeOutboundCIDRs":["203.0.113.0/24","2001:db8::/32"],"ExcludeUIDs":["5996"]}`
+
+	pc := tb.AddBarePod(t, "ds-cni")
+	e.runOK(t, "add", withCNI, pc.NSPath, nomadArgs(cfg))
+	t.Cleanup(func() { e.run(t, "del", withCNI, pc.NSPath, nomadArgs(cfg)) })
+	pr := tb.AddBarePod(t, "ds-redirect")
+	e.runOK(t, "add", without, pr.NSPath, "")
+	t.Cleanup(func() { e.run(t, "del", without, pr.NSPath, "") })
+	out := pr.ExecOK(t, testbed.Proc{Env: []string{"CONSUL_REDIRECT_TRAFFIC_CONFIG=" + cfg}}, e.ferry, "redirect")
+	if !strings.Contains(out, "IPv6 traffic redirection rules installed") {
+		t.Fatalf("ferry redirect did not see the IPv6 address:\n%s", out)
+	}
+	for _, save := range []string{"iptables-save", "ip6tables-save"} {
+		want, got := natTable(t, pr, save), natTable(t, pc, save)
+		if got != want {
+			t.Fatalf("%s differs\n--- ferry redirect\n%s\n--- ferry-cni\n%s", save, want, got)
+		}
+		if !strings.Contains(got, "CONSUL_PROXY_OUTPUT") {
+			t.Fatalf("%s has no rules:\n%s", save, got)
+		}
+	}
+	if v6 := natTable(t, pc, "ip6tables-save"); !strings.Contains(v6, "-d 2001:db8::/32 -j RETURN") || strings.Contains(v6, "203.0.113") {
+		t.Fatalf("IPv6 table:\n%s", v6)
+	}
+}
+
+// TestCNINomadAsConsulCNI replaces consul-cni the way Nomad needs it:
+// Nomad's bridge network config names the plugin type consul-cni (with
+// only log_level), so the ferry binary is installed under that name. The
+// chain mirrors Nomad's: bridge, then consul-cni, CONSUL_IPTABLES_CONFIG in
+// CNI_ARGS.
+func TestCNINomadAsConsulCNI(t *testing.T) {
+	e := newCNIEnv(t)
+	if err := os.Symlink(e.ferry, filepath.Join(e.binDir, "consul-cni")); err != nil {
+		t.Fatal(err)
+	}
+	tb := testbed.New(t)
+	want, empty := cniOracle(t, tb)
+	net := uniqueNet(tb, "nomad")
+	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir(), map[string]any{"type": "consul-cni", "log_level": "debug"}))
+	pod := tb.AddBarePod(t, "nomad")
+	args := nomadArgs(consulRedirectJSON)
+	e.runOK(t, "add", e.lo, pod.NSPath, "")
+	cniResultIP(t, e.runOK(t, "add", net, pod.NSPath, args))
+	if got := natTable(t, pod, "iptables-save"); got != want {
+		t.Fatalf("nat tables differ\n--- consul connect redirect-traffic\n%s\n--- ferry as consul-cni\n%s", want, got)
+	}
+	e.runOK(t, "check", net, pod.NSPath, args)
+	e.runOK(t, "del", net, pod.NSPath, args)
+	if got := natTable(t, pod, "iptables-save"); got != empty {
+		t.Fatalf("DEL left\n%s", got)
+	}
+	// An allocation without transparent proxy: no CONSUL_IPTABLES_CONFIG.
+	pod2 := tb.AddBarePod(t, "nomad-plain")
+	cniResultIP(t, e.runOK(t, "add", net, pod2.NSPath, "IgnoreUnknown=true"))
+	if got := natTable(t, pod2, "iptables-save"); got != empty {
+		t.Fatalf("rules without a config:\n%s", got)
+	}
+	e.runOK(t, "del", net, pod2.NSPath, "IgnoreUnknown=true")
+}
+
 // TestCNIBadInput runs ferry-cni, as the runtime runs it after the bridge
 // plugin, with bad inputs: each must give a CNI error result (code, msg,
 // details naming the input) on stdout and a non-zero exit, install no rule,
@@ -133,7 +218,7 @@ func TestCNIBadInput(t *testing.T) {
 	net := uniqueNet(tb, "bad")
 	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir()))
 	pod := tb.AddBarePod(t, "cnibad")
-	e.runOK(t, "add", "lo", pod.NSPath, "")
+	e.runOK(t, "add", e.lo, pod.NSPath, "")
 	prev := e.runOK(t, "add", net, pod.NSPath, "")
 	t.Cleanup(func() { e.run(t, "del", net, pod.NSPath, "") })
 	entry := map[string]any{"type": "ferry-cni", "name": "ferry-cni"}
@@ -213,7 +298,7 @@ func TestCNIMesh(t *testing.T) {
 	e.writeConf(t, "10-"+net+".conflist", bridgeNet(tb, net, "1.0.0", t.TempDir(), map[string]any{"type": "ferry-cni", "name": "ferry-cni"}))
 	front := tb.AddBarePod(t, "cni-front")
 	args := nomadArgs(`{"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001}`)
-	e.runOK(t, "add", "lo", front.NSPath, "")
+	e.runOK(t, "add", e.lo, front.NSPath, "")
 	front.IP = cniResultIP(t, e.runOK(t, "add", net, front.NSPath, args))
 	t.Cleanup(func() { e.run(t, "del", net, front.NSPath, args) })
 	fr := tb.Register(t, testbed.Service{Name: "frontend", Pod: front, Port: 8080})
