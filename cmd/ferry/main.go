@@ -58,6 +58,7 @@ const usage = `Usage: ferry <command> [flags]
 Commands:
   run        run the sidecar proxy (inbound and outbound listeners)
   redirect   install the pod's traffic redirection rules (iptables)
+  inject     inject ferry into Kubernetes manifests, or serve the admission webhook
   cni        the same rules as a chained CNI plugin (ferry-cni), and its installer
   version    print the version
 
@@ -75,6 +76,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runRun(rest, stdout, stderr)
 	case "redirect":
 		return runRedirect(rest, stdout, stderr)
+	case "inject":
+		return runInject(rest, os.Stdin, stdout, stderr)
 	case "cni":
 		return runCNI(rest, stdout, stderr)
 	case "version", "-version", "--version":
