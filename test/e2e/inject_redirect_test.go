@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -30,7 +29,7 @@ func TestInjectInitContainerInstallsConsulRules(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(ferry, "inject", "-quiet", "-cluster-dns", "10.96.0.10")
+	cmd := testbed.MustCommand(t, ferry, "inject", "-quiet", "-cluster-dns", "10.96.0.10")
 	cmd.Stdin = bytes.NewReader(src)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

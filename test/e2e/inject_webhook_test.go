@@ -241,7 +241,7 @@ type webhookProc struct {
 
 func startWebhook(t *testing.T, ferry string, args ...string) *webhookProc {
 	t.Helper()
-	cmd := exec.Command(ferry, append([]string{"inject"}, args...)...)
+	cmd := testbed.MustCommand(t, ferry, append([]string{"inject"}, args...)...)
 	out := &bytes.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -320,7 +320,7 @@ func cliInject(t *testing.T, ferry, resolv, ns string, pod corev1.Pod, nsLabel s
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(ferry, "inject", "-quiet", "-resolv-conf", resolv, "-namespace-label", nsLabel)
+	cmd := testbed.MustCommand(t, ferry, "inject", "-quiet", "-resolv-conf", resolv, "-namespace-label", nsLabel)
 	cmd.Stdin = bytes.NewReader(in)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
