@@ -9,6 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
+	"github.com/ferrymesh/ferry/proxy/pump"
 )
 
 // trackedLike stands for a pass-through wrapper with NetConn() and
@@ -49,8 +52,8 @@ func meshChain(t *testing.T, tunnel, wrap bool) (clientApp, serverApp *net.TCPCo
 	if wrap {
 		up = trackedLike{up}
 	}
-	clientApp, a := tcpPair(t)
-	b, serverApp := tcpPair(t)
+	clientApp, a := testkit.TCPPair(t)
+	b, serverApp := testkit.TCPPair(t)
 	out = startPump(t, context.Background(), a, up, time.Minute)
 	in = startPump(t, context.Background(), down, b, time.Minute)
 	return clientApp, serverApp, out, in
@@ -91,7 +94,7 @@ func TestAbortCrossesMeshHop(t *testing.T) {
 		{"tracked tunnel server app resets", true, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
+			testkit.CheckLeaks(t)
 			clientApp, serverApp, out, in := meshChain(t, tc.tunnel, tc.wrap)
 			aborter, other := clientApp, serverApp
 			if tc.serverAppAborts {
@@ -111,7 +114,7 @@ func TestAbortCrossesMeshHop(t *testing.T) {
 				t.Fatalf("other app read %v after the reset; want ECONNRESET", err)
 			}
 			for _, r := range []*pumpRun{out, in} {
-				if st := r.wait(t, 5*time.Second); st.Err == nil {
+				if st := r.Wait(t, 5*time.Second); st.Err == nil {
 					t.Errorf("pump ended without an error: %+v", st)
 				}
 			}
@@ -123,11 +126,11 @@ func TestAbortCrossesMeshHop(t *testing.T) {
 // abort path must not take over half-close.
 func TestCleanEndCrossesMeshHop(t *testing.T) {
 	for _, tunnel := range []bool{false, true} {
-		checkLeaks(t)
+		testkit.CheckLeaks(t)
 		clientApp, serverApp, out, in := meshChain(t, tunnel, true)
-		exchangeBothWays(t, clientApp, serverApp, 1<<20)
+		testkit.ExchangeBothWays(t, clientApp, serverApp, 1<<20)
 		for _, r := range []*pumpRun{out, in} {
-			if st := r.wait(t, 5*time.Second); st.Err != nil {
+			if st := r.Wait(t, 5*time.Second); st.Err != nil {
 				t.Errorf("tunnel=%v: pump error %v on a clean end", tunnel, st.Err)
 			}
 		}
@@ -148,14 +151,14 @@ func TestTruncatedTLSStreamIsAnError(t *testing.T) {
 		{"FIN without close_notify", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
+			testkit.CheckLeaks(t)
 			cs, ss := sessionPair(t)
-			app, b := tcpPair(t)
+			app, b := testkit.TCPPair(t)
 			run := startPump(t, context.Background(), ss, b, time.Minute)
 			if _, err := cs.Write([]byte("hello")); err != nil {
 				t.Fatal(err)
 			}
-			raw := cs.NetConn().(*batchConn).TCPConn
+			raw := cs.NetConn().(*pump.BatchConn).TCPConn
 			if tc.partial {
 				// The header of a record promising 100 bytes, and 3 of them.
 				raw.Write([]byte{23, 3, 3, 0, 100, 1, 2, 3})
@@ -168,7 +171,7 @@ func TestTruncatedTLSStreamIsAnError(t *testing.T) {
 			if err := readUntilErr(t, app, 5*time.Second); !errors.Is(err, syscall.ECONNRESET) {
 				t.Fatalf("app read %v after the cut; want ECONNRESET", err)
 			}
-			if st := run.wait(t, 5*time.Second); !errors.Is(st.Err, io.ErrUnexpectedEOF) {
+			if st := run.Wait(t, 5*time.Second); !errors.Is(st.Err, io.ErrUnexpectedEOF) {
 				t.Fatalf("pump err %v; want one wrapping io.ErrUnexpectedEOF", st.Err)
 			}
 		})
@@ -177,19 +180,19 @@ func TestTruncatedTLSStreamIsAnError(t *testing.T) {
 
 // close_notify then FIN is the clean end, over batchConn too.
 func TestCloseNotifyIsCleanEnd(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	cs, ss := sessionPair(t)
-	app, b := tcpPair(t)
+	app, b := testkit.TCPPair(t)
 	run := startPump(t, context.Background(), ss, b, time.Minute)
 	cs.Write([]byte("hello"))
 	cs.CloseWrite()
-	cs.NetConn().(*batchConn).CloseWrite()
-	got, err := readAllTimeout(t, app, 5*time.Second)
+	cs.NetConn().(*pump.BatchConn).CloseWrite()
+	got, err := testkit.ReadAllTimeout(t, app, 5*time.Second)
 	if err != nil || string(got) != "hello" {
 		t.Fatalf("app read %q, %v; want hello and EOF", got, err)
 	}
 	app.CloseWrite()
-	if st := run.wait(t, 5*time.Second); st.Err != nil {
+	if st := run.Wait(t, 5*time.Second); st.Err != nil {
 		t.Fatalf("pump err %v", st.Err)
 	}
 }
@@ -199,7 +202,7 @@ func TestCloseNotifyIsCleanEnd(t *testing.T) {
 func TestTCPOfUnwrapsAll(t *testing.T) {
 	cs, _ := sessionPair(t)
 	var c net.Conn = trackedLike{trackedLike{newTunnelConn(cs, func(bool) {})}}
-	if tcpOf(c) == nil {
+	if pump.TCPOf(c) == nil {
 		t.Fatal("tcpOf found no TCP conn under tracked(tracked(tunnel(tls(batch(tcp)))))")
 	}
 }
@@ -210,7 +213,7 @@ func TestTCPOfUnwrapsAll(t *testing.T) {
 // Run without -race (make unit's Allocs pass), whose instrumentation
 // inflates every heap figure.
 func TestSilentConnectionsHoldNoBuffersAllocs(t *testing.T) {
-	if raceEnabled {
+	if testkit.RaceEnabled {
 		t.Skip("heap figures are not meaningful under -race")
 	}
 	const n = 64
@@ -219,7 +222,7 @@ func TestSilentConnectionsHoldNoBuffersAllocs(t *testing.T) {
 	runtime.ReadMemStats(&before)
 	for range n {
 		_, ss := sessionPair(t)
-		_, b := tcpPair(t)
+		_, b := testkit.TCPPair(t)
 		startPump(t, context.Background(), ss, b, time.Minute)
 	}
 	time.Sleep(200 * time.Millisecond) // let every half reach its wait

@@ -9,8 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/pump"
 )
 
 // The inbound side answers the tunnel protocol only to clients that offer
@@ -91,7 +93,7 @@ func tunnelServer(t *testing.T, a *MeshAcceptor) (addr string, opens *atomic.Int
 				return
 			}
 			go func() {
-				tc := tls.Server(newBatchConn(c), a.cfg)
+				tc := tls.Server(pump.NewBatchConn(c), a.cfg)
 				defer tc.Close()
 				_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
 				for readOpen(tc) == nil {
@@ -114,7 +116,7 @@ func tunnelServer(t *testing.T, a *MeshAcceptor) (addr string, opens *atomic.Int
 // keyed by address and expected identity, so the second dial makes a new
 // handshake, which fails the identity check.
 func TestTunnelPoolKeyedByIdentity(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ca := mtlstest.NewCA(t)
 	a := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256)}
 	a.Init()

@@ -14,6 +14,7 @@ import (
 	"github.com/ferrymesh/ferry/listener"
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/intentions"
+	"github.com/ferrymesh/ferry/proxy/pump"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -97,7 +98,7 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		return Accepted{Conn: raw, Keys: []string{"plain"}}, nil
 	}
 	// Not TLS and not permissive: the handshake below fails and says why.
-	tc := tls.Server(newBatchConn(raw), a.cfg)
+	tc := tls.Server(pump.NewBatchConn(raw), a.cfg)
 	hctx, cancel := context.WithDeadline(ctx, deadline)
 	err = tc.HandshakeContext(hctx)
 	cancel()
@@ -217,6 +218,10 @@ func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
 	_ = s.tc.SetReadDeadline(time.Time{})
 	return s.a.admit(s.raw, newTunnelConn(s.tc, s.release), s.id, s.src, s.next)
 }
+
+// aLongTimeAgo is a read deadline that has passed: a blocked read returns
+// at once.
+var aLongTimeAgo = time.Unix(1, 0)
 
 // expireOnDone makes c's reads fail once ctx is done (by an expired read
 // deadline) until the returned stop is called. stop waits for a callback

@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/pump"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -181,7 +182,7 @@ func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config
 	if err != nil {
 		return nil, err
 	}
-	tc := tls.Client(newBatchConn(raw), cfg)
+	tc := tls.Client(pump.NewBatchConn(raw), cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)

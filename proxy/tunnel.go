@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/ferrymesh/ferry/proxy/pump"
 )
 
 // Between two ferry sidecars, one mTLS session carries app connections one
@@ -74,9 +76,9 @@ var errTunnelReset = fmt.Errorf("tunnel: peer reset the connection: %w", syscall
 // come from one goroutine (the pump's halves); Close may come from any.
 type tunnelConn struct {
 	tc    *tls.Conn
-	r     io.Reader   // tc, or a plain stream in the frame fuzz test
-	batch *batchConn  // under tc: a frame header and its data in one write(2)
-	rw    *readWaiter // under tc: gathers records crypto/tls already holds
+	r     io.Reader        // tc, or a plain stream in the frame fuzz test
+	batch *pump.BatchConn  // under tc: a frame header and its data in one write(2)
+	rw    *pump.ReadWaiter // under tc: gathers records crypto/tls already holds
 
 	// reading side
 	hdr       [frameHeader]byte
@@ -97,27 +99,27 @@ type tunnelConn struct {
 
 func newTunnelConn(tc *tls.Conn, release func(clean bool)) *tunnelConn {
 	t := &tunnelConn{tc: tc, r: tc, release: release}
-	t.batch, _ = tc.NetConn().(*batchConn)
-	t.rw = newReadWaiter(tc)
+	t.batch, _ = tc.NetConn().(*pump.BatchConn)
+	t.rw = pump.NewReadWaiter(tc)
 	return t
 }
 
-// wait parks until the next frame header is in (or the stream ends),
-// without a copy buffer: the pump's idle wait for a tunnel. Like
-// readWaiter, it first takes what crypto/tls already holds, then parks on
+// WaitFrame parks until the next frame header is in (or the stream ends),
+// without a copy buffer: the pump's idle wait for a tunnel (pump.Framed).
+// Like pump.ReadWaiter, it first takes what crypto/tls already holds, then parks on
 // the socket itself rather than inside a TLS read (whose deeper stack
 // would stay grown for every idle connection).
-func (t *tunnelConn) wait() {
+func (t *tunnelConn) WaitFrame() {
 	if t.remaining != 0 || t.rerr != nil || t.gotEOF.Load() {
 		return
 	}
 	if t.rw != nil && t.hdrN < frameHeader {
-		n, err := t.rw.tryRead(t.hdr[t.hdrN:])
+		n, err := t.rw.TryRead(t.hdr[t.hdrN:])
 		t.hdrN += n
 		switch {
-		case isTimeout(err):
+		case pump.IsTimeout(err):
 			if t.hdrN == 0 {
-				t.rw.wait()
+				t.rw.Wait()
 			}
 		case err != nil:
 			t.rerr = t.fail(err)
@@ -128,6 +130,10 @@ func (t *tunnelConn) wait() {
 }
 
 // nextFrame reads headers up to the next DATA frame with a payload.
+// FrameRemaining is the current DATA frame's payload not yet read
+// (pump.Framed): at 0 the pump lets its buffer go until WaitFrame returns.
+func (t *tunnelConn) FrameRemaining() int { return t.remaining }
+
 func (t *tunnelConn) nextFrame() error {
 	if t.gotEOF.Load() {
 		return io.EOF
@@ -180,8 +186,8 @@ func (t *tunnelConn) Read(p []byte) (int, error) {
 	}
 	k := min(len(p), t.remaining)
 	n, err := t.r.Read(p[:k])
-	if err == nil && n == tlsMaxPlaintext && k > n && t.rw != nil {
-		n, err = t.rw.more(p[:k], n)
+	if err == nil && n == pump.TLSMaxPlaintext && k > n && t.rw != nil {
+		n, err = t.rw.More(p[:k], n)
 	}
 	t.remaining -= n
 	if err != nil {
@@ -223,25 +229,25 @@ func (t *tunnelConn) writeFrame(typ byte, p []byte) error {
 
 func (t *tunnelConn) writeFrameLocked(typ byte, p []byte) error {
 	hdr := [frameHeader]byte{typ, byte(len(p) >> 16), byte(len(p) >> 8), byte(len(p))}
-	if len(p) > 0 && len(p) <= tlsMaxPlaintext-frameHeader {
+	if len(p) > 0 && len(p) <= pump.TLSMaxPlaintext-frameHeader {
 		// A small frame goes out as one TLS record, header included: one
 		// seal here and one open there instead of two (a request or
 		// response of a few KiB is the common case).
-		bp := bufPool.Get().(*[]byte)
+		bp := pump.GetBuffer()
 		b := append(append((*bp)[:0], hdr[:]...), p...)
 		_, err := t.tc.Write(b)
-		bufPool.Put(bp)
+		pump.PutBuffer(bp)
 		return err
 	}
 	if t.batch != nil {
-		t.batch.begin()
+		t.batch.Begin()
 	}
 	_, err := t.tc.Write(hdr[:])
 	if err == nil && len(p) > 0 {
 		_, err = t.tc.Write(p)
 	}
 	if t.batch != nil {
-		if ferr := t.batch.flush(); err == nil {
+		if ferr := t.batch.Flush(); err == nil {
 			err = ferr
 		}
 	}
@@ -252,11 +258,11 @@ func (t *tunnelConn) writeFrameLocked(typ byte, p []byte) error {
 // must not hold an abort.
 const resetTimeout = time.Second
 
-// reset aborts the tunnel: a RESET frame when no frame is being written
+// Abort aborts the tunnel (pump.Aborter): a RESET frame when no frame is being written
 // (the writer may be stuck on a peer that stopped reading), else a TCP
 // reset of the whole session. Either way the peer's app sees a reset, and
 // the session is not reused (Close then closes it).
-func (t *tunnelConn) reset() {
+func (t *tunnelConn) Abort() {
 	t.broken.Store(true)
 	if !t.closed.Load() && t.wmu.TryLock() {
 		_ = t.tc.SetWriteDeadline(time.Now().Add(resetTimeout))
@@ -266,7 +272,7 @@ func (t *tunnelConn) reset() {
 			return
 		}
 	}
-	if tcp := tcpOf(t.tc); tcp != nil {
+	if tcp := pump.TCPOf(t.tc); tcp != nil {
 		_ = tcp.SetLinger(0)
 		tcp.Close()
 	}
@@ -285,8 +291,9 @@ func (t *tunnelConn) clean() bool {
 	return t.gotEOF.Load() && t.sentEOF.Load() && !t.broken.Load() && t.remaining == 0
 }
 
-// NetConn is the session, for tcpOf (linger on a reset, which breaks the
-// session anyway). readWaiter and batcherOf stop at a tunnelConn.
+// NetConn is the session, for pump.TCPOf (linger on a reset, which breaks
+// the session anyway). The pump's read waiter and batching stop at a
+// tunnelConn (a pump.Framed).
 func (t *tunnelConn) NetConn() net.Conn { return t.tc }
 
 func (t *tunnelConn) LocalAddr() net.Addr                { return t.tc.LocalAddr() }
@@ -315,7 +322,3 @@ func writeOpen(t *tunnelConn) error {
 	}
 	return nil
 }
-
-// tunnelOf returns the tunnelConn under c (through NetConn() pass-through
-// wrappers such as the catalog's tracked conns), or nil.
-func tunnelOf(c any) *tunnelConn { return under[*tunnelConn](c) }

@@ -10,29 +10,19 @@ import (
 	"net"
 	"testing"
 	"time"
-)
 
-// sessionPair is a TLS session over loopback TCP with batchConn under both
-// ends, as MeshRouter and MeshAcceptor build them.
-func sessionPair(t *testing.T) (client, server *tls.Conn) {
-	t.Helper()
-	srvCfg, cliCfg := selfSignedTLS(t)
-	rawClient, rawServer := tcpPair(t)
-	client = tls.Client(newBatchConn(rawClient), cliCfg)
-	server = tls.Server(newBatchConn(rawServer), srvCfg)
-	handshake(t, client, server)
-	t.Cleanup(func() { client.Close(); server.Close() })
-	return client, server
-}
+	"github.com/ferrymesh/ferry/internal/testkit"
+	"github.com/ferrymesh/ferry/proxy/pump"
+)
 
 // Several app connections, one after another, over one session: each
 // through a Pump on both sides (client app → Pump → tunnel → Pump → echo
 // app), byte-exact, half-closed both ways, and each leaves the session
 // clean for the next.
 func TestTunnelsOverOneSession(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	cs, ss := sessionPair(t)
-	app := echoServer(t)
+	app := testkit.EchoServer(t)
 	relC, relS := make(chan bool, 1), make(chan bool, 1)
 	for i, n := range []int64{0, 1, 5 << 20, 1000} {
 		ct := newTunnelConn(cs, func(clean bool) { relC <- clean })
@@ -49,15 +39,15 @@ func TestTunnelsOverOneSession(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		srvDone := make(chan PumpStats, 1)
-		go func() { srvDone <- Pump(context.Background(), st, up, time.Minute) }()
+		srvDone := make(chan pump.Stats, 1)
+		go func() { srvDone <- pump.Pump(context.Background(), st, up, time.Minute) }()
 		// Client side: app conn → tunnel.
-		appClient, a := tcpPair(t)
-		cliDone := make(chan PumpStats, 1)
-		go func() { cliDone <- Pump(context.Background(), a, ct, time.Minute) }()
+		appClient, a := testkit.TCPPair(t)
+		cliDone := make(chan pump.Stats, 1)
+		go func() { cliDone <- pump.Pump(context.Background(), a, ct, time.Minute) }()
 
 		go func() {
-			io.Copy(appClient, &patternReader{n: n, seed: byte(i)})
+			io.Copy(appClient, &testkit.PatternReader{N: n, Seed: byte(i)})
 			appClient.CloseWrite()
 		}()
 		h := sha256.New()
@@ -66,11 +56,11 @@ func TestTunnelsOverOneSession(t *testing.T) {
 		if err != nil || got != n {
 			t.Fatalf("tunnel %d: echoed %d bytes, %v; want %d", i, got, err, n)
 		}
-		if want := patternSum(n, byte(i)); !bytes.Equal(h.Sum(nil), want[:]) {
+		if want := testkit.PatternSum(n, byte(i)); !bytes.Equal(h.Sum(nil), want[:]) {
 			t.Fatalf("tunnel %d: checksum mismatch", i)
 		}
 		appClient.Close()
-		for _, ch := range []chan PumpStats{cliDone, srvDone} {
+		for _, ch := range []chan pump.Stats{cliDone, srvDone} {
 			select {
 			case st := <-ch:
 				if st.Err != nil || st.Sent != n || st.Received != n {
@@ -89,7 +79,7 @@ func TestTunnelsOverOneSession(t *testing.T) {
 // A session that ends inside a tunnel (no EOF frame) is an error, never a
 // clean end of the stream, and the session is not handed back as clean.
 func TestTunnelBrokenSession(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	cs, ss := sessionPair(t)
 	rel := make(chan bool, 1)
 	ct := newTunnelConn(cs, func(clean bool) { rel <- clean })

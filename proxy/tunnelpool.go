@@ -4,6 +4,8 @@ import (
 	"crypto/tls"
 	"sync"
 	"time"
+
+	"github.com/ferrymesh/ferry/proxy/pump"
 )
 
 // tunnelPool keeps the client side's idle tunnel sessions, by dial address
@@ -137,7 +139,7 @@ func (p *tunnelPool) closeAll() {
 // server never sends between tunnels, so anything there (its close_notify,
 // a FIN, a reset) means the session is over.
 func quiet(tc *tls.Conn) bool {
-	tcp := tcpOf(tc)
+	tcp := pump.TCPOf(tc)
 	if tcp == nil {
 		return false
 	}
@@ -147,7 +149,7 @@ func quiet(tc *tls.Conn) bool {
 	}
 	ok := false
 	_ = rc.Read(func(fd uintptr) bool {
-		ok = !readable(fd)
+		ok = !pump.Readable(fd)
 		return true
 	})
 	return ok

@@ -1,4 +1,4 @@
-package proxy
+package pump
 
 import (
 	"context"
@@ -6,6 +6,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
 )
 
 // BenchmarkStreamPumpTLS is ferry's mTLS pair in one process: client ->
@@ -15,12 +17,12 @@ import (
 //	go test -run '^$' -bench 'StreamPumpTLS' -benchtime 2s ./proxy
 func BenchmarkStreamPumpTLS(b *testing.B) {
 	benchStream(b, func(b *testing.B, a, c net.Conn) {
-		srvCfg, cliCfg := selfSignedTLS(b)
+		srvCfg, cliCfg := testkit.SelfSignedTLS(b)
 		srvCfg.DynamicRecordSizingDisabled = true
 		cliCfg.DynamicRecordSizingDisabled = true
-		x, y := tcpPair(b)
-		tx, ty := tls.Client(newBatchConn(x), cliCfg), tls.Server(newBatchConn(y), srvCfg)
-		handshake(b, tx, ty)
+		x, y := testkit.TCPPair(b)
+		tx, ty := tls.Client(NewBatchConn(x), cliCfg), tls.Server(NewBatchConn(y), srvCfg)
+		testkit.Handshake(b, tx, ty)
 		startPump(b, context.Background(), a, tx, time.Minute)
 		startPump(b, context.Background(), ty, c, time.Minute)
 	})

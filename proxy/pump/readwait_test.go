@@ -1,4 +1,4 @@
-package proxy
+package pump
 
 import (
 	"context"
@@ -7,6 +7,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
 )
 
 // A *tls.Conn can hold a complete record in its own buffer while its socket
@@ -25,9 +27,9 @@ func (p passThrough) NetConn() net.Conn { return p.Conn }
 func (p passThrough) CloseWrite() error { return p.Conn.(*tls.Conn).CloseWrite() }
 
 func testBufferedRecord(t *testing.T, wrap bool) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	tlsClient, tlsA := tlsPair(t)
-	b, server := tcpPair(t)
+	b, server := testkit.TCPPair(t)
 	// Two records, both in the socket before the pump's first read, so that
 	// read pulls both into tls.Conn's buffer and returns only the first.
 	for _, s := range []string{"first", "second"} {
