@@ -20,9 +20,9 @@ const TLSMaxPlaintext = 16 << 10
 var aLongTimeAgo = time.Unix(1, 0)
 
 // ReadWaiter lets copyBuffered (and a Framed leg waiting for its next
-// header) wait for the next bytes of an idle source
-// without holding a copy buffer: it parks on the socket under the source
-// with a MSG_PEEK probe that reports "not yet" on EAGAIN, so the runtime
+// header) wait for the next bytes of an idle source without holding a copy
+// buffer: it parks on the socket under the source with a probe (Readable)
+// that reports "not yet" while there is nothing to read, so the runtime
 // poller keeps the goroutine asleep until the kernel has data (or EOF, or
 // an error, which the following real read then reports).
 //
@@ -128,13 +128,15 @@ func (w *ReadWaiter) peek(fd uintptr) bool {
 }
 
 // Readable reports, without consuming anything or blocking, whether the
-// socket has something for a read: data, EOF or an error.
+// socket has something for a read: data, EOF or an error. It asks poll(2),
+// not a MSG_PEEK read: a peek returns a pending error (a peer's reset) and
+// clears it, so the real read after it saw a clean EOF instead.
 func Readable(fd uintptr) bool {
-	var b [1]byte
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	for {
-		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		n, err := unix.Poll(fds, 0)
 		if err != unix.EINTR {
-			return err != unix.EAGAIN
+			return err != nil || (n > 0 && fds[0].Revents != 0)
 		}
 	}
 }

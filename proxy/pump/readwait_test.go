@@ -3,8 +3,10 @@ package pump
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -63,5 +65,32 @@ func testBufferedRecord(t *testing.T, wrap bool) {
 	tlsClient.SetReadDeadline(time.Now().Add(3 * time.Second))
 	if _, err := io.ReadFull(tlsClient, got[:4]); err != nil || string(got[:4]) != "back" {
 		t.Fatalf("client read %q, %v", got[:4], err)
+	}
+}
+
+// A peer's reset that arrives while a direction waits must reach the next
+// read as ECONNRESET: the wait may not consume the socket's pending error,
+// or the read sees a clean EOF and the pump passes a reset on as a clean
+// end (audit F4; TestAbortCrossesMeshHop failed now and then on it).
+func TestReadWaiterKeepsReset(t *testing.T) {
+	for range 20 {
+		a, b := testkit.TCPPair(t)
+		if _, err := b.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 8)
+		if _, err := a.Read(buf); err != nil {
+			t.Fatal(err)
+		}
+		b.SetLinger(0)
+		b.Close()
+		w := NewReadWaiter(a)
+		if w == nil {
+			t.Fatal("no read waiter for a TCP conn")
+		}
+		w.Wait()
+		if _, err := a.Read(buf); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("read after the wait: %v; want ECONNRESET", err)
+		}
 	}
 }
