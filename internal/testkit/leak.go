@@ -8,13 +8,13 @@ import (
 )
 
 // CheckLeaks fails the test if goroutines started during it are still
-// running (after a bounded wait) when the test's other cleanups are done.
+// running (after up to 5 s) when the test's other cleanups are done.
 // Register it first so it runs last.
 func CheckLeaks(t testing.TB) {
 	t.Helper()
 	before := runtime.NumGoroutine()
 	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
+		deadline := time.Now().Add(5 * time.Second)
 		for runtime.NumGoroutine() > before {
 			if time.Now().After(deadline) {
 				buf := make([]byte, 1<<20)
