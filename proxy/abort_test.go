@@ -12,6 +12,7 @@ import (
 
 	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/proxy/pump"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
 )
 
 // trackedLike stands for a pass-through wrapper with NetConn() and
@@ -26,24 +27,24 @@ func (c trackedLike) CloseWrite() error {
 
 // meshChain builds clientApp ⇄ Pump ⇄ mTLS (or a tunnel over it) ⇄ Pump ⇄
 // serverApp, the way two ferry sidecars carry an app connection.
-func meshChain(t *testing.T, tunnel, wrap bool) (clientApp, serverApp *net.TCPConn, out, in *pumpRun) {
+func meshChain(t *testing.T, tunneled, wrap bool) (clientApp, serverApp *net.TCPConn, out, in *pumpRun) {
 	t.Helper()
 	cs, ss := sessionPair(t)
 	var up, down net.Conn = cs, ss
-	if tunnel {
-		ct := newTunnelConn(cs, func(clean bool) {
+	if tunneled {
+		ct := tunnel.NewConn(cs, func(clean bool) {
 			if !clean {
 				cs.Close()
 			}
 		})
-		if err := writeOpen(ct); err != nil {
+		if err := tunnel.WriteOpen(ct); err != nil {
 			t.Fatal(err)
 		}
-		if err := readOpen(ss); err != nil {
+		if err := tunnel.ReadOpen(ss); err != nil {
 			t.Fatal(err)
 		}
 		up = ct
-		down = newTunnelConn(ss, func(clean bool) {
+		down = tunnel.NewConn(ss, func(clean bool) {
 			if !clean {
 				ss.Close()
 			}
@@ -201,7 +202,7 @@ func TestCloseNotifyIsCleanEnd(t *testing.T) {
 // depth of 4 missed tracked(tunnel(tls(batch(tcp))))).
 func TestTCPOfUnwrapsAll(t *testing.T) {
 	cs, _ := sessionPair(t)
-	var c net.Conn = trackedLike{trackedLike{newTunnelConn(cs, func(bool) {})}}
+	var c net.Conn = trackedLike{trackedLike{tunnel.NewConn(cs, func(bool) {})}}
 	if pump.TCPOf(c) == nil {
 		t.Fatal("tcpOf found no TCP conn under tracked(tracked(tunnel(tls(batch(tcp)))))")
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy/catalog"
 	"github.com/ferrymesh/ferry/proxy/pump"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
 )
 
 // The inbound side answers the tunnel protocol only to clients that offer
@@ -32,7 +33,7 @@ func TestInboundALPNOnlyForFerryPeers(t *testing.T) {
 		{"connect-native h2", []string{"h2"}, ""},
 		{"h2 and http/1.1", []string{"h2", "http/1.1"}, ""},
 		{"no ALPN", nil, ""},
-		{"ferry peer", []string{alpnTunnel}, alpnTunnel},
+		{"ferry peer", []string{tunnel.ALPN}, tunnel.ALPN},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := client.ClientConfig(ca.ID("api"))
@@ -70,7 +71,7 @@ func TestDialRetriesWithoutALPN(t *testing.T) {
 		}
 		c.Close()
 	}
-	if !r.alpnRefused.has(srv.Addr) {
+	if !r.alpnRefused.Has(srv.Addr) {
 		t.Fatal("the refusing instance was not remembered")
 	}
 }
@@ -96,9 +97,9 @@ func tunnelServer(t *testing.T, a *MeshAcceptor) (addr string, opens *atomic.Int
 				tc := tls.Server(pump.NewBatchConn(c), a.cfg)
 				defer tc.Close()
 				_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
-				for readOpen(tc) == nil {
+				for tunnel.ReadOpen(tc) == nil {
 					opens.Add(1)
-					st := newTunnelConn(tc, func(bool) {})
+					st := tunnel.NewConn(tc, func(bool) {})
 					st.CloseWrite()
 					if _, err := io.Copy(io.Discard, st); err != nil {
 						return
@@ -133,11 +134,11 @@ func TestTunnelPoolKeyedByIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := c.(*tunnelConn); !ok {
+	if _, ok := c.(*tunnel.Conn); !ok {
 		t.Fatalf("dial api: %T, want a tunnel", c)
 	}
 	// End the tunnel cleanly so the session goes back to the pool.
-	c.(*tunnelConn).CloseWrite()
+	c.(*tunnel.Conn).CloseWrite()
 	if _, err := io.Copy(io.Discard, c); err != nil {
 		t.Fatal(err)
 	}

@@ -23,8 +23,8 @@ var rules = map[string][]string{
 
 	// The sidecar: routing, the acceptors, the sidecar's wiring.
 	"proxy": {"listener", "mtls", "proxy/pump", "proxy/tunnel", "proxy/catalog", "proxy/intentions"},
-	// Tunnels between sidecars, should they move out of proxy.
-	"proxy/tunnel": {"proxy/pump", "mtls"},
+	// Tunnels between sidecars: frames, the session pool, ALPN.
+	"proxy/tunnel": {"proxy/pump"},
 	// The byte mover, the mesh view: leaves.
 	"proxy/pump":       {},
 	"proxy/catalog":    {},
