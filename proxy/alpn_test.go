@@ -80,36 +80,23 @@ func TestDialRetriesWithoutALPN(t *testing.T) {
 // sessions and ends every tunnel at once with its EOF frame.
 func tunnelServer(t *testing.T, a *MeshAcceptor) (addr string, opens *atomic.Int64) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	opens = new(atomic.Int64)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				tc := tls.Server(pump.NewBatchConn(c), a.cfg)
-				defer tc.Close()
-				_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
-				for tunnel.ReadOpen(tc) == nil {
-					opens.Add(1)
-					st := tunnel.NewConn(tc, func(bool) {})
-					st.CloseWrite()
-					if _, err := io.Copy(io.Discard, st); err != nil {
-						return
-					}
+	addr = testkit.Serve(t, func(c net.Conn) {
+		go func() {
+			tc := tls.Server(pump.NewBatchConn(c), a.cfg)
+			defer tc.Close()
+			_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
+			for tunnel.ReadOpen(tc) == nil {
+				opens.Add(1)
+				st := tunnel.NewConn(tc, func(bool) {})
+				st.CloseWrite()
+				if _, err := io.Copy(io.Discard, st); err != nil {
+					return
 				}
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String(), opens
+			}
+		}()
+	})
+	return addr, opens
 }
 
 // A pooled session verified as one service never carries a connection

@@ -243,11 +243,7 @@ func TestShutdownDoesNotWaitForSilentPermissiveSocket(t *testing.T) {
 	acc.Init()
 	p := startProxy(t, Config{Acceptor: acc}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
-	c, err := net.Dial("tcp", in.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	testkit.Dial(t, in.String())
 	testkit.Eventually(t, "socket pending", func() bool { return p.inboundListener().Pending() == 1 })
 
 	const drain = 200 * time.Millisecond

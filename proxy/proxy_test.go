@@ -479,11 +479,7 @@ func TestInboundSessionNext(t *testing.T) {
 			})
 			p := startProxy(t, Config{Acceptor: acc}, testkit.EchoServer(t))
 			in, _ := p.Addrs()
-			c, err := net.Dial("tcp", in.String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { c.Close() })
+			c := testkit.Dial(t, in.String())
 			c.Write([]byte("ping"))
 			c.(*net.TCPConn).CloseWrite()
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))

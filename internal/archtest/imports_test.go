@@ -42,7 +42,7 @@ var rules = map[string][]string{
 	"inject": {"redirect"},
 
 	// Test support: imported by tests only (see testOnly).
-	"mtls/mtlstest":     {"mtls"},
+	"mtls/mtlstest":     {"mtls", "internal/testkit"},
 	"internal/testkit":  {},
 	"internal/archtest": {},
 }

@@ -39,6 +39,36 @@ func TCPPair(t testing.TB) (client, server *net.TCPConn) {
 	return client, r.c
 }
 
+// Serve accepts on a fresh 127.0.0.1 listener until the test ends, calling
+// handle for each connection in the accept loop (start a goroutine in it
+// to serve connections at once), and returns the listener's address.
+func Serve(t testing.TB, handle func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ServeOn(t, ln, handle)
+	return ln.Addr().String()
+}
+
+// ServeOn is Serve on ln; ln is closed, and the accept loop waited for,
+// when the test ends.
+func ServeOn(t testing.TB, ln net.Listener, handle func(net.Conn)) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			handle(c)
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+}
+
 // EchoServer echoes every connection on 127.0.0.1 until EOF, then
 // half-closes; it stops when the test ends. It returns its address.
 func EchoServer(t testing.TB) string {
@@ -50,37 +80,35 @@ func EchoServer(t testing.TB) string {
 // to tell apps apart.
 func PrefixServer(t testing.TB, prefix string) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ServeEcho(t, ln, prefix)
-	return ln.Addr().String()
+	return Serve(t, func(c net.Conn) { go echo(c, prefix) })
 }
 
 // ServeEcho serves ln as PrefixServer does, closing it when the test ends.
 func ServeEcho(t testing.TB, ln net.Listener, prefix string) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				if prefix != "" {
-					c.Write([]byte(prefix))
-				}
-				io.Copy(c, c)
-				if cw, ok := c.(interface{ CloseWrite() error }); ok {
-					cw.CloseWrite()
-				}
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
+	ServeOn(t, ln, func(c net.Conn) { go echo(c, prefix) })
+}
+
+func echo(c net.Conn, prefix string) {
+	defer c.Close()
+	if prefix != "" {
+		c.Write([]byte(prefix))
+	}
+	io.Copy(c, c)
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+}
+
+// Dial connects to addr over TCP and closes the connection when the test
+// ends.
+func Dial(t testing.TB, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // ReadAllTimeout reads c to EOF, giving up after d.
