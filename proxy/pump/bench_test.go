@@ -21,7 +21,7 @@ import (
 // Throughput benchmarks: one long-lived connection, 1 MiB per op, compared
 // side by side in one run:
 //
-//	go test -run '^$' -bench 'Stream' -benchtime 2s ./proxy
+//	go test -run '^$' -bench 'Stream' -benchtime 2s ./proxy/pump
 //
 // BenchmarkStreamDirect      client -> server
 // BenchmarkStreamPumpSplice  client -> [Pump TCP<->TCP: io.Copy = splice] -> server

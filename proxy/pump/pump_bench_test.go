@@ -14,7 +14,7 @@ import (
 // [Pump TCP->TLS] -> [Pump TLS->TCP] -> server, 1 MiB per op. Whole-process
 // cpu-s/GiB includes both ends' crypto, like the bench harness's pair.
 //
-//	go test -run '^$' -bench 'StreamPumpTLS' -benchtime 2s ./proxy
+//	go test -run '^$' -bench 'StreamPumpTLS' -benchtime 2s ./proxy/pump
 func BenchmarkStreamPumpTLS(b *testing.B) {
 	benchStream(b, func(b *testing.B, a, c net.Conn) {
 		srvCfg, cliCfg := testkit.SelfSignedTLS(b)
