@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	mdns "github.com/miekg/dns"
 )
 
@@ -53,7 +54,7 @@ func TestBadQueries(t *testing.T) {
 // TestGarbage throws malformed datagrams and TCP streams at the server and
 // checks that it keeps answering.
 func TestGarbage(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckLeaks(t)
 	s := startServer(t, Config{})
 	conn, err := net.Dial("udp", s.Addr())
 	if err != nil {

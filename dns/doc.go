@@ -36,4 +36,8 @@
 // a query that comes back with our nonce (e.g. legacy rules that DNAT all
 // port-53 traffic, the proxy's own included) or through 8 such servers is
 // answered SERVFAIL instead of being forwarded again.
+//
+// Imports: nothing of ferry's. It reads the mesh view through its own
+// interface, which cmd/ferry fills with proxy/catalog's view; it never
+// imports proxy or catalog (internal/archtest checks it).
 package dns

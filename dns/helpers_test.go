@@ -4,12 +4,12 @@ import (
 	"context"
 	"net"
 	"net/netip"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/hashicorp/go-hclog"
 	mdns "github.com/miekg/dns"
 )
@@ -136,7 +136,7 @@ func startServer(t testing.TB, cfg Config) *Server {
 		cfg.Mesh = testMesh()
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testWriter{t}})
+		cfg.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testkit.LogWriter{T: t}})
 	}
 	s, err := New(cfg)
 	if err != nil {
@@ -148,10 +148,6 @@ func startServer(t testing.TB, cfg Config) *Server {
 	t.Cleanup(func() { _ = s.Close() })
 	return s
 }
-
-type testWriter struct{ t testing.TB }
-
-func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
 
 // query asks addr over netw ("udp" or "tcp").
 func query(t testing.TB, netw, addr, name string, qtype uint16, edns bool) *mdns.Msg {
@@ -167,21 +163,4 @@ func query(t testing.TB, netw, addr, name string, qtype uint16, edns bool) *mdns
 		t.Fatalf("%s %s %s: %v", netw, name, mdns.TypeToString[qtype], err)
 	}
 	return r
-}
-
-// checkGoroutines fails t if the goroutine count does not come back to
-// before within a few seconds.
-func checkGoroutines(t *testing.T) {
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for runtime.NumGoroutine() > before {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<16)
-				t.Errorf("goroutine leak: %d before, %d after\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
 }

@@ -12,11 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	mdns "github.com/miekg/dns"
 )
 
 func TestMeshNames(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckLeaks(t)
 	s := startServer(t, Config{Datacenter: "dc1", MeshTTL: 3 * time.Second})
 	names := []string{
 		"backend.default.svc.cluster.local.",
@@ -87,7 +88,7 @@ func TestNotMeshNoUpstream(t *testing.T) {
 }
 
 func TestForwarding(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckLeaks(t)
 	rec := startUpstream(t, answerA("198.18.9.9", 60))
 	consul := startUpstream(t, answerA("198.18.8.8", 0))
 	s := startServer(t, Config{Recursors: []string{rec.addr}, ConsulDNS: consul.addr, Datacenter: "dc1"})
@@ -264,7 +265,7 @@ func TestSlowUpstreamDoesNotStall(t *testing.T) {
 }
 
 func TestLifecycle(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckLeaks(t)
 	s, err := New(Config{Mesh: testMesh(), Addr: "127.0.0.1:0"})
 	if err != nil {
 		t.Fatal(err)

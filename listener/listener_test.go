@@ -5,29 +5,14 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-)
 
-func checkLeaks(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
-		for runtime.NumGoroutine() > before {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				t.Errorf("goroutine leak: %d before, %d after\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
-}
+	"github.com/ferrymesh/ferry/internal/testkit"
+)
 
 func TestNextBackoff(t *testing.T) {
 	want := []time.Duration{5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000}
@@ -126,7 +111,7 @@ func echoOnce(c *net.TCPConn) {
 }
 
 func TestServeBacksOffOnTemporaryErrors(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	fa := &flakyAcceptor{TCPListener: listen(t), n: 4, err: &net.OpError{Op: "accept", Err: syscall.EMFILE}}
 	var errs atomic.Int32
 	l := New(fa, Options{OnAcceptError: func(error) { errs.Add(1) }})
@@ -155,7 +140,7 @@ func TestServeBacksOffOnTemporaryErrors(t *testing.T) {
 }
 
 func TestServeStopsOnPermanentError(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	fa := &flakyAcceptor{TCPListener: listen(t), n: 1, err: syscall.EBADF}
 	l := New(fa, Options{})
 	defer l.Close()
@@ -172,7 +157,7 @@ func TestServeStopsOnPermanentError(t *testing.T) {
 }
 
 func TestCloseIsIdempotentAndServeReturnsNil(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	l := New(listen(t), Options{})
 	ch := make(chan error, 1)
 	go func() { ch <- l.Serve(echoOnce) }()
@@ -189,7 +174,7 @@ func TestCloseIsIdempotentAndServeReturnsNil(t *testing.T) {
 // Past MaxConns, new connections are reset at once and counted; once a slot
 // frees up, connections are served again.
 func TestConnectionCap(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ln := listen(t)
 	var over atomic.Int32
 	l := New(ln, Options{MaxConns: 2, OnOverLimit: func() { over.Add(1) }})

@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
 )
 
 // dialFrom connects to addr from the loopback address src (any 127/8
@@ -45,7 +47,7 @@ func stillOpen(t *testing.T, c net.Conn, what string) {
 // it the oldest pending connection is reset, not the new one, and
 // established connections do not count against it.
 func TestPendingBudgetEvictsOldest(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ln := listen(t)
 	var evicted atomic.Int32
 	l := New(ln, Options{MaxConns: 10, MaxPending: 3, MaxPendingPerSource: 2, OnPendingEvicted: func() { evicted.Add(1) }})
@@ -111,7 +113,7 @@ func TestPendingBudgetEvictsOldest(t *testing.T) {
 // connection is refused at accept, and one whose handshake completes past
 // it gets ErrOverLimit.
 func TestPendingMaxConnsCountsEstablished(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ln := listen(t)
 	var over atomic.Int32
 	l := New(ln, Options{MaxConns: 1, MaxPending: 4, OnOverLimit: func() { over.Add(1) }})

@@ -7,36 +7,23 @@ import (
 	"net"
 	"testing"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 )
 
 // benchServer accepts on loopback, handshakes with cfg and writes one
 // byte, so the client also consumes the TLS 1.3 session ticket.
 func benchServer(b *testing.B, cfg *tls.Config) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+	return testkit.Serve(b, func(c net.Conn) {
+		go func() {
+			tc := tls.Server(c, cfg)
+			if tc.Handshake() == nil {
+				_, _ = tc.Write([]byte{1})
+				_, _ = tc.Read(make([]byte, 1)) // wait for the client's close
 			}
-			go func() {
-				tc := tls.Server(c, cfg)
-				if tc.Handshake() == nil {
-					_, _ = tc.Write([]byte{1})
-					_, _ = tc.Read(make([]byte, 1)) // wait for the client's close
-				}
-				tc.Close()
-			}()
-		}
-	}()
-	b.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String()
+			tc.Close()
+		}()
+	})
 }
 
 // BenchmarkHandshake measures one complete mutual-TLS connection setup

@@ -16,4 +16,7 @@
 // resumed ones), so rotation needs no rebuild. Chain verification is done
 // by this package, not by crypto/tls: never rely on tls.ConnectionState's
 // VerifiedChains, which stays empty.
+//
+// Imports: nothing of ferry's (internal/archtest checks it). proxy calls
+// it to verify peers; it never calls back.
 package mtls

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 )
@@ -114,7 +115,7 @@ func TestWatchIndexHygiene(t *testing.T) {
 		t.Fatalf("not ready: %+v", id.Status())
 	}
 	leafSet2.Wait()
-	waitFor(t, 5*time.Second, "the request after the bad leaf", func() bool {
+	testkit.EventuallyShow(t, 5*time.Second, "the request after the bad leaf", func() bool {
 		agent.mu.Lock()
 		defer agent.mu.Unlock()
 		return len(agent.indexes) == 6
@@ -143,16 +144,5 @@ func TestWatchIndexHygiene(t *testing.T) {
 func TestWatchArgs(t *testing.T) {
 	if err := mtls.NewIdentity().Watch(context.Background(), nil, "web", mtls.WatchOptions{}); err == nil {
 		t.Fatal("Watch without client succeeded")
-	}
-}
-
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, state func() any) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s; state: %+v", d, what, state())
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -9,6 +9,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
+	"github.com/ferrymesh/ferry/proxy/pump"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
 )
 
 // trackedLike stands for a pass-through wrapper with NetConn() and
@@ -23,24 +27,24 @@ func (c trackedLike) CloseWrite() error {
 
 // meshChain builds clientApp ⇄ Pump ⇄ mTLS (or a tunnel over it) ⇄ Pump ⇄
 // serverApp, the way two ferry sidecars carry an app connection.
-func meshChain(t *testing.T, tunnel, wrap bool) (clientApp, serverApp *net.TCPConn, out, in *pumpRun) {
+func meshChain(t *testing.T, tunneled, wrap bool) (clientApp, serverApp *net.TCPConn, out, in *pumpRun) {
 	t.Helper()
 	cs, ss := sessionPair(t)
 	var up, down net.Conn = cs, ss
-	if tunnel {
-		ct := newTunnelConn(cs, func(clean bool) {
+	if tunneled {
+		ct := tunnel.NewConn(cs, func(clean bool) {
 			if !clean {
 				cs.Close()
 			}
 		})
-		if err := writeOpen(ct); err != nil {
+		if err := tunnel.WriteOpen(ct); err != nil {
 			t.Fatal(err)
 		}
-		if err := readOpen(ss); err != nil {
+		if err := tunnel.ReadOpen(ss); err != nil {
 			t.Fatal(err)
 		}
 		up = ct
-		down = newTunnelConn(ss, func(clean bool) {
+		down = tunnel.NewConn(ss, func(clean bool) {
 			if !clean {
 				ss.Close()
 			}
@@ -49,8 +53,8 @@ func meshChain(t *testing.T, tunnel, wrap bool) (clientApp, serverApp *net.TCPCo
 	if wrap {
 		up = trackedLike{up}
 	}
-	clientApp, a := tcpPair(t)
-	b, serverApp := tcpPair(t)
+	clientApp, a := testkit.TCPPair(t)
+	b, serverApp := testkit.TCPPair(t)
 	out = startPump(t, context.Background(), a, up, time.Minute)
 	in = startPump(t, context.Background(), down, b, time.Minute)
 	return clientApp, serverApp, out, in
@@ -91,7 +95,7 @@ func TestAbortCrossesMeshHop(t *testing.T) {
 		{"tracked tunnel server app resets", true, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
+			testkit.CheckLeaks(t)
 			clientApp, serverApp, out, in := meshChain(t, tc.tunnel, tc.wrap)
 			aborter, other := clientApp, serverApp
 			if tc.serverAppAborts {
@@ -111,7 +115,7 @@ func TestAbortCrossesMeshHop(t *testing.T) {
 				t.Fatalf("other app read %v after the reset; want ECONNRESET", err)
 			}
 			for _, r := range []*pumpRun{out, in} {
-				if st := r.wait(t, 5*time.Second); st.Err == nil {
+				if st := r.Wait(t, 5*time.Second); st.Err == nil {
 					t.Errorf("pump ended without an error: %+v", st)
 				}
 			}
@@ -123,11 +127,11 @@ func TestAbortCrossesMeshHop(t *testing.T) {
 // abort path must not take over half-close.
 func TestCleanEndCrossesMeshHop(t *testing.T) {
 	for _, tunnel := range []bool{false, true} {
-		checkLeaks(t)
+		testkit.CheckLeaks(t)
 		clientApp, serverApp, out, in := meshChain(t, tunnel, true)
-		exchangeBothWays(t, clientApp, serverApp, 1<<20)
+		testkit.ExchangeBothWays(t, clientApp, serverApp, 1<<20)
 		for _, r := range []*pumpRun{out, in} {
-			if st := r.wait(t, 5*time.Second); st.Err != nil {
+			if st := r.Wait(t, 5*time.Second); st.Err != nil {
 				t.Errorf("tunnel=%v: pump error %v on a clean end", tunnel, st.Err)
 			}
 		}
@@ -148,14 +152,14 @@ func TestTruncatedTLSStreamIsAnError(t *testing.T) {
 		{"FIN without close_notify", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
+			testkit.CheckLeaks(t)
 			cs, ss := sessionPair(t)
-			app, b := tcpPair(t)
+			app, b := testkit.TCPPair(t)
 			run := startPump(t, context.Background(), ss, b, time.Minute)
 			if _, err := cs.Write([]byte("hello")); err != nil {
 				t.Fatal(err)
 			}
-			raw := cs.NetConn().(*batchConn).TCPConn
+			raw := cs.NetConn().(*pump.BatchConn).TCPConn
 			if tc.partial {
 				// The header of a record promising 100 bytes, and 3 of them.
 				raw.Write([]byte{23, 3, 3, 0, 100, 1, 2, 3})
@@ -168,7 +172,7 @@ func TestTruncatedTLSStreamIsAnError(t *testing.T) {
 			if err := readUntilErr(t, app, 5*time.Second); !errors.Is(err, syscall.ECONNRESET) {
 				t.Fatalf("app read %v after the cut; want ECONNRESET", err)
 			}
-			if st := run.wait(t, 5*time.Second); !errors.Is(st.Err, io.ErrUnexpectedEOF) {
+			if st := run.Wait(t, 5*time.Second); !errors.Is(st.Err, io.ErrUnexpectedEOF) {
 				t.Fatalf("pump err %v; want one wrapping io.ErrUnexpectedEOF", st.Err)
 			}
 		})
@@ -177,19 +181,19 @@ func TestTruncatedTLSStreamIsAnError(t *testing.T) {
 
 // close_notify then FIN is the clean end, over batchConn too.
 func TestCloseNotifyIsCleanEnd(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	cs, ss := sessionPair(t)
-	app, b := tcpPair(t)
+	app, b := testkit.TCPPair(t)
 	run := startPump(t, context.Background(), ss, b, time.Minute)
 	cs.Write([]byte("hello"))
 	cs.CloseWrite()
-	cs.NetConn().(*batchConn).CloseWrite()
-	got, err := readAllTimeout(t, app, 5*time.Second)
+	cs.NetConn().(*pump.BatchConn).CloseWrite()
+	got, err := testkit.ReadAllTimeout(t, app, 5*time.Second)
 	if err != nil || string(got) != "hello" {
 		t.Fatalf("app read %q, %v; want hello and EOF", got, err)
 	}
 	app.CloseWrite()
-	if st := run.wait(t, 5*time.Second); st.Err != nil {
+	if st := run.Wait(t, 5*time.Second); st.Err != nil {
 		t.Fatalf("pump err %v", st.Err)
 	}
 }
@@ -198,8 +202,8 @@ func TestCloseNotifyIsCleanEnd(t *testing.T) {
 // depth of 4 missed tracked(tunnel(tls(batch(tcp))))).
 func TestTCPOfUnwrapsAll(t *testing.T) {
 	cs, _ := sessionPair(t)
-	var c net.Conn = trackedLike{trackedLike{newTunnelConn(cs, func(bool) {})}}
-	if tcpOf(c) == nil {
+	var c net.Conn = trackedLike{trackedLike{tunnel.NewConn(cs, func(bool) {})}}
+	if pump.TCPOf(c) == nil {
 		t.Fatal("tcpOf found no TCP conn under tracked(tracked(tunnel(tls(batch(tcp)))))")
 	}
 }
@@ -210,7 +214,7 @@ func TestTCPOfUnwrapsAll(t *testing.T) {
 // Run without -race (make unit's Allocs pass), whose instrumentation
 // inflates every heap figure.
 func TestSilentConnectionsHoldNoBuffersAllocs(t *testing.T) {
-	if raceEnabled {
+	if testkit.RaceEnabled {
 		t.Skip("heap figures are not meaningful under -race")
 	}
 	const n = 64
@@ -219,7 +223,7 @@ func TestSilentConnectionsHoldNoBuffersAllocs(t *testing.T) {
 	runtime.ReadMemStats(&before)
 	for range n {
 		_, ss := sessionPair(t)
-		_, b := tcpPair(t)
+		_, b := testkit.TCPPair(t)
 		startPump(t, context.Background(), ss, b, time.Minute)
 	}
 	time.Sleep(200 * time.Millisecond) // let every half reach its wait

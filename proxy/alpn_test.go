@@ -9,8 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/pump"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
 )
 
 // The inbound side answers the tunnel protocol only to clients that offer
@@ -30,7 +33,7 @@ func TestInboundALPNOnlyForFerryPeers(t *testing.T) {
 		{"connect-native h2", []string{"h2"}, ""},
 		{"h2 and http/1.1", []string{"h2", "http/1.1"}, ""},
 		{"no ALPN", nil, ""},
-		{"ferry peer", []string{alpnTunnel}, alpnTunnel},
+		{"ferry peer", []string{tunnel.ALPN}, tunnel.ALPN},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := client.ClientConfig(ca.ID("api"))
@@ -68,7 +71,7 @@ func TestDialRetriesWithoutALPN(t *testing.T) {
 		}
 		c.Close()
 	}
-	if !r.alpnRefused.has(srv.Addr) {
+	if !r.alpnRefused.Has(srv.Addr) {
 		t.Fatal("the refusing instance was not remembered")
 	}
 }
@@ -77,36 +80,23 @@ func TestDialRetriesWithoutALPN(t *testing.T) {
 // sessions and ends every tunnel at once with its EOF frame.
 func tunnelServer(t *testing.T, a *MeshAcceptor) (addr string, opens *atomic.Int64) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	opens = new(atomic.Int64)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				tc := tls.Server(newBatchConn(c), a.cfg)
-				defer tc.Close()
-				_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
-				for readOpen(tc) == nil {
-					opens.Add(1)
-					st := newTunnelConn(tc, func(bool) {})
-					st.CloseWrite()
-					if _, err := io.Copy(io.Discard, st); err != nil {
-						return
-					}
+	addr = testkit.Serve(t, func(c net.Conn) {
+		go func() {
+			tc := tls.Server(pump.NewBatchConn(c), a.cfg)
+			defer tc.Close()
+			_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
+			for tunnel.ReadOpen(tc) == nil {
+				opens.Add(1)
+				st := tunnel.NewConn(tc, func(bool) {})
+				st.CloseWrite()
+				if _, err := io.Copy(io.Discard, st); err != nil {
+					return
 				}
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String(), opens
+			}
+		}()
+	})
+	return addr, opens
 }
 
 // A pooled session verified as one service never carries a connection
@@ -114,7 +104,7 @@ func tunnelServer(t *testing.T, a *MeshAcceptor) (addr string, opens *atomic.Int
 // keyed by address and expected identity, so the second dial makes a new
 // handshake, which fails the identity check.
 func TestTunnelPoolKeyedByIdentity(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ca := mtlstest.NewCA(t)
 	a := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256)}
 	a.Init()
@@ -131,11 +121,11 @@ func TestTunnelPoolKeyedByIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := c.(*tunnelConn); !ok {
+	if _, ok := c.(*tunnel.Conn); !ok {
 		t.Fatalf("dial api: %T, want a tunnel", c)
 	}
 	// End the tunnel cleanly so the session goes back to the pool.
-	c.(*tunnelConn).CloseWrite()
+	c.(*tunnel.Conn).CloseWrite()
 	if _, err := io.Copy(io.Discard, c); err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/listener"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy/intentions"
@@ -68,14 +69,14 @@ func raiseNoFile(t *testing.T, n uint64) {
 // compete for the pending-handshake budget, where the oldest is reset,
 // while -max-connections counts established connections.
 func TestInboundSilentSocketsDoNotLockOutClients(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	raiseNoFile(t, 4096)
 	ca := mtlstest.NewCA(t)
 	acc := &MeshAcceptor{Identity: ca.Identity(t, "db", mtlstest.EC256), Intentions: allowAll(t), Service: "db",
 		DisableTunnels: true}
 	acc.Init()
 	p := startProxy(t, Config{Acceptor: acc, MaxConnections: 64,
-		Logger: hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testWriter{t}})}, echoServer(t))
+		Logger: hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testkit.LogWriter{T: t}})}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
 
 	const silent = 1000
@@ -95,7 +96,7 @@ func TestInboundSilentSocketsDoNotLockOutClients(t *testing.T) {
 		socks = append(socks, c)
 	}
 	// The proxy has seen them all: reset (counted), or being handled.
-	waitFor(t, "silent sockets accepted", func() bool {
+	testkit.Eventually(t, "silent sockets accepted", func() bool {
 		return counter(p, "inbound", "pending_limit")+counter(p, "inbound", "over_limit")+
 			int64(p.inboundListener().Active()) >= silent
 	})
@@ -166,8 +167,8 @@ func TestAcceptErrorsAndReadiness(t *testing.T) {
 		{"permanent error", []error{acceptErr(syscall.ENETDOWN), acceptErr(syscall.EINVAL)}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
-			p := New(Config{Logger: hclog.New(&hclog.LoggerOptions{Level: hclog.Debug, Output: testWriter{t}})})
+			testkit.CheckLeaks(t)
+			p := New(Config{Logger: hclog.New(&hclog.LoggerOptions{Level: hclog.Debug, Output: testkit.LogWriter{T: t}})})
 			first := true
 			p.listenTCP = func(ctx context.Context, addr string) (listener.TCPAcceptor, error) {
 				l, err := listenTCP(ctx, addr)
@@ -177,7 +178,7 @@ func TestAcceptErrorsAndReadiness(t *testing.T) {
 				first = false // the inbound listener
 				return &scriptedAcceptor{TCPListener: l.(*net.TCPListener), errs: tc.errs}, nil
 			}
-			if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: echoServer(t)}); err != nil {
+			if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: testkit.EchoServer(t)}); err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { p.Close() })
@@ -194,7 +195,7 @@ func TestAcceptErrorsAndReadiness(t *testing.T) {
 				}
 				return
 			}
-			waitFor(t, "Ready to report the stopped listener", func() bool { return p.Ready() != nil })
+			testkit.Eventually(t, "Ready to report the stopped listener", func() bool { return p.Ready() != nil })
 			err := p.Ready()
 			if !strings.Contains(err.Error(), "inbound listener "+in.String()) || !errors.Is(err, syscall.EINVAL) {
 				t.Fatalf("Ready: %v, want the inbound listener's EINVAL", err)
@@ -211,8 +212,8 @@ func (e *accept4Error) Unwrap() error { return e.errno }
 // Upstream listeners removed and added again do not pile up in the list a
 // drain waits for (audit F16).
 func TestUpstreamRebindDoesNotGrowListenerList(t *testing.T) {
-	checkLeaks(t)
-	p := startProxy(t, Config{}, echoServer(t))
+	testkit.CheckLeaks(t)
+	p := startProxy(t, Config{}, testkit.EchoServer(t))
 	reject := func() Route { return Route{Action: Reject, Reason: "test"} }
 	for i := range 50 {
 		if err := p.SetUpstreams([]Upstream{{Addr: "127.0.0.1:0", Name: "db", Route: reject}}); err != nil {
@@ -228,26 +229,22 @@ func TestUpstreamRebindDoesNotGrowListenerList(t *testing.T) {
 		if err := p.SetUpstreams(nil); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, "removed upstream listener finished", ln.Finished)
+		testkit.Eventually(t, "removed upstream listener finished", ln.Finished)
 	}
 }
 
 // Shutdown does not wait past the drain deadline for a permissive inbound
 // socket that never sends its first byte (audit F15).
 func TestShutdownDoesNotWaitForSilentPermissiveSocket(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ca := mtlstest.NewCA(t)
 	acc := &MeshAcceptor{Identity: ca.Identity(t, "db", mtlstest.EC256), Service: "db", Permissive: true,
 		HandshakeTimeout: 20 * time.Second, FirstByteTimeout: 20 * time.Second}
 	acc.Init()
-	p := startProxy(t, Config{Acceptor: acc}, echoServer(t))
+	p := startProxy(t, Config{Acceptor: acc}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
-	c, err := net.Dial("tcp", in.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	waitFor(t, "socket pending", func() bool { return p.inboundListener().Pending() == 1 })
+	testkit.Dial(t, in.String())
+	testkit.Eventually(t, "socket pending", func() bool { return p.inboundListener().Pending() == 1 })
 
 	const drain = 200 * time.Millisecond
 	ctx, cancel := context.WithTimeout(context.Background(), drain)

@@ -17,24 +17,18 @@
 // connection into what is pumped; by default (PlainAcceptor) the raw conn
 // goes to the local app (LocalServiceAddress:LocalServicePort).
 //
-// Both directions end in Pump: two goroutines per connection. Plain TCP on
-// both sides is spliced through pipes held only while data moves
-// (splice.go); other legs (TLS, tunnels) copy through pooled buffers, 64
-// KiB per burst and 256 KiB while streaming, none while idle (pump.go,
-// readwait.go). EOF on one side becomes CloseWrite on the other (for
-// *tls.Conn: close_notify, then FIN on the TCP under it; for a tunnel its
-// EOF frame) while the reverse direction flows on. An error aborts both
-// sides and is passed on as an abort: TCP legs are reset, TLS legs reset
-// under the TLS layer without close_notify, tunnels get a RESET frame. A
-// TLS stream that ends without close_notify is such an error. The idle
-// timeout is measured from kernel byte counters (TCP_INFO), so the splice
-// path carries no per-byte bookkeeping.
+// Both directions end in pump.Pump (proxy/pump, where every byte is
+// copied): two goroutines per connection, splice between plain TCP legs,
+// pooled buffers held only while data moves for TLS and tunnel legs, real
+// half-close both ways, aborts passed on as aborts (TCP reset, TLS reset
+// without close_notify, a tunnel's RESET frame), and the idle timeout.
 //
-// Between two ferry sidecars, app connections travel as tunnels: one after
-// another over a reused mTLS session, negotiated by ALPN (tunnel.go; the
-// client's session pool is tunnelpool.go, the server's session loop
-// Accepted.Next in MeshAcceptor). Other peers get one session per
-// connection.
+// Between two ferry sidecars, app connections travel as tunnels
+// (proxy/tunnel): one after another over a reused mTLS session, negotiated
+// by ALPN. The client's session pool is tunnel.Pool, used by MeshRouter;
+// the server's session loop is inboundSession (Accepted.Next) in
+// MeshAcceptor, next to the intentions it asks for every tunnel. Other
+// peers get one session per connection.
 //
 // A dial failure resets the downstream connection: its connect already
 // succeeded against the proxy, and a reset is the closest the app can get
@@ -117,4 +111,11 @@
 // flowing), then Shutdown(ctx): listeners close, Ready reports
 // "draining", established connections finish until ctx is done and are
 // then closed. Close is Shutdown without the wait.
+//
+// # Imports
+//
+// proxy imports listener, mtls, proxy/pump, proxy/tunnel, proxy/catalog
+// and proxy/intentions, and nothing that imports proxy; it never imports
+// cmd/, test/ or internal/testkit (internal/archtest checks this; the map
+// is docs/architecture.md).
 package proxy

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/listener"
+	"github.com/ferrymesh/ferry/proxy/pump"
 )
 
 // handleOutbound serves one connection redirected to the outbound listener.
@@ -197,7 +198,7 @@ func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.
 	if idle < 0 {
 		idle = 0
 	}
-	st := Pump(ctx, down, up, idle)
+	st := pump.Pump(ctx, down, up, idle)
 	active.Add(-1)
 	untrack()
 
@@ -207,7 +208,7 @@ func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.
 	outcome := "ok"
 	switch {
 	case st.Err == nil:
-	case errors.Is(st.Err, ErrIdle):
+	case errors.Is(st.Err, pump.ErrIdle):
 		outcome = "idle_timeout"
 	case revoked != nil && revoked():
 		outcome = "revoked" // the acceptor closed it: authorization withdrawn
@@ -241,6 +242,8 @@ func (p *Proxy) dialTCP(t *target) DialFunc {
 
 // reset closes c with RST where possible.
 func reset(c net.Conn) {
-	setLinger0(c)
+	if tc := pump.TCPOf(c); tc != nil {
+		_ = tc.SetLinger(0)
+	}
 	c.Close()
 }

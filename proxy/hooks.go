@@ -102,7 +102,7 @@ type Accepted struct {
 	// rather than as an error.
 	Revoked func() bool
 	// Next, when set, waits for the next connection over the same session
-	// (a tunnel, tunnel.go) once this one has ended and been closed, and
+	// (a tunnel, proxy/tunnel) once this one has ended and been closed, and
 	// returns it; an error means the session is over (and closed). ctx is
 	// cancelled when the proxy starts draining.
 	Next func(ctx context.Context) (Accepted, error)

@@ -4,12 +4,11 @@ import (
 	"context"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -31,41 +30,15 @@ func (d unmarkedDialer) DialContext(ctx context.Context, network, addr string) (
 	return c, err
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func openFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
 // When ferry's own passthrough dial is redirected back to its outbound
 // listener (ferry's UID not exempted), the looped connection is reset as
 // "loop" after one hop, logged once, and leaves no fds behind (audit F13).
 // MaxConnections only bounds the damage should the check fail.
 func TestOutboundRedirectLoopCutAfterOneHop(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	n := newNetnsEnv(t)
 	own := NewOwnSockets()
-	logs := &lockedBuffer{}
+	logs := &testkit.LogBuffer{}
 	cfg := Config{OwnSockets: own, Dialer: unmarkedDialer{n, own}, MaxConnections: 50,
 		Logger: hclog.New(&hclog.LoggerOptions{Level: hclog.Info, Output: logs})}
 	var p *Proxy
@@ -81,7 +54,7 @@ func TestOutboundRedirectLoopCutAfterOneHop(t *testing.T) {
 	// ferry's own included, goes to the outbound listener.
 	n.run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "198.18.251.0/24", "-j", "REDIRECT", "--to-ports", port)
 
-	fds := openFDs(t)
+	fds := testkit.OpenFDs(t)
 	for i := range 3 {
 		// The app's connection fails: reset (maybe while connecting,
 		// everything happens on loopback) or closed, with nothing received
@@ -99,9 +72,9 @@ func TestOutboundRedirectLoopCutAfterOneHop(t *testing.T) {
 				t.Fatalf("connection %d: received %q through a loop", i, got)
 			}
 		}
-		waitFor(t, "loop counted", func() bool { return counter(p, "outbound", "loop") == int64(i+1) })
+		testkit.Eventually(t, "loop counted", func() bool { return counter(p, "outbound", "loop") == int64(i+1) })
 	}
-	waitFor(t, "connections finished", func() bool { return p.Registry().Len() == 0 && p.outbound.Active() == 0 })
+	testkit.Eventually(t, "connections finished", func() bool { return p.Registry().Len() == 0 && p.outbound.Active() == 0 })
 	// One hop each: the app's connection and ferry's looped one.
 	total := int64(0)
 	for _, o := range []string{"ok", "error", "idle_timeout", "closed", "dial_error", "rejected", "loop", "over_limit"} {
@@ -113,7 +86,7 @@ func TestOutboundRedirectLoopCutAfterOneHop(t *testing.T) {
 	if n := counter(p, "outbound", "over_limit"); n != 0 {
 		t.Fatalf("%d connections over the limit: the loop ran on", n)
 	}
-	if got := openFDs(t); got > fds+2 {
+	if got := testkit.OpenFDs(t); got > fds+2 {
 		t.Fatalf("open fds %d, %d before", got, fds)
 	}
 	if got := strings.Count(logs.String(), "redirect loop"); got != 1 {

@@ -14,6 +14,8 @@ import (
 	"github.com/ferrymesh/ferry/listener"
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/intentions"
+	"github.com/ferrymesh/ferry/proxy/pump"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -53,7 +55,7 @@ type MeshAcceptor struct {
 	// multi-port service); optional.
 	Ports func(dst netip.AddrPort) (addr string, ok bool)
 	// DisableTunnels stops offering ferry peers tunnel sessions
-	// (tunnel.go): one mTLS session per connection, as with other peers.
+	// (proxy/tunnel): one mTLS session per connection, as with other peers.
 	DisableTunnels bool
 
 	cfg   *tls.Config
@@ -71,7 +73,7 @@ func (a *MeshAcceptor) Init() {
 	}
 	a.cfg = a.Identity.ServerConfig()
 	if !a.DisableTunnels {
-		a.cfg = tunnelServerConfig(a.cfg)
+		a.cfg = tunnel.ServerConfig(a.cfg)
 	}
 }
 
@@ -97,7 +99,7 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		return Accepted{Conn: raw, Keys: []string{"plain"}}, nil
 	}
 	// Not TLS and not permissive: the handshake below fails and says why.
-	tc := tls.Server(newBatchConn(raw), a.cfg)
+	tc := tls.Server(pump.NewBatchConn(raw), a.cfg)
 	hctx, cancel := context.WithDeadline(ctx, deadline)
 	err = tc.HandshakeContext(hctx)
 	cancel()
@@ -114,18 +116,18 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		}
 		return Accepted{Conn: tc}, &Refused{Outcome: "denied", Reason: "no service SPIFFE ID", Err: err}
 	}
-	if tc.ConnectionState().NegotiatedProtocol == alpnTunnel {
+	if tc.ConnectionState().NegotiatedProtocol == tunnel.ALPN {
 		ss := &inboundSession{a: a, raw: raw, tc: tc, id: id, src: src, created: time.Now(),
 			gen: a.Identity.Generation(), released: make(chan bool, 1)}
 		_ = tc.SetReadDeadline(deadline)
 		stop := expireOnDone(ctx, tc)
-		err := readOpen(tc)
+		err := tunnel.ReadOpen(tc)
 		stop()
 		_ = tc.SetReadDeadline(time.Time{})
 		if err != nil {
 			return Accepted{Conn: tc}, &Refused{Outcome: "handshake_error", Reason: "no tunnel OPEN before the handshake timeout", Err: err}
 		}
-		return a.admit(raw, newTunnelConn(tc, ss.release), id, src, ss.next)
+		return a.admit(raw, tunnel.NewConn(tc, ss.release), id, src, ss.next)
 	}
 	return a.admit(raw, tc, id, src, nil)
 }
@@ -166,7 +168,7 @@ func (a *MeshAcceptor) admit(raw *net.TCPConn, conn net.Conn, id mtls.SpiffeID, 
 	return acc, nil
 }
 
-// inboundSession is a ferry peer's tunnel session (tunnel.go): after one
+// inboundSession is a ferry peer's tunnel session (proxy/tunnel): after one
 // tunnel ends cleanly, the next may follow on the same mTLS session.
 type inboundSession struct {
 	a        *MeshAcceptor
@@ -194,9 +196,9 @@ func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
 	if clean := <-s.released; !clean {
 		return Accepted{}, errSessionOver // release closed it
 	}
-	if time.Since(s.created) >= serverMaxAge {
+	if time.Since(s.created) >= tunnel.ServerMaxAge {
 		s.tc.Close()
-		return Accepted{}, fmt.Errorf("%w: older than %v", errSessionOver, serverMaxAge)
+		return Accepted{}, fmt.Errorf("%w: older than %v", errSessionOver, tunnel.ServerMaxAge)
 	}
 	// Leaves or roots changed since the peer was verified: verify its chain
 	// again against the roots of now before it opens anything more.
@@ -207,17 +209,21 @@ func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
 		}
 		s.gen = g
 	}
-	_ = s.tc.SetReadDeadline(time.Now().Add(serverTunnelIdle))
+	_ = s.tc.SetReadDeadline(time.Now().Add(tunnel.ServerIdle))
 	stop := expireOnDone(ctx, s.tc)
-	err := readOpen(s.tc)
+	err := tunnel.ReadOpen(s.tc)
 	stop() // the drain's expired deadline cannot land after the reset below
 	if err != nil {
 		s.tc.Close()
 		return Accepted{}, fmt.Errorf("%w: %w", errSessionOver, err)
 	}
 	_ = s.tc.SetReadDeadline(time.Time{})
-	return s.a.admit(s.raw, newTunnelConn(s.tc, s.release), s.id, s.src, s.next)
+	return s.a.admit(s.raw, tunnel.NewConn(s.tc, s.release), s.id, s.src, s.next)
 }
+
+// aLongTimeAgo is a read deadline that has passed: a blocked read returns
+// at once.
+var aLongTimeAgo = time.Unix(1, 0)
 
 // expireOnDone makes c's reads fail once ctx is done (by an expired read
 // deadline) until the returned stop is called. stop waits for a callback

@@ -12,6 +12,8 @@ import (
 
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/pump"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -27,14 +29,14 @@ type MeshRouter struct {
 	log      hclog.Logger
 	// handshakes counts completed outbound handshakes by resumed=true|false.
 	handshakes *CounterVec
-	// pool holds idle tunnel sessions to ferry peers (tunnel.go); nil when
+	// pool holds idle tunnel sessions to ferry peers (proxy/tunnel); nil when
 	// tunnels are off.
-	pool *tunnelPool
+	pool *tunnel.Pool
 	// tunnels counts app connections carried as tunnels, by session=new|reused.
 	tunnels *CounterVec
 
 	// alpnRefused remembers instances that refused the tunnel protocol.
-	alpnRefused *addrSet
+	alpnRefused *tunnel.AddrSet
 
 	mu      sync.Mutex
 	configs map[catalog.Service]*tls.Config
@@ -47,10 +49,10 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 	}
 	return &MeshRouter{view: view, identity: identity, dialer: &net.Dialer{}, log: log,
 		configs:     map[catalog.Service]*tls.Config{},
-		alpnRefused: newAddrSet(4096, 10*time.Minute),
+		alpnRefused: tunnel.NewAddrSet(4096, 10*time.Minute),
 		handshakes: NewCounterVec("ferry_outbound_tls_handshakes_total",
 			"Outbound mTLS handshakes completed, by whether they resumed a session.", "resumed"),
-		pool: newTunnelPool(identity.Generation),
+		pool: tunnel.NewPool(identity.Generation),
 		tunnels: NewCounterVec("ferry_outbound_tunnels_total",
 			"Outbound connections carried as tunnels over a ferry peer's mTLS session, by whether the session was new or reused.", "session")}
 }
@@ -62,7 +64,7 @@ func (r *MeshRouter) DisableTunnels() { r.pool = nil }
 // Close closes the idle tunnel sessions.
 func (r *MeshRouter) Close() {
 	if r.pool != nil {
-		r.pool.closeAll()
+		r.pool.CloseAll()
 	}
 }
 
@@ -125,7 +127,7 @@ func (r *MeshRouter) Upstream(svc catalog.Service, direct bool, dst netip.AddrPo
 // dialTLS connects and completes the handshake within ctx, so a dead or
 // impostor instance fails here, where the catalog can still try another.
 //
-// To a ferry peer the connection is a tunnel (tunnel.go): over an idle
+// To a ferry peer the connection is a tunnel (proxy/tunnel): over an idle
 // session from the pool when there is one, else over the new session.
 // Pooled sessions are filed by address and the identity they were
 // verified as (cfg.ServerName names it), so a session verified as one
@@ -136,7 +138,7 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) 
 	key := addr + "|" + cfg.ServerName
 	if pool != nil {
 		for {
-			tc, created, gen := pool.get(key)
+			tc, created, gen := pool.Get(key)
 			if tc == nil {
 				break
 			}
@@ -148,24 +150,24 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) 
 	}
 	gen := r.identity.Generation()
 	icfg := mtls.InstanceConfig(cfg, addr)
-	alpn := len(icfg.NextProtos) > 0 && !r.alpnRefused.has(addr)
+	alpn := len(icfg.NextProtos) > 0 && !r.alpnRefused.Has(addr)
 	if !alpn {
-		icfg = withoutALPN(icfg)
+		icfg = tunnel.WithoutALPN(icfg)
 	}
 	tc, err := r.handshake(ctx, addr, icfg)
-	if err != nil && alpn && isNoALPN(err) {
+	if err != nil && alpn && tunnel.IsNoALPN(err) {
 		// A peer that serves other protocols by ALPN (a connect-native Go
 		// service with h2) refuses ours: once more without, and remember
 		// the instance for a while.
-		r.alpnRefused.add(addr)
-		tc, err = r.handshake(ctx, addr, withoutALPN(icfg))
+		r.alpnRefused.Add(addr)
+		tc, err = r.handshake(ctx, addr, tunnel.WithoutALPN(icfg))
 	}
 	if err != nil {
 		return nil, err
 	}
 	cs := tc.ConnectionState()
 	r.handshakes.With(strconv.FormatBool(cs.DidResume)).Inc()
-	if pool != nil && cs.NegotiatedProtocol == alpnTunnel {
+	if pool != nil && cs.NegotiatedProtocol == tunnel.ALPN {
 		t, err := r.openTunnel(tc, key, time.Now(), gen)
 		if err != nil {
 			return nil, fmt.Errorf("tunnel to %s: %w", addr, err)
@@ -181,7 +183,7 @@ func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config
 	if err != nil {
 		return nil, err
 	}
-	tc := tls.Client(newBatchConn(raw), cfg)
+	tc := tls.Client(pump.NewBatchConn(raw), cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
@@ -193,14 +195,14 @@ func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config
 // the session goes back to the pool under key.
 func (r *MeshRouter) openTunnel(tc *tls.Conn, key string, created time.Time, gen uint64) (net.Conn, error) {
 	pool := r.pool
-	t := newTunnelConn(tc, func(clean bool) {
+	t := tunnel.NewConn(tc, func(clean bool) {
 		if clean {
-			pool.put(key, tc, created, gen)
+			pool.Put(key, tc, created, gen)
 		} else {
 			tc.Close()
 		}
 	})
-	if err := writeOpen(t); err != nil {
+	if err := tunnel.WriteOpen(t); err != nil {
 		tc.Close()
 		return nil, err
 	}
@@ -226,7 +228,7 @@ func (r *MeshRouter) clientConfig(svc catalog.Service) *tls.Config {
 	}
 	c := r.identity.ClientConfig(mtls.ServiceID(td, dc, svc.Name))
 	if r.pool != nil {
-		c.NextProtos = []string{alpnTunnel}
+		c.NextProtos = []string{tunnel.ALPN}
 	}
 	r.configs[key] = c
 	return c

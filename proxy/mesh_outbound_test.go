@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
 	"github.com/hashicorp/go-hclog"
@@ -173,12 +174,12 @@ func TestRouteOutboundPassthroughOnceLoaded(t *testing.T) {
 // there for its view), counts a Reject under its Route.Outcome, and logs a
 // burst of rejections of one destination once.
 func TestOutboundRouteWaitBoundedAndOutcomeCounted(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	router := RouterFunc(func(ctx context.Context, dst netip.AddrPort) Route {
 		<-ctx.Done() // a view that never loads
 		return Route{Action: Reject, Outcome: "not_ready", Reason: "catalog view not loaded yet"}
 	})
-	var logs syncBuf
+	var logs testkit.LogBuffer
 	p, dial := setupOutbound(t, Config{Router: router, ConnectTimeout: 100 * time.Millisecond,
 		Logger: hclog.New(&hclog.LoggerOptions{Output: &logs})})
 	const n = 3
@@ -187,7 +188,7 @@ func TestOutboundRouteWaitBoundedAndOutcomeCounted(t *testing.T) {
 			t.Fatalf("connection while not ready: %v; want reset", err)
 		}
 	}
-	waitFor(t, "not_ready counted", func() bool { return counter(p, "outbound", "not_ready") == n })
+	testkit.Eventually(t, "not_ready counted", func() bool { return counter(p, "outbound", "not_ready") == n })
 	if got := strings.Count(logs.String(), "outbound connection rejected"); got != 1 {
 		t.Fatalf("%d rejections, %d log lines; want 1:\n%s", n, got, logs.String())
 	}

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
@@ -32,7 +33,7 @@ type netnsEnv struct {
 
 func newNetnsEnv(t *testing.T) *netnsEnv {
 	t.Helper()
-	requireRoot(t)
+	testkit.RequireRoot(t)
 	b := make([]byte, 4)
 	rand.Read(b)
 	n := &netnsEnv{name: "ferry-pt-" + hex.EncodeToString(b)}
@@ -111,8 +112,7 @@ func setupOutbound(t *testing.T, cfg Config) (*Proxy, func(addr string) (net.Con
 			return err
 		}
 		app = ln.Addr().String()
-		go serveEcho(ln)
-		t.Cleanup(func() { ln.Close() })
+		testkit.ServeEcho(t, ln, "")
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -140,27 +140,6 @@ func setupOutbound(t *testing.T, cfg Config) (*Proxy, func(addr string) (net.Con
 	}
 }
 
-func serveEcho(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer c.Close()
-			buf := make([]byte, 32<<10)
-			for {
-				n, err := c.Read(buf)
-				c.Write(buf[:n])
-				if err != nil {
-					c.(*net.TCPConn).CloseWrite()
-					return
-				}
-			}
-		}()
-	}
-}
-
 func dialExchange(t *testing.T, dial func(string) (net.Conn, error), addr, msg string) (string, error) {
 	t.Helper()
 	c, err := dial(addr)
@@ -172,13 +151,13 @@ func dialExchange(t *testing.T, dial func(string) (net.Conn, error), addr, msg s
 }
 
 func TestOutboundPassthrough(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	p, dial := setupOutbound(t, Config{})
 	got, err := dialExchange(t, dial, "198.18.251.1:7000", "through ferry")
 	if err != nil || got != "through ferry" {
 		t.Fatalf("passthrough: %q, %v", got, err)
 	}
-	waitFor(t, "outbound ok", func() bool { return counter(p, "outbound", "ok") == 1 })
+	testkit.Eventually(t, "outbound ok", func() bool { return counter(p, "outbound", "ok") == 1 })
 	if s := p.Metrics().SentBytes.With("outbound").Value(); s != int64(len("through ferry")) {
 		t.Fatalf("sent bytes %d", s)
 	}
@@ -186,12 +165,12 @@ func TestOutboundPassthrough(t *testing.T) {
 	if _, err := dialExchange(t, dial, "198.18.251.1:7001", "x"); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("closed destination port: %v, want reset", err)
 	}
-	waitFor(t, "dial error", func() bool { return counter(p, "outbound", "dial_error") == 1 })
+	testkit.Eventually(t, "dial error", func() bool { return counter(p, "outbound", "dial_error") == 1 })
 }
 
 // The Router hook sees the original destination and picks the action.
 func TestOutboundRouterHook(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	seen := make(chan netip.AddrPort, 10)
 	var app2 string
 	router := RouterFunc(func(ctx context.Context, dst netip.AddrPort) Route {
@@ -205,7 +184,7 @@ func TestOutboundRouterHook(t *testing.T) {
 		}
 		return Route{Action: Passthrough}
 	})
-	app2 = echoServer(t) // the custom dial's target, in the root namespace on loopback
+	app2 = testkit.EchoServer(t) // the custom dial's target, in the root namespace on loopback
 	p, dial := setupOutbound(t, Config{Router: router})
 
 	if got, err := dialExchange(t, dial, "198.18.251.1:7002", "via dial"); err != nil || got != "via dial" {
@@ -218,7 +197,7 @@ func TestOutboundRouterHook(t *testing.T) {
 		t.Fatalf("Reject route: %v, want reset", err)
 	}
 	<-seen
-	waitFor(t, "rejected and ok counted", func() bool {
+	testkit.Eventually(t, "rejected and ok counted", func() bool {
 		return counter(p, "outbound", "rejected") == 1 && counter(p, "outbound", "ok") == 1
 	})
 }

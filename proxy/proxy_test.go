@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -21,7 +22,7 @@ import (
 func startProxy(t *testing.T, cfg Config, app string) *Proxy {
 	t.Helper()
 	if cfg.Logger == nil {
-		cfg.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Debug, Output: testWriter{t}})
+		cfg.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Debug, Output: testkit.LogWriter{T: t}})
 	}
 	p := New(cfg)
 	if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: app}); err != nil {
@@ -29,14 +30,6 @@ func startProxy(t *testing.T, cfg Config, app string) *Proxy {
 	}
 	t.Cleanup(func() { p.Close() })
 	return p
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
 }
 
 // exchange dials addr, sends msg, half-closes and returns the whole reply.
@@ -62,22 +55,9 @@ func counter(p *Proxy, dir, outcome string) int64 {
 	return p.Metrics().Connections.With(dir, outcome).Value()
 }
 
-// waitFor polls cond (readiness of asynchronous bookkeeping, e.g. metrics
-// recorded after the client saw EOF) for up to 5 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func TestInboundForwardsToLocalApp(t *testing.T) {
-	checkLeaks(t)
-	app := echoServer(t)
+	testkit.CheckLeaks(t)
+	app := testkit.EchoServer(t)
 	p := startProxy(t, Config{}, app)
 	in, _ := p.Addrs()
 	for range 3 {
@@ -86,7 +66,7 @@ func TestInboundForwardsToLocalApp(t *testing.T) {
 			t.Fatalf("echo through inbound: %q, %v", got, err)
 		}
 	}
-	waitFor(t, "3 ok inbound connections", func() bool { return counter(p, "inbound", "ok") == 3 })
+	testkit.Eventually(t, "3 ok inbound connections", func() bool { return counter(p, "inbound", "ok") == 3 })
 	m := p.Metrics()
 	if s, r := m.SentBytes.With("inbound").Value(), m.ReceivedBytes.With("inbound").Value(); s != 27 || r != 27 {
 		t.Fatalf("bytes sent %d received %d, want 27/27", s, r)
@@ -102,18 +82,18 @@ func TestInboundForwardsToLocalApp(t *testing.T) {
 // A connection made straight to the outbound port (not redirected) must be
 // refused: passing it through would dial the listener itself.
 func TestOutboundRefusesNonRedirected(t *testing.T) {
-	checkLeaks(t)
-	p := startProxy(t, Config{}, echoServer(t))
+	testkit.CheckLeaks(t)
+	p := startProxy(t, Config{}, testkit.EchoServer(t))
 	_, out := p.Addrs()
 	_, err := exchange(t, out.String(), "loop?")
 	if err == nil || !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("direct connection to outbound: %v, want reset", err)
 	}
-	waitFor(t, "loop counted", func() bool { return counter(p, "outbound", "loop") == 1 })
+	testkit.Eventually(t, "loop counted", func() bool { return counter(p, "outbound", "loop") == 1 })
 }
 
 func TestInboundDialErrorResets(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	dead := ln.Addr().String()
 	ln.Close() // nothing listens here now
@@ -122,7 +102,7 @@ func TestInboundDialErrorResets(t *testing.T) {
 	if _, err := exchange(t, in.String(), "x"); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("app down: %v, want reset", err)
 	}
-	waitFor(t, "dial error counted", func() bool {
+	testkit.Eventually(t, "dial error counted", func() bool {
 		return counter(p, "inbound", "dial_error") == 1 && p.Metrics().DialErrors.With("inbound").Value() == 1
 	})
 }
@@ -130,8 +110,8 @@ func TestInboundDialErrorResets(t *testing.T) {
 // The Acceptor hook decides what is pumped and under which keys; the
 // registry closes live connections by key (live revocation).
 func TestAcceptorHookAndRevocation(t *testing.T) {
-	checkLeaks(t)
-	app := echoServer(t)
+	testkit.CheckLeaks(t)
+	app := testkit.EchoServer(t)
 	acc := AcceptorFunc(func(ctx context.Context, raw *net.TCPConn) (Accepted, error) {
 		// A toy "handshake": the first line names the peer.
 		buf := make([]byte, 4)
@@ -150,7 +130,7 @@ func TestAcceptorHookAndRevocation(t *testing.T) {
 	if _, err := exchange(t, in.String(), "evil and more"); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("refused peer: %v, want reset", err)
 	}
-	waitFor(t, "denied counted", func() bool { return counter(p, "inbound", "denied") == 1 })
+	testkit.Eventually(t, "denied counted", func() bool { return counter(p, "inbound", "denied") == 1 })
 
 	// Two live connections from "web", one from "api".
 	open := func(peer string) net.Conn {
@@ -167,7 +147,7 @@ func TestAcceptorHookAndRevocation(t *testing.T) {
 		return c
 	}
 	web1, web2, api := open("web_"), open("web_"), open("api_")
-	waitFor(t, "3 tracked", func() bool { return p.Registry().Len() == 3 })
+	testkit.Eventually(t, "3 tracked", func() bool { return p.Registry().Len() == 3 })
 	for _, ci := range p.Registry().Snapshot() {
 		if ci.Direction != Inbound || !strings.HasPrefix(ci.Peer, "spiffe://test/svc/") {
 			t.Fatalf("conn info %+v", ci)
@@ -178,11 +158,11 @@ func TestAcceptorHookAndRevocation(t *testing.T) {
 	}
 	for _, c := range []net.Conn{web1, web2} {
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.ReadAll(c); err != nil && !isClosedOrReset(err) {
+		if _, err := io.ReadAll(c); err != nil && !testkit.IsClosedOrReset(err) {
 			t.Fatalf("revoked conn: %v", err)
 		}
 	}
-	waitFor(t, "revoked counted", func() bool { return counter(p, "inbound", "closed") == 2 })
+	testkit.Eventually(t, "revoked counted", func() bool { return counter(p, "inbound", "closed") == 2 })
 	// The other source is untouched.
 	api.Write([]byte("still here"))
 	if _, err := io.ReadFull(api, make([]byte, 10)); err != nil {
@@ -191,8 +171,8 @@ func TestAcceptorHookAndRevocation(t *testing.T) {
 }
 
 func TestMaxConnectionsResetsExtra(t *testing.T) {
-	checkLeaks(t)
-	p := startProxy(t, Config{MaxConnections: 1}, echoServer(t))
+	testkit.CheckLeaks(t)
+	p := startProxy(t, Config{MaxConnections: 1}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
 	held, err := net.Dial("tcp", in.String())
 	if err != nil {
@@ -205,7 +185,7 @@ func TestMaxConnectionsResetsExtra(t *testing.T) {
 	if _, err := exchange(t, in.String(), "y"); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("over the cap: %v, want reset", err)
 	}
-	waitFor(t, "over_limit counted", func() bool { return counter(p, "inbound", "over_limit") == 1 })
+	testkit.Eventually(t, "over_limit counted", func() bool { return counter(p, "inbound", "over_limit") == 1 })
 }
 
 // openEchoed connects to addr, sends msg and reads it back: a connection
@@ -228,8 +208,8 @@ func openEchoed(t *testing.T, addr, msg string) net.Conn {
 // Drain: after Shutdown starts, /ready is 503, new connections are refused,
 // and an established one finishes its exchange.
 func TestShutdownDrains(t *testing.T) {
-	checkLeaks(t)
-	p := startProxy(t, Config{}, echoServer(t))
+	testkit.CheckLeaks(t)
+	p := startProxy(t, Config{}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
 	c := openEchoed(t, in.String(), "before")
 
@@ -239,11 +219,11 @@ func TestShutdownDrains(t *testing.T) {
 		defer cancel()
 		done <- p.Shutdown(ctx)
 	}()
-	waitFor(t, "not ready", func() bool { return p.Ready() != nil })
+	testkit.Eventually(t, "not ready", func() bool { return p.Ready() != nil })
 	if err := p.Ready(); !strings.Contains(err.Error(), "draining") {
 		t.Fatalf("Ready during drain: %v", err)
 	}
-	waitFor(t, "listener closed", func() bool {
+	testkit.Eventually(t, "listener closed", func() bool {
 		c2, err := net.Dial("tcp", in.String())
 		if err == nil {
 			c2.Close()
@@ -268,8 +248,8 @@ func TestShutdownDrains(t *testing.T) {
 }
 
 func TestShutdownDeadlineClosesConnections(t *testing.T) {
-	checkLeaks(t)
-	p := startProxy(t, Config{}, echoServer(t))
+	testkit.CheckLeaks(t)
+	p := startProxy(t, Config{}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
 	c := openEchoed(t, in.String(), "x")
 
@@ -282,7 +262,7 @@ func TestShutdownDeadlineClosesConnections(t *testing.T) {
 	if el := time.Since(start); el > 3*time.Second {
 		t.Fatalf("Shutdown took %v", el)
 	}
-	if _, err := io.ReadAll(c); err != nil && !isClosedOrReset(err) {
+	if _, err := io.ReadAll(c); err != nil && !testkit.IsClosedOrReset(err) {
 		t.Fatalf("after drain deadline: %v", err)
 	}
 	if counter(p, "inbound", "closed") != 1 {
@@ -291,8 +271,8 @@ func TestShutdownDeadlineClosesConnections(t *testing.T) {
 }
 
 func TestApplyRebindsAndSwitchesApp(t *testing.T) {
-	checkLeaks(t)
-	app1, app2 := echoServer(t), prefixServer(t, "two:")
+	testkit.CheckLeaks(t)
+	app1, app2 := testkit.EchoServer(t), testkit.PrefixServer(t, "two:")
 	p := startProxy(t, Config{}, app1)
 	in, out := p.Addrs()
 	if got, _ := exchange(t, in.String(), "a"); got != "a" {
@@ -325,7 +305,7 @@ func TestApplyRebindsAndSwitchesApp(t *testing.T) {
 }
 
 func TestAdmin(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	p := New(Config{})
 	t.Cleanup(func() { p.Close() })
 	p.AddReadyCheck("identity", func() error { return nil })
@@ -343,7 +323,7 @@ func TestAdmin(t *testing.T) {
 	if code, body := get("/ready"); code != 503 || !strings.Contains(body, "configuration not loaded") {
 		t.Fatalf("/ready before config: %d %q", code, body)
 	}
-	if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: echoServer(t)}); err != nil {
+	if err := p.Apply(Endpoints{Inbound: "127.0.0.1:0", Outbound: "127.0.0.1:0", LocalApp: testkit.EchoServer(t)}); err != nil {
 		t.Fatal(err)
 	}
 	if code, body := get("/ready"); code != 200 {
@@ -398,8 +378,8 @@ d_seconds_count 3
 // Hooks can be swapped while serving (mTLS and the catalog arrive after the
 // registration is read); nil restores the plain defaults.
 func TestSetAcceptorAtRuntime(t *testing.T) {
-	checkLeaks(t)
-	p := startProxy(t, Config{}, echoServer(t))
+	testkit.CheckLeaks(t)
+	p := startProxy(t, Config{}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
 	if got, err := exchange(t, in.String(), "plain"); got != "plain" {
 		t.Fatalf("plain: %q, %v", got, err)
@@ -410,7 +390,7 @@ func TestSetAcceptorAtRuntime(t *testing.T) {
 	if _, err := exchange(t, in.String(), "plain"); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("after SetAcceptor: %v, want reset", err)
 	}
-	waitFor(t, "refusal counted", func() bool { return counter(p, "inbound", "plaintext_refused") == 1 })
+	testkit.Eventually(t, "refusal counted", func() bool { return counter(p, "inbound", "plaintext_refused") == 1 })
 	p.SetAcceptor(nil)
 	if got, err := exchange(t, in.String(), "again"); got != "again" {
 		t.Fatalf("after SetAcceptor(nil): %q, %v", got, err)
@@ -436,7 +416,7 @@ func (d blockingDialer) DialContext(ctx context.Context, _, _ string) (net.Conn,
 }
 
 func TestConnectTimeout(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	d := blockingDialer{deadline: make(chan time.Time, 1)}
 	p := startProxy(t, Config{ConnectTimeout: 150 * time.Millisecond, Dialer: d}, "localhost:1")
 	in, _ := p.Addrs()
@@ -447,7 +427,7 @@ func TestConnectTimeout(t *testing.T) {
 	if dl := <-d.deadline; dl.Sub(start) > time.Second || dl.IsZero() {
 		t.Fatalf("dial deadline %v after start; want the 150 ms connect timeout", dl.Sub(start))
 	}
-	waitFor(t, "dial error counted", func() bool { return counter(p, "inbound", "dial_error") == 1 })
+	testkit.Eventually(t, "dial error counted", func() bool { return counter(p, "inbound", "dial_error") == 1 })
 }
 
 // keepOpen is an accepted conn whose Close leaves the socket open, as a
@@ -470,9 +450,9 @@ func TestInboundSessionNext(t *testing.T) {
 		{"refused", func(context.Context) (Accepted, error) {
 			return Accepted{}, &Refused{Outcome: "denied", Reason: "test"}
 		}, func(t *testing.T, p *Proxy, c net.Conn) {
-			waitFor(t, "denied counted", func() bool { return counter(p, "inbound", "denied") == 1 })
+			testkit.Eventually(t, "denied counted", func() bool { return counter(p, "inbound", "denied") == 1 })
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := c.Read(make([]byte, 1)); !isClosedOrReset(err) {
+			if _, err := c.Read(make([]byte, 1)); !testkit.IsClosedOrReset(err) {
 				t.Fatalf("session socket after a refused Next: %v, want closed", err)
 			}
 		}},
@@ -492,25 +472,21 @@ func TestInboundSessionNext(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
+			testkit.CheckLeaks(t)
 			var done atomic.Int32
 			acc := AcceptorFunc(func(ctx context.Context, raw *net.TCPConn) (Accepted, error) {
 				return Accepted{Conn: keepOpen{raw}, Done: func() { done.Add(1) }, Next: tc.next}, nil
 			})
-			p := startProxy(t, Config{Acceptor: acc}, echoServer(t))
+			p := startProxy(t, Config{Acceptor: acc}, testkit.EchoServer(t))
 			in, _ := p.Addrs()
-			c, err := net.Dial("tcp", in.String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { c.Close() })
+			c := testkit.Dial(t, in.String())
 			c.Write([]byte("ping"))
 			c.(*net.TCPConn).CloseWrite()
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
 			if got, err := io.ReadAll(c); err != nil || string(got) != "ping" {
 				t.Fatalf("first connection: %q, %v", got, err)
 			}
-			waitFor(t, "first connection finished", func() bool {
+			testkit.Eventually(t, "first connection finished", func() bool {
 				return counter(p, "inbound", "ok") == 1 && done.Load() == 1
 			})
 			tc.check(t, p, c)

@@ -1,16 +1,15 @@
 package proxy
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -65,32 +64,14 @@ func TestRateLogBounded(t *testing.T) {
 	}
 }
 
-// syncBuf is a goroutine-safe log sink.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // Every refused connection is counted, but a burst of the same failure is
 // one WARN line, not one per connection.
 func TestDialFailuresLoggedOncePerInterval(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	dead := ln.Addr().String()
 	ln.Close()
-	var logs syncBuf
+	var logs testkit.LogBuffer
 	p := startProxy(t, Config{ConnectTimeout: time.Second, Logger: hclog.New(&hclog.LoggerOptions{Output: &logs})}, dead)
 	in, _ := p.Addrs()
 	const n = 20
@@ -99,7 +80,7 @@ func TestDialFailuresLoggedOncePerInterval(t *testing.T) {
 			t.Fatalf("app down: %v, want reset", err)
 		}
 	}
-	waitFor(t, "dial errors counted", func() bool { return counter(p, "inbound", "dial_error") == n })
+	testkit.Eventually(t, "dial errors counted", func() bool { return counter(p, "inbound", "dial_error") == n })
 	if got := strings.Count(logs.String(), "dial failed"); got != 1 {
 		t.Fatalf("%d connections refused, %d \"dial failed\" lines; want 1:\n%s", n, got, logs.String())
 	}

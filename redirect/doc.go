@@ -20,4 +20,7 @@
 // ferry owns the five chains by name (they are Consul's names, so each tool
 // cleans up after the other) and the jumps into them from the built-in
 // chains; nothing else in the table is touched.
+//
+// Imports: nothing of ferry's (internal/archtest checks it); cmd/ferry and
+// the CNI plugin drive it.
 package redirect

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy"
 	"github.com/hashicorp/consul/api"
@@ -159,24 +160,6 @@ func (f *fakeAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(svc)
 }
 
-// syncLog collects log output from several goroutines.
-type syncLog struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *syncLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *syncLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // freeAddr returns a loopback address that is free now, below the
 // ephemeral range: a port handed out by the kernel (":0") and closed again
 // is soon reused as the source port of some other test's connection on
@@ -201,39 +184,13 @@ func port(t *testing.T, addr string) int {
 	return n
 }
 
-func echoApp(t *testing.T, prefix string) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.Write([]byte(prefix))
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String()
-}
-
 // TestRunLifecycle drives runProxy against a fake agent: ready only once
 // the registration is loaded, follows a registration change, drains on the
 // first signal (/ready 503, established connection still served), exits at
 // once on the second, and leaves no goroutines behind.
 func TestRunLifecycle(t *testing.T) {
 	before := runtime.NumGoroutine()
-	app1, app2 := echoApp(t, "one:"), echoApp(t, "two:")
+	app1, app2 := testkit.PrefixServer(t, "one:"), testkit.PrefixServer(t, "two:")
 	in, out, admin := freeAddr(t), freeAddr(t), freeAddr(t)
 	reg := func(app string) *api.AgentService {
 		return &api.AgentService{
@@ -274,7 +231,7 @@ func TestRunLifecycle(t *testing.T) {
 		Permissive: true, HandshakeTimeout: time.Second, LiveRevocation: true}
 	sigs := make(chan os.Signal, 2)
 	done := make(chan error, 1)
-	logw := &syncLog{}
+	logw := &testkit.LogBuffer{}
 	defer func() {
 		if t.Failed() {
 			t.Logf("ferry log:\n%s", logw.String())

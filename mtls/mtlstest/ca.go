@@ -1,7 +1,8 @@
 // Package mtlstest generates throwaway Consul-like CAs and leaf
 // certificates for tests: a root (optionally with an intermediate),
 // service leaves with a SPIFFE URI SAN and clientAuth+serverAuth EKU, and
-// ready-made mtls.Identity values.
+// ready-made mtls.Identity values. For tests only: no production package
+// imports it (internal/archtest checks it).
 package mtlstest
 
 import (

@@ -7,6 +7,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
 )
 
 // Server is a real loopback TLS listener that handshakes every accepted
@@ -26,30 +28,18 @@ type ServerResult struct {
 // StartServer serves cfg on 127.0.0.1 until the test ends.
 func StartServer(t testing.TB, cfg *tls.Config) *Server {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &Server{Addr: ln.Addr().String(), results: make(chan ServerResult, 64)}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			tc := tls.Server(c, cfg)
-			_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
-			err = tc.Handshake()
-			if err == nil {
-				_, err = tc.Write([]byte("ok"))
-			}
-			s.results <- ServerResult{tc.ConnectionState(), err}
-			tc.Close()
+	s := &Server{results: make(chan ServerResult, 64)}
+	// One connection at a time: results come in the order of the dials.
+	s.Addr = testkit.Serve(t, func(c net.Conn) {
+		tc := tls.Server(c, cfg)
+		_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
+		err := tc.Handshake()
+		if err == nil {
+			_, err = tc.Write([]byte("ok"))
 		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
+		s.results <- ServerResult{tc.ConnectionState(), err}
+		tc.Close()
+	})
 	return s
 }
 

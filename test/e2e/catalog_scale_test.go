@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/ferrymesh/ferry/dns"
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/proxy/catalog"
 	"github.com/ferrymesh/ferry/test/testbed"
 )
@@ -32,7 +33,7 @@ var _ dns.MeshView = (*catalog.View)(nil)
 func startCatalog(t *testing.T, client *api.Client) *catalog.View {
 	t.Helper()
 	v := catalog.Start(context.Background(), catalog.ConsulSource{Client: client}, catalog.Options{
-		Logger: hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Info, Output: testWriter{t}}),
+		Logger: hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Info, Output: testkit.LogWriter{T: t}}),
 	})
 	t.Cleanup(func() { v.Close() })
 	select {
@@ -42,10 +43,6 @@ func startCatalog(t *testing.T, client *api.Client) *catalog.View {
 	}
 	return v
 }
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) { w.t.Logf("%s", p); return len(p), nil }
 
 // waitFor polls cond (the view has no per-change signal) and returns how
 // long the change took to appear. It fails after limit.

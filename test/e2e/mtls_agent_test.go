@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 
 	"github.com/hashicorp/consul/api"
@@ -134,13 +135,13 @@ func TestMTLSWatchAgent(t *testing.T) {
 	// (caChangeJitterWindow); the agent keeps generating EC P-256 leaf
 	// keys, now signed by the RSA root.
 	for _, id := range []*mtls.Identity{web, apiID} {
-		maWaitFor(t, 10*time.Second, "two roots", func() bool {
+		testkit.EventuallyShow(t, 10*time.Second, "two roots", func() bool {
 			return len(id.Roots().Certs) >= 2
 		}, func() any { return id.Status() })
 	}
 	t.Logf("new roots picked up %v after the CA change", time.Since(rotated))
 	for _, id := range []*mtls.Identity{web, apiID} {
-		maWaitFor(t, 45*time.Second, "leaf signed by the new RSA root", func() bool {
+		testkit.EventuallyShow(t, 45*time.Second, "leaf signed by the new RSA root", func() bool {
 			return id.Leaf().X509.SignatureAlgorithm == x509.SHA256WithRSA
 		}, func() any { return id.Status() })
 	}
@@ -169,27 +170,16 @@ func TestMTLSWatchAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	restarted := time.Now()
-	maWaitFor(t, 30*time.Second, "new trust domain after agent restart", func() bool {
+	testkit.EventuallyShow(t, 30*time.Second, "new trust domain after agent restart", func() bool {
 		return web.TrustDomain() != oldTD && web.ID().TrustDomain == web.TrustDomain()
 	}, func() any { return web.Status() })
 	t.Logf("identity followed the restarted agent after %v", time.Since(restarted))
 
 	stop()
 	tr.CloseIdleConnections()
-	maWaitFor(t, 10*time.Second, "watch goroutines gone", func() bool {
+	testkit.EventuallyShow(t, 10*time.Second, "watch goroutines gone", func() bool {
 		return runtime.NumGoroutine() <= baseG+2 // tolerance: runtime/test helpers
 	}, func() any { return runtime.NumGoroutine() })
-}
-
-func maWaitFor(t *testing.T, d time.Duration, what string, cond func() bool, state func() any) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s; state: %+v", d, what, state())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 type maTestWriter struct{ t *testing.T }

@@ -1,23 +1,23 @@
-package proxy
+package pump
 
 import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
 	"errors"
 	"io"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
 // Client sends, half-closes, and only then reads the whole reply: the
 // pattern Consul's built-in proxy breaks.
 func TestPumpHalfCloseClientFirst(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	client, server, run := pumped(t, context.Background(), time.Minute)
 
 	if _, err := client.Write([]byte("request")); err != nil {
@@ -26,7 +26,7 @@ func TestPumpHalfCloseClientFirst(t *testing.T) {
 	if err := client.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
-	got, err := readAllTimeout(t, server, 5*time.Second)
+	got, err := testkit.ReadAllTimeout(t, server, 5*time.Second)
 	if err != nil || string(got) != "request" {
 		t.Fatalf("server read %q, %v; want request, EOF", got, err)
 	}
@@ -35,34 +35,34 @@ func TestPumpHalfCloseClientFirst(t *testing.T) {
 		t.Fatal(err)
 	}
 	server.CloseWrite()
-	got, err = readAllTimeout(t, client, 5*time.Second)
+	got, err = testkit.ReadAllTimeout(t, client, 5*time.Second)
 	if err != nil || string(got) != "reply after your EOF" {
 		t.Fatalf("client read %q, %v", got, err)
 	}
-	st := run.wait(t, 5*time.Second)
+	st := run.Wait(t, 5*time.Second)
 	if st.Err != nil || st.Sent != 7 || st.Received != 20 {
 		t.Fatalf("stats %+v; want sent 7, received 20, no error", st)
 	}
 }
 
 func TestPumpHalfCloseServerFirst(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	client, server, run := pumped(t, context.Background(), time.Minute)
 
 	server.Write([]byte("banner"))
 	server.CloseWrite()
-	got, err := readAllTimeout(t, client, 5*time.Second)
+	got, err := testkit.ReadAllTimeout(t, client, 5*time.Second)
 	if err != nil || string(got) != "banner" {
 		t.Fatalf("client read %q, %v", got, err)
 	}
 	// The client keeps sending after the server's EOF.
 	client.Write([]byte("late data"))
 	client.CloseWrite()
-	got, err = readAllTimeout(t, server, 5*time.Second)
+	got, err = testkit.ReadAllTimeout(t, server, 5*time.Second)
 	if err != nil || string(got) != "late data" {
 		t.Fatalf("server read %q, %v", got, err)
 	}
-	if st := run.wait(t, 5*time.Second); st.Err != nil || st.Sent != 9 || st.Received != 6 {
+	if st := run.Wait(t, 5*time.Second); st.Err != nil || st.Sent != 9 || st.Received != 6 {
 		t.Fatalf("stats %+v", st)
 	}
 }
@@ -70,31 +70,31 @@ func TestPumpHalfCloseServerFirst(t *testing.T) {
 // Both directions at once, large enough to cross many splice calls and
 // socket buffer refills, verified by checksum.
 func TestPumpLargeBothWays(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	n := int64(64 << 20)
 	if testing.Short() {
 		n = 8 << 20
 	}
 	client, server, run := pumped(t, context.Background(), time.Minute)
 
-	exchangeBothWays(t, client, server, n)
-	if st := run.wait(t, 10*time.Second); st.Err != nil || st.Sent != n || st.Received != n {
+	testkit.ExchangeBothWays(t, client, server, n)
+	if st := run.Wait(t, 10*time.Second); st.Err != nil || st.Sent != n || st.Received != n {
 		t.Fatalf("stats %+v; want %d each way", st, n)
 	}
 }
 
 func TestPumpIdleTimeout(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	client, _, run := pumped(t, context.Background(), 100*time.Millisecond)
 	start := time.Now()
-	st := run.wait(t, 5*time.Second)
+	st := run.Wait(t, 5*time.Second)
 	if !errors.Is(st.Err, ErrIdle) {
 		t.Fatalf("err %v; want ErrIdle", st.Err)
 	}
 	if el := time.Since(start); el < 100*time.Millisecond {
 		t.Fatalf("closed after %v, before the idle timeout", el)
 	}
-	if _, err := readAllTimeout(t, client, 2*time.Second); !isClosedOrReset(err) {
+	if _, err := testkit.ReadAllTimeout(t, client, 2*time.Second); !testkit.IsClosedOrReset(err) {
 		t.Fatalf("client read after idle close: %v", err)
 	}
 }
@@ -102,7 +102,7 @@ func TestPumpIdleTimeout(t *testing.T) {
 // A trickle of bytes through the splice path (no user-space counters) must
 // keep the connection alive: idle is measured from kernel byte counters.
 func TestPumpIdleTimeoutNotWhileActive(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	client, server, run := pumped(t, context.Background(), 200*time.Millisecond)
 	go io.Copy(io.Discard, server)
 	for range 12 { // 12 × 50 ms = 3 idle periods
@@ -112,14 +112,14 @@ func TestPumpIdleTimeoutNotWhileActive(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	select {
-	case <-run.done:
-		t.Fatalf("pump ended during traffic: %v", run.stats.Err)
+	case <-run.Done():
+		t.Fatalf("pump ended during traffic: %v", run.Wait(t, time.Second).Err)
 	default:
 	}
 	// After the trickle stops, the idle timeout applies in the half-closed
 	// state too: the server never closes its side.
 	client.CloseWrite()
-	if st := run.wait(t, 5*time.Second); !errors.Is(st.Err, ErrIdle) || st.Sent != 12 {
+	if st := run.Wait(t, 5*time.Second); !errors.Is(st.Err, ErrIdle) || st.Sent != 12 {
 		t.Fatalf("stats %+v; want ErrIdle after 12 bytes", st)
 	}
 }
@@ -136,7 +136,7 @@ func TestPumpEarlyClose(t *testing.T) {
 		{"server reset", false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkLeaks(t)
+			testkit.CheckLeaks(t)
 			client, server, run := pumped(t, context.Background(), time.Minute)
 			closer, other := client, server
 			if !tc.clientEnd {
@@ -152,7 +152,7 @@ func TestPumpEarlyClose(t *testing.T) {
 				closer.SetLinger(0)
 			}
 			closer.Close()
-			_, err := readAllTimeout(t, other, 5*time.Second)
+			_, err := testkit.ReadAllTimeout(t, other, 5*time.Second)
 			if tc.reset {
 				if !errors.Is(err, syscall.ECONNRESET) {
 					t.Fatalf("other end read %v; want the reset passed on", err)
@@ -175,7 +175,7 @@ func TestPumpEarlyClose(t *testing.T) {
 					time.Sleep(20 * time.Millisecond)
 				}
 			}
-			st := run.wait(t, 5*time.Second)
+			st := run.Wait(t, 5*time.Second)
 			if st.Err == nil {
 				t.Fatal("pump reported no error for a reset")
 			}
@@ -184,15 +184,15 @@ func TestPumpEarlyClose(t *testing.T) {
 }
 
 func TestPumpContextCancel(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	cause := errors.New("revoked for test")
 	ctx, cancel := context.WithCancelCause(context.Background())
 	client, _, run := pumped(t, ctx, time.Minute)
 	cancel(cause)
-	if st := run.wait(t, 5*time.Second); !errors.Is(st.Err, cause) {
+	if st := run.Wait(t, 5*time.Second); !errors.Is(st.Err, cause) {
 		t.Fatalf("err %v; want %v", st.Err, cause)
 	}
-	if _, err := readAllTimeout(t, client, 2*time.Second); !isClosedOrReset(err) {
+	if _, err := testkit.ReadAllTimeout(t, client, 2*time.Second); !testkit.IsClosedOrReset(err) {
 		t.Fatalf("client read after cancel: %v", err)
 	}
 }
@@ -200,9 +200,9 @@ func TestPumpContextCancel(t *testing.T) {
 // A TLS downstream leg: half-close arrives as close_notify, and the pump's
 // CloseWrite on the TLS leg sends close_notify and then a TCP FIN.
 func TestPumpTLSHalfClose(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	tlsClient, tlsA := tlsPair(t)
-	b, server := tcpPair(t)
+	b, server := testkit.TCPPair(t)
 	run := startPump(t, context.Background(), tlsA, b, time.Minute)
 
 	payload := bytes.Repeat([]byte("0123456789abcdef"), 10000) // several records
@@ -212,13 +212,13 @@ func TestPumpTLSHalfClose(t *testing.T) {
 	if err := tlsClient.CloseWrite(); err != nil { // close_notify only, no FIN
 		t.Fatal(err)
 	}
-	got, err := readAllTimeout(t, server, 5*time.Second)
+	got, err := testkit.ReadAllTimeout(t, server, 5*time.Second)
 	if err != nil || !bytes.Equal(got, payload) {
 		t.Fatalf("server got %d bytes, %v; want %d", len(got), err, len(payload))
 	}
 	server.Write([]byte("reply"))
 	server.CloseWrite()
-	got, err = readAllTimeout(t, tlsClient, 5*time.Second)
+	got, err = testkit.ReadAllTimeout(t, tlsClient, 5*time.Second)
 	if err != nil || string(got) != "reply" {
 		t.Fatalf("tls client read %q, %v", got, err)
 	}
@@ -228,7 +228,7 @@ func TestPumpTLSHalfClose(t *testing.T) {
 	if n, err := rawClient.Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("raw read after close_notify: %d, %v; want EOF (FIN)", n, err)
 	}
-	if st := run.wait(t, 5*time.Second); st.Err != nil || st.Sent != int64(len(payload)) || st.Received != 5 {
+	if st := run.Wait(t, 5*time.Second); st.Err != nil || st.Sent != int64(len(payload)) || st.Received != 5 {
 		t.Fatalf("stats %+v", st)
 	}
 }
@@ -236,7 +236,7 @@ func TestPumpTLSHalfClose(t *testing.T) {
 // The buffered path must not use io.Copy's ReaderFrom shortcut (which
 // allocates 32 KiB per call for a TCPConn destination).
 func TestCopyBufferedAllocs(t *testing.T) {
-	if raceEnabled {
+	if testkit.RaceEnabled {
 		// The race detector makes sync.Pool drop items at random; `make
 		// unit` runs this test again without -race.
 		t.Skip("allocation counts are meaningless under -race")
@@ -255,7 +255,7 @@ func TestCopyBufferedAllocs(t *testing.T) {
 // When the user is over the kernel's pipe budget (every new pipe is tiny),
 // TCP→TCP falls back to the buffered copy and still delivers everything.
 func TestPumpFallsBackWithoutPipes(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	saved := pipes
 	pipes = newPipePool(pipeWant, 64<<20, 4*pipeWant) // no pipe can be this large
 	t.Cleanup(func() { pipes = saved })
@@ -263,18 +263,18 @@ func TestPumpFallsBackWithoutPipes(t *testing.T) {
 	client, server, run := pumped(t, context.Background(), time.Minute)
 	n := int64(4 << 20)
 	go func() {
-		io.Copy(client, &patternReader{n: n, seed: 3})
+		io.Copy(client, &testkit.PatternReader{N: n, Seed: 3})
 		client.CloseWrite()
 	}()
 	h := sha256.New()
 	if m, err := io.Copy(h, server); err != nil || m != n {
 		t.Fatalf("server got %d, %v; want %d", m, err, n)
 	}
-	if want := patternSum(n, 3); !bytes.Equal(h.Sum(nil), want[:]) {
+	if want := testkit.PatternSum(n, 3); !bytes.Equal(h.Sum(nil), want[:]) {
 		t.Fatal("checksum mismatch")
 	}
 	server.CloseWrite()
-	if st := run.wait(t, 5*time.Second); st.Err != nil || st.Sent != n {
+	if st := run.Wait(t, 5*time.Second); st.Err != nil || st.Sent != n {
 		t.Fatalf("stats %+v", st)
 	}
 }
@@ -334,16 +334,4 @@ func TestPipePoolSizeLadder(t *testing.T) {
 			p.close()
 		}
 	}
-}
-
-// tlsPair returns the two ends of a TLS connection over loopback TCP, with
-// the handshake done.
-func tlsPair(t *testing.T) (client, server *tls.Conn) {
-	t.Helper()
-	srvCfg, cliCfg := selfSignedTLS(t)
-	rawClient, rawServer := tcpPair(t)
-	client = tls.Client(rawClient, cliCfg)
-	server = tls.Server(rawServer, srvCfg)
-	handshake(t, client, server)
-	return client, server
 }

@@ -1,4 +1,4 @@
-package proxy
+package pump
 
 import (
 	"net"
@@ -76,7 +76,7 @@ func (w *watchdog) stop() {
 // there is none or it is closed). The kernel counts every byte the peer
 // delivered, including those splice moves without user-space seeing them.
 func kernelBytesReceived(c net.Conn) uint64 {
-	tc := tcpOf(c)
+	tc := TCPOf(c)
 	if tc == nil {
 		return 0
 	}

@@ -1,4 +1,4 @@
-package proxy
+package tunnel
 
 import (
 	"bytes"
@@ -10,54 +10,44 @@ import (
 	"net"
 	"testing"
 	"time"
-)
 
-// sessionPair is a TLS session over loopback TCP with batchConn under both
-// ends, as MeshRouter and MeshAcceptor build them.
-func sessionPair(t *testing.T) (client, server *tls.Conn) {
-	t.Helper()
-	srvCfg, cliCfg := selfSignedTLS(t)
-	rawClient, rawServer := tcpPair(t)
-	client = tls.Client(newBatchConn(rawClient), cliCfg)
-	server = tls.Server(newBatchConn(rawServer), srvCfg)
-	handshake(t, client, server)
-	t.Cleanup(func() { client.Close(); server.Close() })
-	return client, server
-}
+	"github.com/ferrymesh/ferry/internal/testkit"
+	"github.com/ferrymesh/ferry/proxy/pump"
+)
 
 // Several app connections, one after another, over one session: each
 // through a Pump on both sides (client app → Pump → tunnel → Pump → echo
 // app), byte-exact, half-closed both ways, and each leaves the session
 // clean for the next.
 func TestTunnelsOverOneSession(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	cs, ss := sessionPair(t)
-	app := echoServer(t)
+	app := testkit.EchoServer(t)
 	relC, relS := make(chan bool, 1), make(chan bool, 1)
 	for i, n := range []int64{0, 1, 5 << 20, 1000} {
-		ct := newTunnelConn(cs, func(clean bool) { relC <- clean })
-		if err := writeOpen(ct); err != nil {
+		ct := NewConn(cs, func(clean bool) { relC <- clean })
+		if err := WriteOpen(ct); err != nil {
 			t.Fatalf("tunnel %d: open: %v", i, err)
 		}
-		if err := readOpen(ss); err != nil {
+		if err := ReadOpen(ss); err != nil {
 			t.Fatalf("tunnel %d: server read OPEN: %v", i, err)
 		}
-		st := newTunnelConn(ss, func(clean bool) { relS <- clean })
+		st := NewConn(ss, func(clean bool) { relS <- clean })
 
 		// Server side: tunnel → echo app.
 		up, err := net.Dial("tcp", app)
 		if err != nil {
 			t.Fatal(err)
 		}
-		srvDone := make(chan PumpStats, 1)
-		go func() { srvDone <- Pump(context.Background(), st, up, time.Minute) }()
+		srvDone := make(chan pump.Stats, 1)
+		go func() { srvDone <- pump.Pump(context.Background(), st, up, time.Minute) }()
 		// Client side: app conn → tunnel.
-		appClient, a := tcpPair(t)
-		cliDone := make(chan PumpStats, 1)
-		go func() { cliDone <- Pump(context.Background(), a, ct, time.Minute) }()
+		appClient, a := testkit.TCPPair(t)
+		cliDone := make(chan pump.Stats, 1)
+		go func() { cliDone <- pump.Pump(context.Background(), a, ct, time.Minute) }()
 
 		go func() {
-			io.Copy(appClient, &patternReader{n: n, seed: byte(i)})
+			io.Copy(appClient, &testkit.PatternReader{N: n, Seed: byte(i)})
 			appClient.CloseWrite()
 		}()
 		h := sha256.New()
@@ -66,11 +56,11 @@ func TestTunnelsOverOneSession(t *testing.T) {
 		if err != nil || got != n {
 			t.Fatalf("tunnel %d: echoed %d bytes, %v; want %d", i, got, err, n)
 		}
-		if want := patternSum(n, byte(i)); !bytes.Equal(h.Sum(nil), want[:]) {
+		if want := testkit.PatternSum(n, byte(i)); !bytes.Equal(h.Sum(nil), want[:]) {
 			t.Fatalf("tunnel %d: checksum mismatch", i)
 		}
 		appClient.Close()
-		for _, ch := range []chan PumpStats{cliDone, srvDone} {
+		for _, ch := range []chan pump.Stats{cliDone, srvDone} {
 			select {
 			case st := <-ch:
 				if st.Err != nil || st.Sent != n || st.Received != n {
@@ -89,11 +79,11 @@ func TestTunnelsOverOneSession(t *testing.T) {
 // A session that ends inside a tunnel (no EOF frame) is an error, never a
 // clean end of the stream, and the session is not handed back as clean.
 func TestTunnelBrokenSession(t *testing.T) {
-	checkLeaks(t)
+	testkit.CheckLeaks(t)
 	cs, ss := sessionPair(t)
 	rel := make(chan bool, 1)
-	ct := newTunnelConn(cs, func(clean bool) { rel <- clean })
-	st := newTunnelConn(ss, func(bool) {})
+	ct := NewConn(cs, func(clean bool) { rel <- clean })
+	st := NewConn(ss, func(bool) {})
 	go func() {
 		st.Write([]byte("partial"))
 		ss.Close() // close_notify, FIN: but no EOF frame
@@ -123,7 +113,7 @@ func TestTunnelBadFrames(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cs, ss := sessionPair(t)
-			ct := newTunnelConn(cs, func(bool) {})
+			ct := NewConn(cs, func(bool) {})
 			go ss.Write(tc.wire)
 			cs.SetReadDeadline(time.Now().Add(5 * time.Second))
 			if _, err := ct.Read(make([]byte, 16)); err == nil || errors.Is(err, io.EOF) {
@@ -142,15 +132,15 @@ func TestReadOpen(t *testing.T) {
 		cs.Write([]byte{frameOpen, 0, 0, 0})
 		cs.Write([]byte{frameData, 0, 0, 0})
 	}()
-	if err := readOpen(ss); err != nil {
+	if err := ReadOpen(ss); err != nil {
 		t.Fatalf("OPEN: %v", err)
 	}
-	if err := readOpen(ss); err == nil {
+	if err := ReadOpen(ss); err == nil {
 		t.Fatal("DATA taken for OPEN")
 	}
 	cs2, ss2 := sessionPair(t)
 	cs2.Close()
-	if err := readOpen(ss2); !errors.Is(err, io.EOF) {
+	if err := ReadOpen(ss2); !errors.Is(err, io.EOF) {
 		t.Fatalf("idle session closed by the client: %v, want io.EOF", err)
 	}
 }
@@ -158,44 +148,44 @@ func TestReadOpen(t *testing.T) {
 func TestTunnelPool(t *testing.T) {
 	now := time.Unix(1000, 0)
 	gen := uint64(1)
-	newPool := func() *tunnelPool {
-		p := newTunnelPool(func() uint64 { return gen })
+	newPool := func() *Pool {
+		p := NewPool(func() uint64 { return gen })
 		p.now = func() time.Time { return now }
 		return p
 	}
 	t.Run("reuses a quiet session", func(t *testing.T) {
 		p := newPool()
 		cs, _ := sessionPair(t)
-		p.put("a", cs, now, gen)
-		if got, _, _ := p.get("b"); got != nil {
+		p.Put("a", cs, now, gen)
+		if got, _, _ := p.Get("b"); got != nil {
 			t.Fatal("session handed out for another address")
 		}
-		if got, _, _ := p.get("a"); got != cs {
+		if got, _, _ := p.Get("a"); got != cs {
 			t.Fatal("pooled session not reused")
 		}
-		if got, _, _ := p.get("a"); got != nil {
+		if got, _, _ := p.Get("a"); got != nil {
 			t.Fatal("one session handed out twice")
 		}
 	})
 	t.Run("retires idle, old, other-generation and closed sessions", func(t *testing.T) {
 		for _, tc := range []struct {
 			name string
-			prep func(p *tunnelPool, cs, ss *tls.Conn)
+			prep func(p *Pool, cs, ss *tls.Conn)
 		}{
-			{"idle", func(p *tunnelPool, cs, _ *tls.Conn) {
-				p.put("a", cs, now, gen)
+			{"idle", func(p *Pool, cs, _ *tls.Conn) {
+				p.Put("a", cs, now, gen)
 				now = now.Add(tunnelIdle)
 			}},
-			{"old", func(p *tunnelPool, cs, _ *tls.Conn) {
-				p.put("a", cs, now.Add(-tunnelMaxAge+time.Second), gen)
+			{"old", func(p *Pool, cs, _ *tls.Conn) {
+				p.Put("a", cs, now.Add(-tunnelMaxAge+time.Second), gen)
 				now = now.Add(time.Second)
 			}},
-			{"generation", func(p *tunnelPool, cs, _ *tls.Conn) {
-				p.put("a", cs, now, gen)
+			{"generation", func(p *Pool, cs, _ *tls.Conn) {
+				p.Put("a", cs, now, gen)
 				gen++
 			}},
-			{"peer closed", func(p *tunnelPool, cs, ss *tls.Conn) {
-				p.put("a", cs, now, gen)
+			{"peer closed", func(p *Pool, cs, ss *tls.Conn) {
+				p.Put("a", cs, now, gen)
 				ss.Close()
 				// Until its close_notify and FIN are on the client's socket.
 				for i := 0; i < 500 && quiet(cs); i++ {
@@ -207,7 +197,7 @@ func TestTunnelPool(t *testing.T) {
 				p := newPool()
 				cs, ss := sessionPair(t)
 				tc.prep(p, cs, ss)
-				if got, _, _ := p.get("a"); got != nil {
+				if got, _, _ := p.Get("a"); got != nil {
 					t.Fatal("stale session reused")
 				}
 			})
@@ -216,7 +206,7 @@ func TestTunnelPool(t *testing.T) {
 	t.Run("closes sessions left idle", func(t *testing.T) {
 		p := newPool()
 		cs, ss := sessionPair(t)
-		p.put("a", cs, now, gen)
+		p.Put("a", cs, now, gen)
 		now = now.Add(tunnelIdle)
 		p.expire()
 		if len(p.conns) != 0 || p.sweep != nil {
@@ -228,15 +218,15 @@ func TestTunnelPool(t *testing.T) {
 			t.Fatalf("server read after the client expired the session: %v, want EOF", err)
 		}
 	})
-	t.Run("closeAll stops the sweep and refuses more", func(t *testing.T) {
+	t.Run("CloseAll stops the sweep and refuses more", func(t *testing.T) {
 		p := newPool()
 		cs, _ := sessionPair(t)
-		p.put("a", cs, now, gen)
-		p.closeAll()
+		p.Put("a", cs, now, gen)
+		p.CloseAll()
 		cs2, _ := sessionPair(t)
-		p.put("a", cs2, now, gen)
-		if got, _, _ := p.get("a"); got != nil || p.sweep != nil {
-			t.Fatal("pool kept a session after closeAll")
+		p.Put("a", cs2, now, gen)
+		if got, _, _ := p.Get("a"); got != nil || p.sweep != nil {
+			t.Fatal("pool kept a session after CloseAll")
 		}
 	})
 	t.Run("keeps at most maxIdle per address", func(t *testing.T) {
@@ -246,11 +236,11 @@ func TestTunnelPool(t *testing.T) {
 		for range 3 {
 			cs, _ := sessionPair(t)
 			sessions = append(sessions, cs)
-			p.put("a", cs, now, gen)
+			p.Put("a", cs, now, gen)
 		}
 		n := 0
 		for {
-			got, _, _ := p.get("a")
+			got, _, _ := p.Get("a")
 			if got == nil {
 				break
 			}
@@ -296,7 +286,7 @@ func FuzzTunnelFrames(f *testing.F) {
 			rest = rest[n:]
 		}
 
-		tc := &tunnelConn{r: bytes.NewReader(wire), release: func(bool) {}}
+		tc := &Conn{r: bytes.NewReader(wire), release: func(bool) {}}
 		var got []byte
 		buf := make([]byte, 7) // small reads: frames span several
 		var err error

@@ -1,4 +1,4 @@
-package proxy
+package tunnel
 
 import (
 	"crypto/tls"
@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/ferrymesh/ferry/proxy/pump"
 )
 
 // Between two ferry sidecars, one mTLS session carries app connections one
@@ -18,7 +20,7 @@ import (
 // handshake (still a full key exchange when resumed) and a TCP close on
 // both sides: for short connections that was most of a sidecar's CPU.
 //
-// Both ends offer the protocol by ALPN (alpnTunnel); a peer that does not
+// Both ends offer the protocol by ALPN (the ALPN constant); a peer that does not
 // know it (Consul's built-in proxy, Envoy) negotiates nothing and gets the
 // one-connection-per-session protocol as before.
 //
@@ -35,7 +37,7 @@ import (
 // connection ends with an error, as it would on a reset, and the session
 // is closed, never reused. A missing EOF frame is never taken for the end
 // of the stream, just as TLS close_notify guards against truncation.
-const alpnTunnel = "ferry/1"
+const ALPN = "ferry/1"
 
 const (
 	frameData = 0
@@ -54,13 +56,13 @@ const (
 // leaves and changed trust are re-checked by a fresh handshake within
 // tunnelMaxAge; the server refuses new tunnels on older sessions (2x, so a
 // compliant client never meets that) and closes sessions idle for
-// serverTunnelIdle (3x the client's, so a client does not pick a session
+// ServerIdle (3x the client's, so a client does not pick a session
 // the server is closing).
 const (
-	tunnelIdle       = 10 * time.Second
-	tunnelMaxAge     = time.Minute
-	serverTunnelIdle = 3 * tunnelIdle
-	serverMaxAge     = 2 * tunnelMaxAge
+	tunnelIdle   = 10 * time.Second
+	tunnelMaxAge = time.Minute
+	ServerIdle   = 3 * tunnelIdle
+	ServerMaxAge = 2 * tunnelMaxAge
 )
 
 // errTunnelBroken marks a session that ended inside a tunnel.
@@ -70,13 +72,14 @@ var errTunnelBroken = errors.New("tunnel: session ended without the peer's EOF f
 // what the app would have seen on a direct connection.
 var errTunnelReset = fmt.Errorf("tunnel: peer reset the connection: %w", syscall.ECONNRESET)
 
-// tunnelConn is one app connection over a session. Reads and writes each
+// Conn is one app connection over a session (a net.Conn with CloseWrite,
+// a pump.Framed and a pump.Aborter). Reads and writes each
 // come from one goroutine (the pump's halves); Close may come from any.
-type tunnelConn struct {
+type Conn struct {
 	tc    *tls.Conn
-	r     io.Reader   // tc, or a plain stream in the frame fuzz test
-	batch *batchConn  // under tc: a frame header and its data in one write(2)
-	rw    *readWaiter // under tc: gathers records crypto/tls already holds
+	r     io.Reader        // tc, or a plain stream in the frame fuzz test
+	batch *pump.BatchConn  // under tc: a frame header and its data in one write(2)
+	rw    *pump.ReadWaiter // under tc: gathers records crypto/tls already holds
 
 	// reading side
 	hdr       [frameHeader]byte
@@ -95,29 +98,32 @@ type tunnelConn struct {
 	release func(clean bool)
 }
 
-func newTunnelConn(tc *tls.Conn, release func(clean bool)) *tunnelConn {
-	t := &tunnelConn{tc: tc, r: tc, release: release}
-	t.batch, _ = tc.NetConn().(*batchConn)
-	t.rw = newReadWaiter(tc)
+// NewConn starts a tunnel over session tc (after OPEN: WriteOpen on the
+// client, ReadOpen on the server). release is called once, by Close:
+// clean means both EOFs went by and the session may carry another tunnel.
+func NewConn(tc *tls.Conn, release func(clean bool)) *Conn {
+	t := &Conn{tc: tc, r: tc, release: release}
+	t.batch, _ = tc.NetConn().(*pump.BatchConn)
+	t.rw = pump.NewReadWaiter(tc)
 	return t
 }
 
-// wait parks until the next frame header is in (or the stream ends),
-// without a copy buffer: the pump's idle wait for a tunnel. Like
-// readWaiter, it first takes what crypto/tls already holds, then parks on
+// WaitFrame parks until the next frame header is in (or the stream ends),
+// without a copy buffer: the pump's idle wait for a tunnel (pump.Framed).
+// Like pump.ReadWaiter, it first takes what crypto/tls already holds, then parks on
 // the socket itself rather than inside a TLS read (whose deeper stack
 // would stay grown for every idle connection).
-func (t *tunnelConn) wait() {
+func (t *Conn) WaitFrame() {
 	if t.remaining != 0 || t.rerr != nil || t.gotEOF.Load() {
 		return
 	}
 	if t.rw != nil && t.hdrN < frameHeader {
-		n, err := t.rw.tryRead(t.hdr[t.hdrN:])
+		n, err := t.rw.TryRead(t.hdr[t.hdrN:])
 		t.hdrN += n
 		switch {
-		case isTimeout(err):
+		case pump.IsTimeout(err):
 			if t.hdrN == 0 {
-				t.rw.wait()
+				t.rw.Wait()
 			}
 		case err != nil:
 			t.rerr = t.fail(err)
@@ -128,7 +134,11 @@ func (t *tunnelConn) wait() {
 }
 
 // nextFrame reads headers up to the next DATA frame with a payload.
-func (t *tunnelConn) nextFrame() error {
+// FrameRemaining is the current DATA frame's payload not yet read
+// (pump.Framed): at 0 the pump lets its buffer go until WaitFrame returns.
+func (t *Conn) FrameRemaining() int { return t.remaining }
+
+func (t *Conn) nextFrame() error {
 	if t.gotEOF.Load() {
 		return io.EOF
 	}
@@ -158,7 +168,7 @@ func (t *tunnelConn) nextFrame() error {
 	}
 }
 
-func (t *tunnelConn) fail(err error) error {
+func (t *Conn) fail(err error) error {
 	t.broken.Store(true)
 	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
 		return errTunnelBroken
@@ -166,7 +176,7 @@ func (t *tunnelConn) fail(err error) error {
 	return err
 }
 
-func (t *tunnelConn) Read(p []byte) (int, error) {
+func (t *Conn) Read(p []byte) (int, error) {
 	if t.remaining == 0 {
 		if t.rerr == nil {
 			t.rerr = t.nextFrame()
@@ -180,8 +190,8 @@ func (t *tunnelConn) Read(p []byte) (int, error) {
 	}
 	k := min(len(p), t.remaining)
 	n, err := t.r.Read(p[:k])
-	if err == nil && n == tlsMaxPlaintext && k > n && t.rw != nil {
-		n, err = t.rw.more(p[:k], n)
+	if err == nil && n == pump.TLSMaxPlaintext && k > n && t.rw != nil {
+		n, err = t.rw.More(p[:k], n)
 	}
 	t.remaining -= n
 	if err != nil {
@@ -190,7 +200,7 @@ func (t *tunnelConn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (t *tunnelConn) Write(p []byte) (int, error) {
+func (t *Conn) Write(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
 		n := min(len(p), maxFrame)
@@ -204,7 +214,7 @@ func (t *tunnelConn) Write(p []byte) (int, error) {
 }
 
 // CloseWrite ends this side of the tunnel (the app's half-close).
-func (t *tunnelConn) CloseWrite() error {
+func (t *Conn) CloseWrite() error {
 	if t.sentEOF.Load() {
 		return nil
 	}
@@ -215,33 +225,33 @@ func (t *tunnelConn) CloseWrite() error {
 	return nil
 }
 
-func (t *tunnelConn) writeFrame(typ byte, p []byte) error {
+func (t *Conn) writeFrame(typ byte, p []byte) error {
 	t.wmu.Lock()
 	defer t.wmu.Unlock()
 	return t.writeFrameLocked(typ, p)
 }
 
-func (t *tunnelConn) writeFrameLocked(typ byte, p []byte) error {
+func (t *Conn) writeFrameLocked(typ byte, p []byte) error {
 	hdr := [frameHeader]byte{typ, byte(len(p) >> 16), byte(len(p) >> 8), byte(len(p))}
-	if len(p) > 0 && len(p) <= tlsMaxPlaintext-frameHeader {
+	if len(p) > 0 && len(p) <= pump.TLSMaxPlaintext-frameHeader {
 		// A small frame goes out as one TLS record, header included: one
 		// seal here and one open there instead of two (a request or
 		// response of a few KiB is the common case).
-		bp := bufPool.Get().(*[]byte)
+		bp := pump.GetBuffer()
 		b := append(append((*bp)[:0], hdr[:]...), p...)
 		_, err := t.tc.Write(b)
-		bufPool.Put(bp)
+		pump.PutBuffer(bp)
 		return err
 	}
 	if t.batch != nil {
-		t.batch.begin()
+		t.batch.Begin()
 	}
 	_, err := t.tc.Write(hdr[:])
 	if err == nil && len(p) > 0 {
 		_, err = t.tc.Write(p)
 	}
 	if t.batch != nil {
-		if ferr := t.batch.flush(); err == nil {
+		if ferr := t.batch.Flush(); err == nil {
 			err = ferr
 		}
 	}
@@ -252,11 +262,11 @@ func (t *tunnelConn) writeFrameLocked(typ byte, p []byte) error {
 // must not hold an abort.
 const resetTimeout = time.Second
 
-// reset aborts the tunnel: a RESET frame when no frame is being written
+// Abort aborts the tunnel (pump.Aborter): a RESET frame when no frame is being written
 // (the writer may be stuck on a peer that stopped reading), else a TCP
 // reset of the whole session. Either way the peer's app sees a reset, and
 // the session is not reused (Close then closes it).
-func (t *tunnelConn) reset() {
+func (t *Conn) Abort() {
 	t.broken.Store(true)
 	if !t.closed.Load() && t.wmu.TryLock() {
 		_ = t.tc.SetWriteDeadline(time.Now().Add(resetTimeout))
@@ -266,14 +276,14 @@ func (t *tunnelConn) reset() {
 			return
 		}
 	}
-	if tcp := tcpOf(t.tc); tcp != nil {
+	if tcp := pump.TCPOf(t.tc); tcp != nil {
 		_ = tcp.SetLinger(0)
 		tcp.Close()
 	}
 }
 
 // Close hands the session back (clean) or closes it.
-func (t *tunnelConn) Close() error {
+func (t *Conn) Close() error {
 	if !t.closed.CompareAndSwap(false, true) {
 		return nil
 	}
@@ -281,23 +291,24 @@ func (t *tunnelConn) Close() error {
 	return nil
 }
 
-func (t *tunnelConn) clean() bool {
+func (t *Conn) clean() bool {
 	return t.gotEOF.Load() && t.sentEOF.Load() && !t.broken.Load() && t.remaining == 0
 }
 
-// NetConn is the session, for tcpOf (linger on a reset, which breaks the
-// session anyway). readWaiter and batcherOf stop at a tunnelConn.
-func (t *tunnelConn) NetConn() net.Conn { return t.tc }
+// NetConn is the session, for pump.TCPOf (linger on a reset, which breaks
+// the session anyway). The pump's read waiter and batching stop at a
+// Conn (a pump.Framed).
+func (t *Conn) NetConn() net.Conn { return t.tc }
 
-func (t *tunnelConn) LocalAddr() net.Addr                { return t.tc.LocalAddr() }
-func (t *tunnelConn) RemoteAddr() net.Addr               { return t.tc.RemoteAddr() }
-func (t *tunnelConn) SetDeadline(d time.Time) error      { return t.tc.SetDeadline(d) }
-func (t *tunnelConn) SetReadDeadline(d time.Time) error  { return t.tc.SetReadDeadline(d) }
-func (t *tunnelConn) SetWriteDeadline(d time.Time) error { return t.tc.SetWriteDeadline(d) }
+func (t *Conn) LocalAddr() net.Addr                { return t.tc.LocalAddr() }
+func (t *Conn) RemoteAddr() net.Addr               { return t.tc.RemoteAddr() }
+func (t *Conn) SetDeadline(d time.Time) error      { return t.tc.SetDeadline(d) }
+func (t *Conn) SetReadDeadline(d time.Time) error  { return t.tc.SetReadDeadline(d) }
+func (t *Conn) SetWriteDeadline(d time.Time) error { return t.tc.SetWriteDeadline(d) }
 
-// readOpen reads the client's OPEN for the next tunnel. io.EOF (or a
+// ReadOpen reads the client's OPEN for the next tunnel. io.EOF (or a
 // close_notify) means the client closed an idle session: not an error.
-func readOpen(tc *tls.Conn) error {
+func ReadOpen(tc *tls.Conn) error {
 	var hdr [frameHeader]byte
 	if _, err := io.ReadFull(tc, hdr[:]); err != nil {
 		return err // io.EOF only when nothing of a header came
@@ -308,14 +319,10 @@ func readOpen(tc *tls.Conn) error {
 	return nil
 }
 
-// writeOpen starts a tunnel on the client side.
-func writeOpen(t *tunnelConn) error {
+// WriteOpen starts a tunnel on the client side.
+func WriteOpen(t *Conn) error {
 	if err := t.writeFrame(frameOpen, nil); err != nil {
 		return t.fail(err)
 	}
 	return nil
 }
-
-// tunnelOf returns the tunnelConn under c (through NetConn() pass-through
-// wrappers such as the catalog's tracked conns), or nil.
-func tunnelOf(c any) *tunnelConn { return under[*tunnelConn](c) }

@@ -1,4 +1,4 @@
-package proxy
+package pump
 
 import (
 	"context"
@@ -15,8 +15,8 @@ import (
 // A direction holds a copy buffer only while data flows (idle directions
 // hold none). Each burst starts with a 64 KiB buffer, twice io.Copy's
 // default: enough for a request or response, and for a chunk of four full
-// TLS records in one write(2) on either side of the TLS leg (batchConn
-// when sealing, readWaiter.more when opening). A read that fills it means
+// TLS records in one write(2) on either side of the TLS leg (BatchConn
+// when sealing, ReadWaiter.more when opening). A read that fills it means
 // the data is streaming, and the direction moves up to 256 KiB for the
 // rest of the burst: sixteen records per write, a quarter of the reads,
 // writes and wakeups per GB. Measured in the bench, interleaved A/B, 8
@@ -44,11 +44,19 @@ func putBuf(bp *[]byte) {
 	}
 }
 
+// GetBuffer and PutBuffer lend the pump's pooled 64 KiB copy buffers to a
+// leg that frames its own writes (a tunnel sealing a small frame and its
+// header as one TLS record), so it needs no pool of its own.
+func GetBuffer() *[]byte { return bufPool.Get().(*[]byte) }
+
+// PutBuffer returns a buffer from GetBuffer.
+func PutBuffer(bp *[]byte) { putBuf(bp) }
+
 // ErrIdle is the cause recorded when the idle timeout closes a connection.
 var ErrIdle = errors.New("idle timeout")
 
-// PumpStats describes a finished pump.
-type PumpStats struct {
+// Stats describes a finished pump.
+type Stats struct {
 	// Sent is bytes a→b (downstream to upstream), Received b→a.
 	Sent, Received int64
 	// Err is nil when both directions ended in EOF; otherwise the first
@@ -68,7 +76,7 @@ type PumpStats struct {
 // tunnel, revocation, shutdown) ends both directions and is passed on as
 // an abort, never as a clean end: TCP legs are reset (RST), TLS legs are
 // reset under the TLS layer without close_notify, tunnels get a RESET
-// frame. Otherwise a peer would read a truncated stream followed by a clean
+// frame (a leg that is an Aborter). Otherwise a peer would read a truncated stream followed by a clean
 // EOF and could act on it (a partial upload taken as complete). Only the
 // idle timeout closes cleanly: nothing was in flight.
 //
@@ -84,7 +92,7 @@ type PumpStats struct {
 // splice(2) through a pipe held only while data flows (zero user-space
 // copies; see splice.go for why not io.Copy, and TestPumpSplices). Other
 // legs use pooled 64 KiB buffers, held only while data flows.
-func Pump(ctx context.Context, a, b net.Conn, idle time.Duration) PumpStats {
+func Pump(ctx context.Context, a, b net.Conn, idle time.Duration) Stats {
 	p := &pump{a: a, b: b}
 	stop := context.AfterFunc(ctx, func() { p.abort(context.Cause(ctx)) })
 	var wd *watchdog
@@ -104,7 +112,7 @@ func Pump(ctx context.Context, a, b net.Conn, idle time.Duration) PumpStats {
 	stop()
 	wd.stop()
 	p.abort(nil) // closes both; records no cause if none was set
-	return PumpStats{Sent: sent, Received: received, Err: p.cause()}
+	return Stats{Sent: sent, Received: received, Err: p.cause()}
 }
 
 type pump struct {
@@ -184,11 +192,11 @@ func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 //
 // The buffer is held only while data flows: after a short read (the sender
 // paused) it goes back to the pool and the direction waits for the socket
-// to become readable without one (see readWaiter), so an idle connection
+// to become readable without one (see ReadWaiter), so an idle connection
 // costs no copy buffer at all.
 func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error) {
-	w := newReadWaiter(src)
-	tun := tunnelOf(src)
+	w := NewReadWaiter(src)
+	framed := framedOf(src)
 	batch := batcherOf(dst)
 	var bp *[]byte
 	defer func() {
@@ -205,13 +213,13 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 		if w.tls != nil {
 			probe = true
 		} else {
-			w.wait()
+			w.Wait()
 		}
 	}
 	for {
 		if bp == nil {
-			if tun != nil {
-				tun.wait() // the next frame's header, without a buffer
+			if framed != nil {
+				framed.WaitFrame() // the next frame's header, without a buffer
 			}
 			bp = bufPool.Get().(*[]byte)
 		}
@@ -220,33 +228,33 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 		var rerr error
 		if probe {
 			probe = false
-			nr, rerr = w.tryRead(buf)
-			if isTimeout(rerr) {
+			nr, rerr = w.TryRead(buf)
+			if IsTimeout(rerr) {
 				if nr == 0 {
 					putBuf(bp)
 					bp = nil
-					w.wait()
+					w.Wait()
 					continue
 				}
 				rerr = nil
 			}
 		} else {
 			nr, rerr = src.Read(buf)
-			if w != nil && w.tls != nil && rerr == nil && nr == tlsMaxPlaintext {
+			if w != nil && w.tls != nil && rerr == nil && nr == TLSMaxPlaintext {
 				// Full records keep coming: take the ones crypto/tls
 				// already holds too, and pass them on in one write.
-				nr, rerr = w.more(buf, nr)
+				nr, rerr = w.More(buf, nr)
 			}
 		}
 		if nr > 0 {
 			ctr.Add(int64(nr))
 			var nw int
 			var werr error
-			if batch != nil && nr > tlsMaxPlaintext {
+			if batch != nil && nr > TLSMaxPlaintext {
 				// Several records: send them in one write(2).
-				batch.begin()
+				batch.Begin()
 				nw, werr = dst.Write(buf[:nr])
-				if ferr := batch.flush(); werr == nil {
+				if ferr := batch.Flush(); werr == nil {
 					werr = ferr
 				}
 			} else {
@@ -276,8 +284,8 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 			// bytes were lost. An error, passed on as one.
 			return written, rerr
 		}
-		if tun != nil {
-			if tun.remaining == 0 {
+		if framed != nil {
+			if framed.FrameRemaining() == 0 {
 				putBuf(bp) // frame done: wait for the next without a buffer
 				bp = nil
 			}
@@ -289,7 +297,7 @@ func copyBuffered(dst io.Writer, src io.Reader, ctr *atomic.Int64) (int64, error
 			} else {
 				putBuf(bp)
 				bp = nil
-				w.wait()
+				w.Wait()
 			}
 		}
 	}
@@ -321,42 +329,37 @@ func closeWrite(c net.Conn) error {
 var errTruncated = fmt.Errorf("tls: stream ended without close_notify: %w", io.ErrUnexpectedEOF)
 
 // finWithoutCloseNotify reports whether the io.EOF a *tls.Conn returned
-// came from the TCP stream ending (batchConn saw it) rather than from the
+// came from the TCP stream ending (BatchConn saw it) rather than from the
 // peer's close_notify, after which crypto/tls reads no further.
 func finWithoutCloseNotify(c *tls.Conn) bool {
-	b, ok := c.NetConn().(*batchConn)
+	b, ok := c.NetConn().(*BatchConn)
 	return ok && b.sawEOF.Load()
 }
 
 // abortConn ends c so that its peer sees an abort: a TCP reset (linger 0)
 // on the socket underneath, without a TLS close_notify before it (the
 // socket is closed under the TLS layer first, so Close's close_notify has
-// nowhere to go), and a RESET frame first on a tunnel. c.Close still runs
-// for the wrappers' own bookkeeping.
+// nowhere to go), and an Aborter (a tunnel) aborts its own way first.
+// c.Close still runs for the wrappers' own bookkeeping.
 func abortConn(c net.Conn) {
-	if t := tunnelOf(c); t != nil {
-		t.reset()
+	if a := under[Aborter](c); a != nil {
+		a.Abort()
 		c.Close()
 		return
 	}
-	if tc := tcpOf(c); tc != nil {
+	if tc := TCPOf(c); tc != nil {
 		_ = tc.SetLinger(0)
 		tc.Close()
 	}
 	c.Close()
 }
 
-func setLinger0(c net.Conn) {
-	if tc := tcpOf(c); tc != nil {
-		_ = tc.SetLinger(0)
-	}
-}
-
-// tcpOf returns the TCP connection under c, if any.
-func tcpOf(c net.Conn) *net.TCPConn { return under[*net.TCPConn](c) }
+// TCPOf returns the TCP connection under c (through *tls.Conn, BatchConn
+// and every other NetConn() wrapper), or nil.
+func TCPOf(c net.Conn) *net.TCPConn { return under[*net.TCPConn](c) }
 
 // under returns the T under c, looking through NetConn() wrappers
-// (*tls.Conn, tunnels, batchConn, the catalog's tracked conns), or T's
+// (*tls.Conn, tunnels, BatchConn, the catalog's tracked conns), or T's
 // zero value. The unwrap stops only where no NetConn() is left (a wrapper
 // returning itself would end the walk too): a fixed depth once missed the
 // TCP socket under tracked(tunnel(tls(batch(tcp)))).

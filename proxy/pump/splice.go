@@ -1,4 +1,4 @@
-package proxy
+package pump
 
 import (
 	"errors"

@@ -1,4 +1,4 @@
-package proxy
+package pump
 
 import (
 	"crypto/tls"
@@ -8,19 +8,19 @@ import (
 	"sync/atomic"
 )
 
-// batchConn sits under a *tls.Conn so that one tls.Write of several
+// BatchConn sits under a *tls.Conn so that one tls.Write of several
 // records goes out in one write(2) instead of one per record (crypto/tls
 // writes each record as soon as it is sealed). Fewer, larger writes mean
 // fewer wakeups of the reader on the other end, which on a CPU-bound host
 // costs more than the bytes themselves.
 //
-// Writes are batched only between begin and flush, which the pump calls
+// Writes are batched only between Begin and Flush, which the pump calls
 // around a large tls.Write; every other write (handshake, alerts, a
 // KeyUpdate answered by the reading goroutine) goes straight through,
 // unless a batch is open, in which case it joins the batch to keep the
 // record order. A write never waits for a flush in progress, so a Close
 // that sends close_notify cannot hang behind a stalled peer.
-type batchConn struct {
+type BatchConn struct {
 	*net.TCPConn
 	mu    sync.Mutex
 	batch *[]byte // non-nil while a batch is open or being flushed
@@ -34,18 +34,18 @@ type batchConn struct {
 // alert or KeyUpdate joining it.
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, bigBufSize+16<<10); return &b }}
 
-// newBatchConn wraps the TCP conn a *tls.Conn is built over.
-func newBatchConn(c net.Conn) net.Conn {
+// NewBatchConn wraps the TCP conn a *tls.Conn is built over.
+func NewBatchConn(c net.Conn) net.Conn {
 	if tc, ok := c.(*net.TCPConn); ok {
-		return &batchConn{TCPConn: tc}
+		return &BatchConn{TCPConn: tc}
 	}
 	return c
 }
 
-// NetConn returns the TCP conn (for tcpOf: linger, TCP_INFO, the idle wait).
-func (c *batchConn) NetConn() net.Conn { return c.TCPConn }
+// NetConn returns the TCP conn (for TCPOf: linger, TCP_INFO, the idle wait).
+func (c *BatchConn) NetConn() net.Conn { return c.TCPConn }
 
-func (c *batchConn) Read(p []byte) (int, error) {
+func (c *BatchConn) Read(p []byte) (int, error) {
 	n, err := c.TCPConn.Read(p)
 	if err == io.EOF {
 		c.sawEOF.Store(true)
@@ -53,7 +53,7 @@ func (c *batchConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (c *batchConn) Write(p []byte) (int, error) {
+func (c *BatchConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	if c.batch != nil {
 		*c.batch = append(*c.batch, p...)
@@ -64,7 +64,8 @@ func (c *batchConn) Write(p []byte) (int, error) {
 	return c.TCPConn.Write(p)
 }
 
-func (c *batchConn) begin() {
+// Begin opens a batch: writes are gathered until Flush.
+func (c *BatchConn) Begin() {
 	c.mu.Lock()
 	if c.batch == nil {
 		c.batch = batchPool.Get().(*[]byte)
@@ -72,9 +73,9 @@ func (c *batchConn) begin() {
 	c.mu.Unlock()
 }
 
-// flush writes the batch and closes it. Writes arriving meanwhile go into
+// Flush writes the batch and closes it. Writes arriving meanwhile go into
 // a fresh batch, written next.
-func (c *batchConn) flush() error {
+func (c *BatchConn) Flush() error {
 	var err error
 	c.mu.Lock()
 	for {
@@ -105,15 +106,15 @@ func putBatch(bp *[]byte) {
 	batchPool.Put(bp)
 }
 
-// batcherOf returns the batchConn under a *tls.Conn destination (through
+// batcherOf returns the BatchConn under a *tls.Conn destination (through
 // NetConn() pass-through wrappers), or nil.
-func batcherOf(c any) *batchConn {
+func batcherOf(c any) *BatchConn {
 	for range 4 {
 		switch v := c.(type) {
-		case *tunnelConn:
+		case Framed:
 			return nil // batches each frame itself
 		case *tls.Conn:
-			b, _ := v.NetConn().(*batchConn)
+			b, _ := v.NetConn().(*BatchConn)
 			return b
 		case interface{ NetConn() net.Conn }:
 			c = v.NetConn()

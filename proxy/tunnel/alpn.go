@@ -1,4 +1,4 @@
-package proxy
+package tunnel
 
 import (
 	"crypto/tls"
@@ -14,22 +14,22 @@ import (
 // since Go 1.17 a Go TLS server with NextProtos aborts with
 // no_application_protocol when the client offers protocols it does not
 // serve, and a Go client does the same when the server picks one it did not
-// offer. So each side offers or accepts alpnTunnel only where that cannot
+// offer. So each side offers or accepts ALPN only where that cannot
 // break a peer: the server answers with it only to clients that offer it
-// (tunnelServerConfig), and the client retries once without ALPN when a
-// server refuses it (MeshRouter.dialTLS), remembering that instance.
+// (ServerConfig), and the client retries once without ALPN when a
+// server refuses it (proxy.MeshRouter.dialTLS), remembering that instance.
 
-// tunnelServerConfig makes base answer ALPN alpnTunnel to clients that
-// offer it, and negotiate no ALPN at all with everybody else: an Envoy, a
+// ServerConfig makes base answer ALPN with the tunnel protocol (ALPN)
+// to clients that offer it, and negotiate no ALPN at all with everybody else: an Envoy, a
 // Consul built-in proxy or a connect-native service offering h2 sees the
 // server it would see without ferry.
-func tunnelServerConfig(base *tls.Config) *tls.Config {
+func ServerConfig(base *tls.Config) *tls.Config {
 	tunnel := base.Clone()
-	tunnel.NextProtos = []string{alpnTunnel}
+	tunnel.NextProtos = []string{ALPN}
 	cfg := base.Clone()
 	cfg.NextProtos = nil
 	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-		if slices.Contains(hello.SupportedProtos, alpnTunnel) {
+		if slices.Contains(hello.SupportedProtos, ALPN) {
 			return tunnel, nil
 		}
 		return nil, nil
@@ -37,24 +37,25 @@ func tunnelServerConfig(base *tls.Config) *tls.Config {
 	return cfg
 }
 
-func withoutALPN(cfg *tls.Config) *tls.Config {
+// WithoutALPN is cfg offering no ALPN protocol.
+func WithoutALPN(cfg *tls.Config) *tls.Config {
 	c := cfg.Clone()
 	c.NextProtos = nil
 	return c
 }
 
-// isNoALPN reports whether a handshake failed on the server's
+// IsNoALPN reports whether a handshake failed on the server's
 // no_application_protocol alert (crypto/tls's alert type is unexported:
 // the remote-error OpError and its text are what it exposes).
-func isNoALPN(err error) bool {
+func IsNoALPN(err error) bool {
 	var op *net.OpError
 	return errors.As(err, &op) && op.Op == "remote error" &&
 		strings.Contains(op.Err.Error(), "no application protocol")
 }
 
-// addrSet is a bounded set of addresses whose entries expire, so a peer
+// AddrSet is a bounded set of addresses whose entries expire, so a peer
 // that is upgraded (or replaced at the same address) is asked again.
-type addrSet struct {
+type AddrSet struct {
 	max int
 	ttl time.Duration
 	now func() time.Time
@@ -63,11 +64,11 @@ type addrSet struct {
 	m  map[string]time.Time // address → added
 }
 
-func newAddrSet(max int, ttl time.Duration) *addrSet {
-	return &addrSet{max: max, ttl: ttl, now: time.Now, m: map[string]time.Time{}}
+func NewAddrSet(max int, ttl time.Duration) *AddrSet {
+	return &AddrSet{max: max, ttl: ttl, now: time.Now, m: map[string]time.Time{}}
 }
 
-func (s *addrSet) add(addr string) {
+func (s *AddrSet) Add(addr string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
@@ -87,7 +88,7 @@ func (s *addrSet) add(addr string) {
 	s.m[addr] = now
 }
 
-func (s *addrSet) has(addr string) bool {
+func (s *AddrSet) Has(addr string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	t, ok := s.m[addr]

@@ -1,14 +1,16 @@
-package proxy
+package tunnel
 
 import (
 	"crypto/tls"
 	"sync"
 	"time"
+
+	"github.com/ferrymesh/ferry/proxy/pump"
 )
 
-// tunnelPool keeps the client side's idle tunnel sessions, by dial address
+// Pool keeps the client side's idle tunnel sessions, by dial address
 // (one instance's ip:port; the session's identity checks were made for it).
-type tunnelPool struct {
+type Pool struct {
 	maxIdle    int // per address
 	idle, age  time.Duration
 	generation func() uint64 // the identity's; a change retires sessions
@@ -27,14 +29,14 @@ type pooledSession struct {
 	gen       uint64
 }
 
-func newTunnelPool(generation func() uint64) *tunnelPool {
-	return &tunnelPool{maxIdle: 16, idle: tunnelIdle, age: tunnelMaxAge, generation: generation,
+func NewPool(generation func() uint64) *Pool {
+	return &Pool{maxIdle: 16, idle: tunnelIdle, age: tunnelMaxAge, generation: generation,
 		now: time.Now, conns: map[string][]pooledSession{}}
 }
 
-// get returns an idle session for addr that is still good to carry a
+// Get returns an idle session for addr that is still good to carry a
 // tunnel, closing the stale ones it meets, or nil.
-func (p *tunnelPool) get(addr string) (*tls.Conn, time.Time, uint64) {
+func (p *Pool) Get(addr string) (*tls.Conn, time.Time, uint64) {
 	now, gen := p.now(), p.generation()
 	for {
 		p.mu.Lock()
@@ -56,8 +58,8 @@ func (p *tunnelPool) get(addr string) (*tls.Conn, time.Time, uint64) {
 	}
 }
 
-// put keeps a session whose tunnel ended cleanly, or closes it.
-func (p *tunnelPool) put(addr string, tc *tls.Conn, created time.Time, gen uint64) {
+// Put keeps a session whose tunnel ended cleanly, or closes it.
+func (p *Pool) Put(addr string, tc *tls.Conn, created time.Time, gen uint64) {
 	now := p.now()
 	if now.Sub(created) >= p.age || gen != p.generation() {
 		tc.Close()
@@ -86,7 +88,7 @@ func (p *tunnelPool) put(addr string, tc *tls.Conn, created time.Time, gen uint6
 
 // expire closes the sessions idle for too long, and runs again while any
 // are left.
-func (p *tunnelPool) expire() {
+func (p *Pool) expire() {
 	now := p.now()
 	var stale []*tls.Conn
 	p.mu.Lock()
@@ -115,8 +117,8 @@ func (p *tunnelPool) expire() {
 	}
 }
 
-// closeAll closes every idle session (shutdown).
-func (p *tunnelPool) closeAll() {
+// CloseAll closes every idle session (shutdown).
+func (p *Pool) CloseAll() {
 	p.mu.Lock()
 	all := p.conns
 	p.conns = map[string][]pooledSession{}
@@ -137,7 +139,7 @@ func (p *tunnelPool) closeAll() {
 // server never sends between tunnels, so anything there (its close_notify,
 // a FIN, a reset) means the session is over.
 func quiet(tc *tls.Conn) bool {
-	tcp := tcpOf(tc)
+	tcp := pump.TCPOf(tc)
 	if tcp == nil {
 		return false
 	}
@@ -147,7 +149,7 @@ func quiet(tc *tls.Conn) bool {
 	}
 	ok := false
 	_ = rc.Read(func(fd uintptr) bool {
-		ok = !readable(fd)
+		ok = !pump.Readable(fd)
 		return true
 	})
 	return ok

@@ -1,0 +1,32 @@
+package pump
+
+// The pump knows three kinds of leg by their types (*net.TCPConn, *tls.Conn
+// over a BatchConn, anything else with Read/Write/CloseWrite), and two by
+// what they do, through the interfaces below: a framed leg (a tunnel) that
+// carries a stream in frames over a shared session, and a leg with its own
+// way to abort. Both are found through NetConn() pass-through wrappers.
+
+// Framed is a source that delivers its stream in frames over a session it
+// reads itself. The pump waits on it instead of on the socket (the socket
+// carries other frames' bytes too), without holding a copy buffer, and
+// releases its buffer whenever a frame is done. The read waiter and the
+// write batching stop at a Framed leg: it gathers and batches itself.
+type Framed interface {
+	// WaitFrame parks until the next frame's payload can be read (or the
+	// stream ended or failed: the next Read then says so). It holds no
+	// buffer of the pump's while it waits.
+	WaitFrame()
+	// FrameRemaining is the payload of the current frame not yet read.
+	FrameRemaining() int
+}
+
+// Aborter is a leg that aborts its own way instead of by a TCP reset of
+// the socket under it (a tunnel sends a RESET frame, so that the session's
+// other tunnels' peer sees this connection reset, not the whole session).
+// The pump calls Abort before Close when it ends a connection on an error.
+type Aborter interface {
+	Abort()
+}
+
+// framedOf returns the Framed leg under c, or nil.
+func framedOf(c any) Framed { return under[Framed](c) }

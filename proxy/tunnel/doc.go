@@ -1,0 +1,19 @@
+// Package tunnel carries app connections between two ferry sidecars one
+// after another over a reused mTLS session, instead of one handshake per
+// connection: the frame protocol (tunnel.go), the client's pool of idle
+// sessions (pool.go), and the ALPN negotiation that offers it only to
+// peers that speak it (alpn.go).
+//
+// Surface: ALPN; Conn (one app connection over a session: a net.Conn with
+// CloseWrite that the pump sees as a pump.Framed source and a pump.Aborter
+// leg), NewConn, WriteOpen and ReadOpen; Pool with Get, Put and CloseAll;
+// ServerConfig, WithoutALPN, IsNoALPN and AddrSet for the negotiation;
+// ServerIdle and ServerMaxAge for the server's session loop. Verifying the
+// peer is mtls's job and deciding on each tunnel the intentions', both
+// called by proxy.MeshAcceptor, whose session loop (inboundSession) stays
+// in proxy next to them.
+//
+// Rules: tunnel imports proxy/pump (BatchConn, ReadWaiter, TCPOf, the
+// buffer pool) and nothing else of ferry's, never proxy; it keeps no
+// metrics (proxy.MeshRouter counts tunnels). Checked by internal/archtest.
+package tunnel
