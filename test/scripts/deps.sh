@@ -2,7 +2,8 @@
 # Installs the system packages that ferry's tests, demo and bench need, only
 # where they are missing: iptables (redirect rules), iproute2 (netns, veth,
 # bridge, ifb), util-linux (setpriv, nsenter), procps (ps), haproxy (bench's
-# reference proxy). apt-get update runs at most once.
+# reference proxy), docker.io and debootstrap (the compose example). apt-get
+# update runs at most once.
 set -euo pipefail
 
 need=()
@@ -13,6 +14,15 @@ command -v ps >/dev/null 2>&1 || need+=(procps)
 if [ "${WITH_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 fi
+# --- compose example (TestCompose, make compose-up) ---
+# docker.io: dockerd, containerd, runc and the docker client /usr/bin/docker
+# that the tests use (test/dockerenv); debootstrap: base images made locally
+# when no image registry is reachable. The package's service is not started:
+# the tests start their own engine.
+{ command -v dockerd >/dev/null 2>&1 && [ -x /usr/bin/docker ]; } || need+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+# --- end compose example ---
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
