@@ -57,6 +57,9 @@ func BaseImages(dockerfile string) ([]string, error) {
 //     /usr/local/go, with the official image's environment (GOPATH=/go,
 //     PATH, GOTOOLCHAIN=local); the local toolchain must be that version.
 //
+// Both leave out what Debian's slim images leave out (docs, manuals,
+// translations) and carry the host's CA bundle (see hostCABundle).
+//
 // Where a registry is reachable, `docker pull` of the real images before
 // building gives the Dockerfile's usual meaning; this only fills in what is
 // missing. Root filesystems are cached under .cache/docker-base by their
@@ -102,6 +105,9 @@ func (d *Docker) makeBase(ctx context.Context, img string, logf func(string, ...
 			if err := copyEntries(tw, rootfs); err != nil {
 				return err
 			}
+			if err := writeSlimConfig(tw); err != nil {
+				return err
+			}
 			return tw.Close()
 		}, `CMD ["bash"]`)
 	}
@@ -120,6 +126,9 @@ func (d *Docker) makeBase(ctx context.Context, img string, logf func(string, ...
 		return d.importTar(ctx, img, func(w io.Writer) error {
 			tw := tar.NewWriter(w)
 			if err := copyEntries(tw, rootfs); err != nil {
+				return err
+			}
+			if err := writeSlimConfig(tw); err != nil {
 				return err
 			}
 			if err := addTree(tw, goroot, "usr/local/go"); err != nil {
@@ -291,7 +300,11 @@ func copyEntries(tw *tar.Writer, path string) error {
 		if err != nil {
 			return err
 		}
-		if bundle != nil && strings.TrimPrefix(h.Name, "./") == strings.TrimPrefix(hostCABundle, "/") && h.Typeflag == tar.TypeReg {
+		name := strings.TrimPrefix(h.Name, "./")
+		if slimDrop(name, h) {
+			continue
+		}
+		if bundle != nil && name == strings.TrimPrefix(hostCABundle, "/") && h.Typeflag == tar.TypeReg {
 			h.Size = int64(len(bundle))
 			if err := tw.WriteHeader(h); err != nil {
 				return err
@@ -308,6 +321,39 @@ func copyEntries(tw *tar.Writer, path string) error {
 			return err
 		}
 	}
+}
+
+// slimExclude is what Debian's -slim images leave out, as dpkg config so
+// that packages installed later (the init stage's iptables) leave it out too.
+const slimExclude = `path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/man/*
+`
+
+// slimDrop says whether a root filesystem entry is one the slim images drop:
+// documentation, manuals and translations (directories stay).
+func slimDrop(name string, h *tar.Header) bool {
+	if h.Typeflag == tar.TypeDir {
+		return false
+	}
+	for _, dir := range []string{"usr/share/groff/", "usr/share/info/", "usr/share/locale/", "usr/share/man/"} {
+		if strings.HasPrefix(name, dir) {
+			return true
+		}
+	}
+	return strings.HasPrefix(name, "usr/share/doc/") && !strings.HasSuffix(name, "/copyright")
+}
+
+// writeSlimConfig adds the dpkg exclusions to a root filesystem.
+func writeSlimConfig(tw *tar.Writer) error {
+	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "etc/dpkg/dpkg.cfg.d/docker-slim", Mode: 0o644, Size: int64(len(slimExclude)), ModTime: time.Unix(0, 0)}); err != nil {
+		return err
+	}
+	_, err := tw.Write([]byte(slimExclude))
+	return err
 }
 
 // addTree adds the tree at src to tw under prefix, owned by root.

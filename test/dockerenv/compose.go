@@ -46,7 +46,11 @@ func ComposeBinary(ctx context.Context, root string, logf func(string, ...any)) 
 	}
 	logf("dockerenv: building Docker Compose from test/tools/compose (once; a few minutes)")
 	begin := time.Now()
-	cmd := exec.CommandContext(ctx, "go", "build", "-C", mod, "-trimpath", "-o", out, "github.com/docker/compose/v5/cmd")
+	ldflags := ""
+	if v := composeVersion(mod); v != "" {
+		ldflags = "-X github.com/docker/compose/v5/internal.Version=" + v
+	}
+	cmd := exec.CommandContext(ctx, "go", "build", "-C", mod, "-ldflags", ldflags, "-o", out, "github.com/docker/compose/v5/cmd")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("dockerenv: build compose: %w\n%s", err, b)
@@ -79,4 +83,18 @@ func (c *Compose) Run(ctx context.Context, args ...string) (string, error) {
 		return string(out), fmt.Errorf("compose %s: %w\n%s", strings.Join(args, " "), err, tailLines(string(out), 40))
 	}
 	return string(out), nil
+}
+
+// composeVersion is the version of Compose the tools module requires.
+func composeVersion(mod string) string {
+	b, err := os.ReadFile(filepath.Join(mod, "go.mod"))
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "github.com/docker/compose/v5" {
+			return f[1]
+		}
+	}
+	return ""
 }

@@ -20,8 +20,8 @@ const (
 )
 
 // BuildImages builds ferry's two images from the project's Dockerfile
-// (targets init and sidecar), the example app and the example's Consul from
-// consulBinary, after making any missing base image locally. Builds use the
+// (targets init and sidecar), the example app (built on the host) and the
+// example's Consul from consulBinary, after making any missing base image locally. Builds use the
 // classic builder (DOCKER_BUILDKIT=0: BuildKit would fetch the Dockerfile
 // frontend named by its syntax line from a registry) and the host network,
 // so the build stage reaches the Go module proxy and the init stage reaches
@@ -40,7 +40,6 @@ func (d *Docker) BuildImages(ctx context.Context, consulBinary string, logf func
 	}{
 		{InitImage, []string{"--target", "init", "--build-arg", "VERSION=" + version, "."}},
 		{SidecarImage, []string{"--target", "sidecar", "--build-arg", "VERSION=" + version, "."}},
-		{AppImage, []string{"-f", appDF, "."}},
 	}
 	for _, b := range builds {
 		begin := time.Now()
@@ -51,28 +50,51 @@ func (d *Docker) BuildImages(ctx context.Context, consulBinary string, logf func
 		logf("dockerenv: built %s in %v", b.tag, time.Since(begin).Round(100*time.Millisecond))
 	}
 	begin := time.Now()
-	if err := d.buildConsul(ctx, consulDF, consulBinary); err != nil {
+	app, err := buildApp(ctx, d.Root)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(app)
+	if err := d.buildFromBinary(ctx, AppImage, appDF, app, "app"); err != nil {
+		return err
+	}
+	logf("dockerenv: built %s in %v", AppImage, time.Since(begin).Round(100*time.Millisecond))
+	begin = time.Now()
+	if err := d.buildFromBinary(ctx, ConsulImage, consulDF, consulBinary, "consul"); err != nil {
 		return err
 	}
 	logf("dockerenv: built %s in %v", ConsulImage, time.Since(begin).Round(100*time.Millisecond))
 	return nil
 }
 
-// buildConsul builds the Consul image from a context holding only the
-// binary (hard-linked when it can be, so 150 MB are not copied each time).
-func (d *Docker) buildConsul(ctx context.Context, dockerfile, binary string) error {
-	dir, err := os.MkdirTemp(filepath.Join(d.Root, ".cache", "docker"), "consul-ctx-")
+// buildApp builds the example app as a static binary on the host, where the
+// Go build cache makes it take seconds.
+func buildApp(ctx context.Context, root string) (string, error) {
+	out := filepath.Join(root, ".cache", "bin", fmt.Sprintf("example-app-%d", os.Getpid()))
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", out, "./examples/compose/app")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("dockerenv: build the example app: %w\n%s", err, b)
+	}
+	return out, nil
+}
+
+// buildFromBinary builds an image from a context holding only one binary,
+// as name (hard-linked when it can be, so Consul's 150 MB are not copied).
+func (d *Docker) buildFromBinary(ctx context.Context, tag, dockerfile, binary, name string) error {
+	dir, err := os.MkdirTemp(filepath.Join(d.Root, ".cache", "docker"), "ctx-")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	dst := filepath.Join(dir, "consul")
+	dst := filepath.Join(dir, name)
 	if err := os.Link(binary, dst); err != nil {
 		if err := copyPath(binary, dst); err != nil {
 			return err
 		}
 	}
-	return d.Run(ctx, "build", "--pull=false", "--network", "host", "-t", ConsulImage, "-f", dockerfile, dir)
+	return d.Run(ctx, "build", "--pull=false", "--network", "host", "-t", tag, "-f", dockerfile, dir)
 }
 
 func copyPath(src, dst string) error {

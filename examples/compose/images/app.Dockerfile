@@ -1,13 +1,8 @@
-# The example app (examples/compose/app): a static binary on scratch.
-# Build from the repository root:
-#   docker build -f examples/compose/images/app.Dockerfile -t ferry-example/app:dev .
-FROM golang:1.26-bookworm AS build
-WORKDIR /src
-COPY go.mod go.sum ./
-COPY examples/compose/app ./examples/compose/app
-# Standard library only: nothing to download.
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/app ./examples/compose/app
-
+# The example app (examples/compose/app): its static binary alone on scratch.
+# The build context is a directory holding the binary as ./app, built on the
+# host (make compose-images does this):
+#   CGO_ENABLED=0 go build -trimpath -o CTX/app ./examples/compose/app
+#   docker build -f examples/compose/images/app.Dockerfile -t ferry-example/app:dev CTX
 FROM scratch
-COPY --from=build /out/app /app
+COPY app /app
 ENTRYPOINT ["/app"]
