@@ -64,6 +64,11 @@ func (d *Docker) BuildImages(ctx context.Context, consulBinary string, logf func
 		return err
 	}
 	logf("dockerenv: built %s in %v", ConsulImage, time.Since(begin).Round(100*time.Millisecond))
+	// Earlier builds' untagged stages pile up in the data root under
+	// .cache; the current ones stay as the next build's layer cache.
+	if err := d.Run(ctx, "image", "prune", "--force", "--filter", "until=1h"); err != nil {
+		logf("dockerenv: %v", err)
+	}
 	return nil
 }
 

@@ -5,7 +5,7 @@
 //
 //	composeenv images   # engine + images
 //	composeenv up       # engine + images + compose up, waits for the mesh
-//	composeenv down     # compose down; stops the engine if `up` started it
+//	composeenv down     # compose down; stops the engine if `images` or `up` started it
 //	composeenv env      # prints the DOCKER_HOST and compose command to use
 package main
 
@@ -48,7 +48,7 @@ func run(ctx context.Context, cmd string) error {
 		return err
 	}
 	file := filepath.Join(root, "examples", "compose", "compose.yaml")
-	marker := filepath.Join("/run/ferry-docker", "started-by-compose-up")
+	marker := filepath.Join("/run/ferry-docker", "started-by-make")
 	switch cmd {
 	case "env":
 		bin := filepath.Join(root, ".cache", "bin", "docker-compose")
@@ -80,7 +80,7 @@ func run(ctx context.Context, cmd string) error {
 				return nil
 			}
 			os.Remove(marker)
-			logf("composeenv: stopping the engine that compose-up started")
+			logf("composeenv: stopping the engine that make compose-images or compose-up started")
 			return dockerenv.StopPID(dockerenv.RunningPID())
 		}
 		return nil
@@ -93,7 +93,7 @@ func run(ctx context.Context, cmd string) error {
 	if err != nil {
 		return err
 	}
-	if d.Started() && cmd == "up" {
+	if d.Started() {
 		os.WriteFile(marker, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600)
 	}
 	consul, err := testbed.Consul()
