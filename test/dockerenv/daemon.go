@@ -172,6 +172,8 @@ func StopPID(pid int) error {
 	for time.Now().Before(deadline) {
 		if unix.Kill(pid, 0) != nil {
 			os.Remove(ownerFile)
+			// dockerd leaves the bind mount of its default namespace.
+			unix.Unmount(filepath.Join(execRoot, "netns", "default"), unix.MNT_DETACH)
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)

@@ -43,7 +43,7 @@ func (d *Docker) BuildImages(ctx context.Context, consulBinary string, logf func
 	}
 	for _, b := range builds {
 		begin := time.Now()
-		args := append([]string{"build", "--pull=false", "--network", "host", "-t", b.tag}, b.args...)
+		args := append([]string{"build", "--pull=false", "--force-rm", "--network", "host", "-t", b.tag}, b.args...)
 		if err := d.Run(ctx, args...); err != nil {
 			return err
 		}
@@ -99,7 +99,7 @@ func (d *Docker) buildFromBinary(ctx context.Context, tag, dockerfile, binary, n
 			return err
 		}
 	}
-	return d.Run(ctx, "build", "--pull=false", "--network", "host", "-t", tag, "-f", dockerfile, dir)
+	return d.Run(ctx, "build", "--pull=false", "--force-rm", "--network", "host", "-t", tag, "-f", dockerfile, dir)
 }
 
 func copyPath(src, dst string) error {

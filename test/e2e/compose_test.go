@@ -102,6 +102,9 @@ func TestCompose(t *testing.T) {
 	if nets := composeNetworks(t, ctx, d, composeSubnet); len(nets) > 0 {
 		t.Fatalf("the example's network %s is in use by %v (is `make compose-up` running? `make compose-down` first)", composeSubnet, nets)
 	}
+	if addrs, _ := exec.CommandContext(ctx, "ip", "-4", "-o", "addr").Output(); strings.Contains(string(addrs), " 198.19.42.") {
+		t.Fatalf("an interface on this host already uses %s (a testbed bridge?):\n%s", composeSubnet, addrs)
+	}
 	before := composeHostState(t, ctx, d)
 
 	downDone := false
