@@ -10,7 +10,7 @@ BENCH   ?= full
 
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/test/')
 
-.PHONY: all build test unit e2e vet deps consul k8stools demo bench fmt clean
+.PHONY: all build test unit e2e vet deps consul k8stools demo bench fmt clean compose-images compose-up compose-down
 
 all: build
 
@@ -53,6 +53,20 @@ demo: deps consul
 # BENCH_FLAGS passes more flags (e.g. -pin, -paths, -scenarios).
 bench: deps consul
 	$(GO) run ./test/bench $(if $(filter quick,$(BENCH)),-quick) $(BENCH_FLAGS)
+
+# The docker compose example (examples/compose, README "Local mesh with
+# docker compose"): ferry's own Docker Engine on /run/ferry-docker.sock, the
+# images built from the Dockerfile without pulling (missing base images are
+# made locally), then Consul and two meshed apps. The first run takes a few
+# minutes (debootstrap, Docker Compose's build); later ones seconds.
+compose-images: deps consul
+	@$(GO) run ./test/cmd/composeenv images
+
+compose-up: deps consul
+	@$(GO) run ./test/cmd/composeenv up
+
+compose-down:
+	@$(GO) run ./test/cmd/composeenv down
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')
