@@ -200,7 +200,7 @@ func (d *Docker) debianRootfs(ctx context.Context, suite string, logf func(strin
 	mirror := AptMirror()
 	const include = "ca-certificates"
 	h := sha256.Sum256([]byte(strings.Join([]string{suite, "minbase", mirror, include}, "\n")))
-	dir := filepath.Join(d.Root, ".cache", "docker-base")
+	dir := filepath.Join(MachineCache(), "docker-base")
 	out := filepath.Join(dir, fmt.Sprintf("debian-%s-minbase-%s.tar", suite, hex.EncodeToString(h[:6])))
 	if _, err := os.Stat(out); err == nil {
 		return out, nil

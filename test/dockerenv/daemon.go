@@ -100,7 +100,7 @@ func Start(ctx context.Context, root string, logf func(string, ...any)) (*Docker
 		logf("dockerenv: using the running engine on %s", Socket)
 		return d, nil
 	}
-	dataRoot := filepath.Join(root, ".cache", "docker", "data")
+	dataRoot := filepath.Join(MachineCache(), "docker", "data")
 	if err := os.MkdirAll(dataRoot, 0o711); err != nil {
 		return nil, err
 	}
