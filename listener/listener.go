@@ -109,8 +109,11 @@ func New(ln TCPAcceptor, opts Options) *Listener {
 	return l
 }
 
-// Addr is the bound address.
+// Addr is the bound address (the first one of a Merge).
 func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
+
+// Addrs lists every bound address (more than one for a Merge).
+func (l *Listener) Addrs() []net.Addr { return Addrs(l.ln) }
 
 // Active is the number of connections whose Handler has not returned.
 func (l *Listener) Active() int { return int(l.active.Load()) }
