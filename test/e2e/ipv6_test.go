@@ -33,8 +33,8 @@ type v6Env struct {
 	tb                  *testbed.Testbed
 	client, back, ext   *testbed.Pod
 	clientFerry, bFerry *testbed.Process
-	bApp                *testbed.Process
-	backLL              netip.Addr
+	bApp, extApp        *testbed.Process
+	backLL, extLL       netip.Addr
 }
 
 func v6Setup(t *testing.T) *v6Env {
@@ -49,7 +49,7 @@ func v6Setup(t *testing.T) *v6Env {
 		p.AddIPv6(t)
 	}
 	e.backLL = e.back.LinkLocalIPv6(t)
-	e.ext.LinkLocalIPv6(t)
+	e.extLL = e.ext.LinkLocalIPv6(t)
 
 	if _, _, err := c.ConfigEntries().Set(&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "backend6",
 		TransparentProxy: &api.TransparentProxyConfig{DialedDirectly: true}}, nil); err != nil {
@@ -61,7 +61,7 @@ func v6Setup(t *testing.T) *v6Env {
 	backID := e.tb.Register(t, testbed.Service{Name: "backend6", Pod: e.back, Port: 8080, Address: e.back.IP6}).ProxyID
 
 	e.bApp = meshEchoServer(t, e.back, "back6 app", ":"+v6AppPort) // Go's ":port" is dual-stack
-	meshEchoServer(t, e.ext, "ext6 app", ":"+v6ExtPort)
+	e.extApp = meshEchoServer(t, e.ext, "ext6 app", ":"+v6ExtPort)
 
 	// Control: before the rules, a plain client reaches the app over
 	// both IPv6 addresses (so that the lock-down below means something).
@@ -123,6 +123,26 @@ func TestIPv6DualStack(t *testing.T) {
 		e.echo(t, net.JoinHostPort(e.ext.IP.String(), v6ExtPort), 4096, 1)
 	})
 
+	t.Run("outbound to a link-local IPv6 neighbour never bypasses ferry", func(t *testing.T) {
+		// The IPv6 REDIRECT rewrites the destination to ::1, but a socket
+		// connecting to fe80::…%eth0 is bound to eth0 by the scope id, so
+		// the kernel cannot deliver the rewritten SYN to ferry: the
+		// connection does not complete (Consul's dual-stack rules do the
+		// same; documented in the README). It must not reach the
+		// neighbour plainly either.
+		acc0 := meshAccepts(e.extApp)
+		dst := net.JoinHostPort(e.extLL.String()+"%eth0", v6ExtPort)
+		c, err := meshDialIn(e.client, dst, 2*time.Second)
+		if err == nil {
+			c.Close()
+			t.Fatalf("%s connected from a redirected pod", dst)
+		}
+		t.Logf("dial %s: %v", dst, err)
+		if got := meshAccepts(e.extApp); got != acc0 {
+			t.Fatalf("the neighbour accepted %d connections past ferry", got-acc0)
+		}
+	})
+
 	t.Run("DialedDirectly to a mesh instance's IPv6 address goes over mTLS to it", func(t *testing.T) {
 		in0 := meshMetric(t, e.back, inOK)
 		acc0 := meshAccepts(e.bApp)
@@ -132,6 +152,17 @@ func TestIPv6DualStack(t *testing.T) {
 		}
 		if got := meshAcceptsAtLeast(t, e.bApp, acc0+2); got < acc0+2 {
 			t.Fatalf("app accepts %d -> %d", acc0, got)
+		}
+	})
+
+	t.Run("the (IPv4) virtual IP of a service with IPv6 instances routes to them", func(t *testing.T) {
+		// Consul assigns the VIP per service, whatever the instances'
+		// family; ferry dials the instance's IPv6 sidecar address.
+		vip := meshVIP(t, e.tb, "backend6")
+		in0 := meshMetric(t, e.back, inOK)
+		e.echo(t, net.JoinHostPort(vip, v6AppPort), 64<<10, 2)
+		if n := meshMetric(t, e.back, inOK); n < in0+2 {
+			t.Fatalf("back6 sidecar inbound ok %d -> %d", in0, n)
 		}
 	})
 
