@@ -61,7 +61,7 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "Consul agent HTTP address (default: env CONSUL_HTTP_ADDR, else 127.0.0.1:8500)")
 	fs.StringVar(&c.Token, "token", "", "Consul ACL token (default: env CONSUL_HTTP_TOKEN)")
 	fs.StringVar(&c.Inbound, "inbound-addr", "", "inbound listen address (default: 0.0.0.0:<bind_port or proxy port>)")
-	fs.StringVar(&c.Outbound, "outbound-addr", "", "outbound listen address (default: 127.0.0.1:<OutboundListenerPort or 15001>)")
+	fs.StringVar(&c.Outbound, "outbound-addr", "", "outbound listen address (default: 127.0.0.1:<OutboundListenerPort or 15001>); on a loopback address, the other family's loopback ([::1] or 127.0.0.1) at the same port is bound too, where the pod has IPv6")
 	fs.StringVar(&c.LocalApp, "local-app", "", "local application address (default: <LocalServiceAddress or 127.0.0.1>:<LocalServicePort>)")
 	fs.StringVar(&c.AdminAddr, "admin-addr", "127.0.0.1:19000", "admin HTTP address (/ready, /metrics)")
 	fs.IntVar(&c.MaxConnections, "max-connections", defaultMaxConnections, "per-listener cap on established connections; new ones past it are reset (0 = no cap). Inbound connections still in their handshake do not count: they have their own budget (a tenth of the cap, 16 to 256; 32 per source IP; the oldest is reset past it)")
