@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"bufio"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -122,8 +124,18 @@ func TestIPv6DNS(t *testing.T) {
 	}
 
 	meshSidecar(t, backend, beReg.ProxyID)
-	meshRestart(t, t, app, appReg.ProxyID, "-dns-addr", "[::1]:8600", "-dns-recursor", recPod.IP6.String(),
-		"-consul-dns-addr", tb.Consul.DNSAddr)
+	// consul-k8s's dual-stack binds: DNS and admin on ::1.
+	appFerry := app.Start(t, testbed.Proc{UID: meshProxyUID, Name: "ferry run " + app.Name}, ferry, "run", "-proxy-id", appReg.ProxyID,
+		"-dns-addr", "[::1]:8600", "-admin-addr", "[::1]:19000", "-dns-recursor", recPod.IP6.String(), "-consul-dns-addr", tb.Consul.DNSAddr)
+	took := meshPoll(t, "ferry ready on [::1]:19000", 30*time.Second, func() bool {
+		select {
+		case <-appFerry.Done():
+			t.Fatalf("ferry exited:\n%s", appFerry.Output())
+		default:
+		}
+		return v6AdminGet(app, "[::1]:19000", "/ready") == 200
+	})
+	t.Logf("ferry ready on [::1]:19000 after %v", took.Round(time.Millisecond))
 	vip := meshVIP(t, tb, "backend6")
 
 	query := func(p *testbed.Pod, server, name, qtype string) string {
@@ -189,4 +201,24 @@ func answerRecords(out, rrtype string) string {
 	}
 	slices.Sort(recs)
 	return strings.Join(recs, " ")
+}
+
+// v6AdminGet GETs path from ferry's admin listener at addr inside pod and
+// returns the status code (0 when there is no answer).
+func v6AdminGet(pod *testbed.Pod, addr, path string) int {
+	c, err := meshDialIn(pod, addr, 2*time.Second)
+	if err != nil {
+		return 0
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("GET " + path + " HTTP/1.0\r\n\r\n")); err != nil {
+		return 0
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
