@@ -103,3 +103,27 @@ func TestOutboundPassthroughIPv6(t *testing.T) {
 	}
 	waitFor(t, "outbound ok", func() bool { return counter(p, "outbound", "ok") == 1 })
 }
+
+// TestOutboundDirectIPv6IsLoop: a connection made straight to the [::1]
+// companion (not redirected: no original destination) is refused as a
+// loop, as on 127.0.0.1; it never becomes a passthrough to itself.
+func TestOutboundDirectIPv6IsLoop(t *testing.T) {
+	checkLeaks(t)
+	if l, err := net.Listen("tcp", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	} else {
+		l.Close()
+	}
+	p := startProxy(t, Config{}, "127.0.0.1:1")
+	_, out := p.Addrs()
+	_, port, _ := net.SplitHostPort(out.String())
+	// The reset may already beat the dial's completion on loopback.
+	if c, err := net.Dial("tcp", net.JoinHostPort("::1", port)); err == nil {
+		got, _ := exchangeOn(c, "x")
+		c.Close()
+		if got != "" {
+			t.Fatalf("received %q from a direct connection", got)
+		}
+	}
+	waitFor(t, "loop counted", func() bool { return counter(p, "outbound", "loop") == 1 })
+}
