@@ -75,7 +75,7 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.BoolVar(&c.LiveRevocation, "live-revocation", true, "close established inbound connections whose source an intention change denies")
 	fs.BoolVar(&c.Tunnels, "tunnels", true, "between ferry sidecars, carry connections one after another over reused mTLS sessions (negotiated by ALPN; other peers are unaffected)")
 	fs.Var(&c.VirtualCIDRs, "virtual-cidr", "CIDR in which a service's `virtual` tagged address (its Kubernetes ClusterIP) is honoured, repeatable, e.g. the cluster's service range 10.96.0.0/12 (default: any address)")
-	fs.StringVar(&c.DNSAddr, "dns-addr", dns.DefaultAddr, "DNS server address, UDP and TCP (empty disables)")
+	fs.StringVar(&c.DNSAddr, "dns-addr", dns.DefaultAddr, "DNS server address, UDP and TCP (empty disables); on a loopback address, the other family's loopback at the same port is bound too, where the pod has IPv6")
 	fs.Var(&c.DNSRecursors, "dns-recursor", "DNS recursor IP[:port] for names outside the mesh, repeatable (default: the nameservers of /etc/resolv.conf except ferry itself: with -dns-addr on loopback or a wildcard, every loopback nameserver, which the DNS redirect sends back to ferry)")
 	fs.StringVar(&c.ClusterDomain, "cluster-domain", dns.DefaultClusterDomain, "Kubernetes cluster domain (<svc>.<ns>.svc.<domain> names)")
 	fs.StringVar(&c.ConsulDNSAddr, "consul-dns-addr", "", "Consul agent DNS address for .consul names the sidecar does not answer itself (SRV, TXT, ...); default: the recursors")

@@ -123,7 +123,11 @@ func TestIPv6DNS(t *testing.T) {
 		t.Fatalf("second run must change neither family:\n%s", out)
 	}
 
-	meshSidecar(t, backend, beReg.ProxyID)
+	// The backend pod the way ferry's own docs set it up: DNS rules in
+	// port mode without an IP (each family's loopback), ferry's DNS on its
+	// default address 127.0.0.1:8600, which also binds [::1]:8600.
+	beFerry := dnsSidecar(t, backend, ferry, beReg.ProxyID, "-dns-recursor", recPod.IP6.String())
+	dnsWaitReady(t, backend, beFerry)
 	// consul-k8s's dual-stack binds: DNS and admin on ::1.
 	appFerry := app.Start(t, testbed.Proc{UID: meshProxyUID, Name: "ferry run " + app.Name}, ferry, "run", "-proxy-id", appReg.ProxyID,
 		"-dns-addr", "[::1]:8600", "-admin-addr", "[::1]:19000", "-dns-recursor", recPod.IP6.String(), "-consul-dns-addr", tb.Consul.DNSAddr)
@@ -182,6 +186,11 @@ func TestIPv6DNS(t *testing.T) {
 	}
 	if !strings.Contains(rec.Output(), "query ext6.example.test. AAAA") {
 		t.Errorf("the recursor never saw the AAAA question:\n%s", rec.Output())
+	}
+	for _, server := range []string{"127.0.0.1:53", "[::1]:53"} {
+		if got := query(backend, server, "ext6.example.test", "AAAA"); !strings.Contains(got, "2001:db8:77::77") {
+			t.Errorf("backend pod, %s (default -dns-addr): %q", server, got)
+		}
 	}
 	// By name, through the pod's resolver (nameserver ::1) and the mesh.
 	if out, err := app.Exec(t, testbed.Proc{Name: "echo client"}, echo, "client",
