@@ -96,7 +96,7 @@ func TestIPv6DNS(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	out := app.ExecOK(t, testbed.Proc{Name: "ferry redirect", Env: []string{"CONSUL_REDIRECT_TRAFFIC_CONFIG=" + v6DualStackJSON}}, ferry, "redirect")
+	out := app.ExecOK(t, testbed.Proc{Name: "ferry redirect", Env: []string{"CONSUL_REDIRECT_TRAFFIC_CONFIG=" + v6DualStackJSON, "CONSUL_DUAL_STACK=true"}}, ferry, "redirect")
 	if !strings.Contains(out, "IPv4 traffic redirection rules installed") || !strings.Contains(out, "IPv6 traffic redirection rules installed") {
 		t.Fatalf("ferry redirect with the dual-stack configuration:\n%s", out)
 	}
@@ -118,7 +118,7 @@ func TestIPv6DNS(t *testing.T) {
 			}
 		}
 	}
-	out = app.ExecOK(t, testbed.Proc{Name: "ferry redirect", Env: []string{"CONSUL_REDIRECT_TRAFFIC_CONFIG=" + v6DualStackJSON}}, ferry, "redirect")
+	out = app.ExecOK(t, testbed.Proc{Name: "ferry redirect", Env: []string{"CONSUL_REDIRECT_TRAFFIC_CONFIG=" + v6DualStackJSON, "CONSUL_DUAL_STACK=true"}}, ferry, "redirect")
 	if strings.Count(out, "nothing changed") != 2 {
 		t.Fatalf("second run must change neither family:\n%s", out)
 	}
