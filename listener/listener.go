@@ -59,8 +59,9 @@ type Options struct {
 	// MaxPendingPerSource) instead of MaxConns. 0: every accepted
 	// connection counts against MaxConns from the start.
 	MaxPending int
-	// MaxPendingPerSource caps pending connections from one source IP;
-	// 0 means no per-source cap. Only with MaxPending.
+	// MaxPendingPerSource caps pending connections from one source IP
+	// (for a global IPv6 address: its /64); 0 means no per-source cap.
+	// Only with MaxPending.
 	MaxPendingPerSource int
 	// OnPendingEvicted is called once per pending connection reset to
 	// make room for a newer one.
