@@ -36,7 +36,9 @@ type datacenterView interface {
 // a usable default (see the field comments).
 type Config struct {
 	// Addr is the UDP and TCP listen address. Default 127.0.0.1:8600. A port
-	// of 0 picks a free port, the same one for UDP and TCP.
+	// of 0 picks a free port, the same one for UDP and TCP. A loopback
+	// address also binds the other family's loopback at the same port
+	// (skipped where the namespace has no IPv6).
 	Addr string
 	// ClusterDomain is the Kubernetes cluster domain; <svc>.<ns>.svc.<domain>
 	// names of mesh services resolve to their VIP. Default cluster.local.

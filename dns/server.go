@@ -105,33 +105,39 @@ func (s *Server) Start(ctx context.Context) error {
 	if s.started {
 		return errors.New("dns: start: already started")
 	}
-	pc, ln, err := listenBoth(s.cfg.Addr)
+	socks, err := listenDualStack(s.cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("dns: listen %s: %w", s.cfg.Addr, err)
 	}
 	s.started = true
-	s.addr = pc.LocalAddr().String()
+	s.addr = socks[0].pc.LocalAddr().String()
+	var addrs []string
+	for _, sk := range socks {
+		addrs = append(addrs, sk.pc.LocalAddr().String())
+	}
 
-	ready := make(chan struct{}, 2)
+	ready := make(chan struct{}, 2*len(socks))
 	notify := func() { ready <- struct{}{} }
-	udp := &mdns.Server{
-		PacketConn:        pc,
-		Handler:           s,
-		UDPSize:           4096, // bigger queries are garbage; they fail to parse
-		MsgAcceptFunc:     acceptQuery,
-		NotifyStartedFunc: notify,
-	}
 	idle := s.cfg.TCPIdleTimeout
-	tcp := &mdns.Server{
-		Listener:          ln,
-		Handler:           s,
-		MsgAcceptFunc:     acceptQuery,
-		NotifyStartedFunc: notify,
-		ReadTimeout:       idle,
-		WriteTimeout:      idle,
-		IdleTimeout:       func() time.Duration { return idle },
+	for _, sk := range socks {
+		udp := &mdns.Server{
+			PacketConn:        sk.pc,
+			Handler:           s,
+			UDPSize:           4096, // bigger queries are garbage; they fail to parse
+			MsgAcceptFunc:     acceptQuery,
+			NotifyStartedFunc: notify,
+		}
+		tcp := &mdns.Server{
+			Listener:          sk.ln,
+			Handler:           s,
+			MsgAcceptFunc:     acceptQuery,
+			NotifyStartedFunc: notify,
+			ReadTimeout:       idle,
+			WriteTimeout:      idle,
+			IdleTimeout:       func() time.Duration { return idle },
+		}
+		s.servers = append(s.servers, udp, tcp)
 	}
-	s.servers = []*mdns.Server{udp, tcp}
 	for _, srv := range s.servers {
 		s.wg.Add(1)
 		go func() {
@@ -141,8 +147,9 @@ func (s *Server) Start(ctx context.Context) error {
 			}
 		}()
 	}
-	<-ready
-	<-ready
+	for range s.servers {
+		<-ready
+	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -152,7 +159,7 @@ func (s *Server) Start(ctx context.Context) error {
 		case <-s.stopped:
 		}
 	}()
-	s.log.Info("serving DNS", "addr", s.addr, "recursors", s.cfg.Recursors, "consul_dns", s.cfg.ConsulDNS,
+	s.log.Info("serving DNS", "addr", addrs, "recursors", s.cfg.Recursors, "consul_dns", s.cfg.ConsulDNS,
 		"cluster_domain", s.cfg.ClusterDomain)
 	return nil
 }

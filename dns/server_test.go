@@ -241,6 +241,11 @@ func TestSlowUpstreamDoesNotStall(t *testing.T) {
 	for slow.queries.Load() < 4 && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
+	// And until the other two were shed: a query still on its way when
+	// the upstream is released would be answered instead.
+	for s.Stats().ServFail < 2 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
 	// The upstream holds its queries until release: a stalled server would
 	// let the client time out here.
 	r := query(t, "udp", s.Addr(), "backend.virtual.consul.", mdns.TypeA, false)

@@ -59,8 +59,9 @@ type Options struct {
 	// MaxPendingPerSource) instead of MaxConns. 0: every accepted
 	// connection counts against MaxConns from the start.
 	MaxPending int
-	// MaxPendingPerSource caps pending connections from one source IP;
-	// 0 means no per-source cap. Only with MaxPending.
+	// MaxPendingPerSource caps pending connections from one source IP
+	// (for a global IPv6 address: its /64); 0 means no per-source cap.
+	// Only with MaxPending.
 	MaxPendingPerSource int
 	// OnPendingEvicted is called once per pending connection reset to
 	// make room for a newer one.
@@ -109,8 +110,11 @@ func New(ln TCPAcceptor, opts Options) *Listener {
 	return l
 }
 
-// Addr is the bound address.
+// Addr is the bound address (the first one of a Merge).
 func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
+
+// Addrs lists every bound address (more than one for a Merge).
+func (l *Listener) Addrs() []net.Addr { return Addrs(l.ln) }
 
 // Active is the number of connections whose Handler has not returned.
 func (l *Listener) Active() int { return int(l.active.Load()) }

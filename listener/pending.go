@@ -63,7 +63,7 @@ func (l *Listener) admitPending(c *net.TCPConn) bool {
 	s := &l.pend
 	var src netip.Addr
 	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		src = ta.AddrPort().Addr().Unmap()
+		src = sourceKey(ta.AddrPort().Addr())
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -82,6 +82,22 @@ func (l *Listener) admitPending(c *net.TCPConn) bool {
 	}
 	s.conns[c] = pc
 	return true
+}
+
+// sourceKey is what MaxPendingPerSource counts by: the IPv4 address, or
+// the /64 of a global IPv6 address. One host gets a whole /64 (SLAAC,
+// privacy addresses, a cloud NIC's prefix), so per address an IPv6 client
+// would have as many budgets as it likes. Link-local addresses are the
+// exception: every neighbour's is in fe80::/64, so they count per address,
+// as IPv4 neighbours do.
+func sourceKey(a netip.Addr) netip.Addr {
+	a = a.Unmap().WithZone("")
+	if a.Is6() && a.IsGlobalUnicast() {
+		if p, err := a.Prefix(64); err == nil {
+			return p.Addr()
+		}
+	}
+	return a
 }
 
 func (l *Listener) evictLocked(pc *pendingConn, budget string) {

@@ -3,6 +3,7 @@ package listener
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -163,4 +164,64 @@ func TestPendingMaxConnsCountsEstablished(t *testing.T) {
 		t.Fatalf("over limit %d, want 2", over.Load())
 	}
 	stillOpen(t, a, "established")
+}
+
+// TestSourceKey: the per-source budget counts a global IPv6 source by its
+// /64 (one host owns a whole /64), IPv4 and link-local sources by address.
+func TestSourceKey(t *testing.T) {
+	for _, tc := range []struct{ a, b string }{
+		{"2001:db8:1:2::1", "2001:db8:1:2::"},
+		{"2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::"},
+		{"2001:db8:1:3::1", "2001:db8:1:3::"},
+		{"198.18.0.7", "198.18.0.7"},
+		{"::ffff:198.18.0.7", "198.18.0.7"},
+		{"fe80::1%eth0", "fe80::1"},
+		{"fe80::2", "fe80::2"},
+		{"::1", "::1"},
+		{"fd00:1:2:3::9", "fd00:1:2:3::"},
+	} {
+		if got := sourceKey(netip.MustParseAddr(tc.a)); got != netip.MustParseAddr(tc.b) {
+			t.Errorf("sourceKey(%s) = %s, want %s", tc.a, got, tc.b)
+		}
+	}
+}
+
+// TestPendingPerSourceIPv6Prefix: two IPv6 addresses of one /64 share a
+// per-source budget (one host owns the prefix), so a client cannot dodge
+// the budget by rotating addresses within its /64.
+func TestPendingPerSourceIPv6Prefix(t *testing.T) {
+	testkit.CheckLeaks(t)
+	ns := testNetns(t,
+		[]string{"ip", "-6", "addr", "add", "2001:db8:5::1/64", "dev", "lo", "nodad"},
+		[]string{"ip", "-6", "addr", "add", "2001:db8:5::2/64", "dev", "lo", "nodad"},
+		[]string{"ip", "-6", "addr", "add", "2001:db8:6::1/64", "dev", "lo", "nodad"})
+	var ln *net.TCPListener
+	inNetns(t, ns, func() {
+		var err error
+		ln, err = net.ListenTCP("tcp", &net.TCPAddr{IP: net.ParseIP("2001:db8:5::1")})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Cleanup(func() { ln.Close() })
+	l := New(ln, Options{MaxPending: 10, MaxPendingPerSource: 1})
+	accepted := make(chan struct{}, 10)
+	serve(t, l, func(c *net.TCPConn) {
+		defer c.Close()
+		accepted <- struct{}{}
+		c.Read(make([]byte, 1)) // a handshake that never completes
+	})
+	addr := ln.Addr().String()
+	dial := func(src string) *net.TCPConn {
+		t.Helper()
+		var c *net.TCPConn
+		inNetns(t, ns, func() { c = dialFrom(t, src, addr) })
+		<-accepted
+		return c
+	}
+	a := dial("2001:db8:5::1")
+	other := dial("2001:db8:6::1") // another /64: its own budget
+	dial("2001:db8:5::2")          // same /64 as a: a goes
+	wantReset(t, a, "the oldest of its /64")
+	stillOpen(t, other, "another /64")
 }

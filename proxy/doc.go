@@ -6,7 +6,8 @@
 //
 // # Data path
 //
-// Outbound (127.0.0.1:15001): the original destination comes from
+// Outbound (127.0.0.1:15001, and [::1]:15001 where the pod has IPv6: the
+// IPv6 REDIRECT target is ::1): the original destination comes from
 // listener.OriginalDst. A connection that was not redirected (its original
 // destination is the listener itself, or the kernel has none) is reset and
 // counted as outcome "loop". Otherwise the Router decides; Passthrough dials

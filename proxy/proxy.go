@@ -274,7 +274,7 @@ func (p *Proxy) Apply(e Endpoints) error {
 	old := p.endpoints
 	p.endpoints = &e
 	if old == nil || *old != e {
-		p.log.Info("serving", "inbound", p.inbound.Addr(), "outbound", p.outbound.Addr(), "local_app", e.LocalApp)
+		p.log.Info("serving", "inbound", p.inbound.Addr(), "outbound", p.outbound.Addrs(), "local_app", e.LocalApp)
 	}
 	return nil
 }
@@ -354,7 +354,13 @@ func listenTCP(ctx context.Context, addr string) (listener.TCPAcceptor, error) {
 }
 
 func (p *Proxy) listen(addr string, d Direction) (*listener.Listener, error) {
-	l, err := p.listenTCP(p.base, addr)
+	var l listener.TCPAcceptor
+	var err error
+	if d == Outbound {
+		l, err = listenLoopbackPair(p.base, p.listenTCP, addr)
+	} else {
+		l, err = p.listenTCP(p.base, addr)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s listener: %w", d, err)
 	}

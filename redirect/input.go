@@ -23,6 +23,40 @@ const (
 // EnvRedirectConfig is the variable consul-k8s sets on its init container.
 const EnvRedirectConfig = "CONSUL_REDIRECT_TRAFFIC_CONFIG"
 
+// consul-k8s's dual-stack switch (Helm global.dualStack.enabled): the
+// variable on its init container, the annotation the CNI plugin reads.
+const (
+	EnvDualStack        = "CONSUL_DUAL_STACK"
+	AnnotationDualStack = "consul.hashicorp.com/dual-stack"
+)
+
+// DualStack reads consul-k8s's dual-stack switch from the environment
+// value env (of EnvDualStack) and the annotations, the annotation winning.
+// set is false when neither says anything. "true" asks for the IPv6 rules
+// as -ipv6 does; "false" is consul-k8s's default and asks nothing of ferry,
+// which still installs them wherever the namespace has IPv6 (fail closed).
+func DualStack(env string, ann map[string]string) (on, set bool, source string, err error) {
+	parse := func(v, src string) error {
+		b, perr := strconv.ParseBool(strings.TrimSpace(v))
+		if perr != nil {
+			return fmt.Errorf("invalid %s %q: not a boolean", src, v)
+		}
+		on, set, source = b, true, src
+		return nil
+	}
+	if env != "" {
+		if err := parse(env, EnvDualStack); err != nil {
+			return false, false, "", err
+		}
+	}
+	if v, ok := ann[AnnotationDualStack]; ok {
+		if err := parse(v, "annotation "+AnnotationDualStack); err != nil {
+			return false, false, "", err
+		}
+	}
+	return on, set, source, nil
+}
+
 // SplitList splits a comma list into trimmed elements, each labelled with
 // source. An empty element (",,", a trailing comma, a blank value) is an
 // error: Consul passes it on to iptables, which fails half-way through.

@@ -250,3 +250,36 @@ func FuzzParseConsulJSON(f *testing.F) {
 		}
 	})
 }
+
+func TestDualStack(t *testing.T) {
+	ann := func(v string) map[string]string { return map[string]string{AnnotationDualStack: v} }
+	for _, tc := range []struct {
+		name    string
+		env     string
+		ann     map[string]string
+		on, set bool
+		source  string
+		wantErr string
+	}{
+		{name: "absent"},
+		{name: "env true", env: "true", on: true, set: true, source: EnvDualStack},
+		{name: "env false", env: "false", set: true, source: EnvDualStack},
+		{name: "annotation true", ann: ann("true"), on: true, set: true, source: "annotation " + AnnotationDualStack},
+		{name: "annotation wins", env: "false", ann: ann(" TRUE "), on: true, set: true, source: "annotation " + AnnotationDualStack},
+		{name: "bad env", env: "yes please", wantErr: EnvDualStack},
+		{name: "bad annotation", ann: ann(""), wantErr: AnnotationDualStack},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			on, set, source, err := DualStack(tc.env, tc.ann)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err %v, want one naming %s", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || on != tc.on || set != tc.set || source != tc.source {
+				t.Fatalf("got %v %v %q %v, want %v %v %q", on, set, source, err, tc.on, tc.set, tc.source)
+			}
+		})
+	}
+}

@@ -54,6 +54,13 @@ func goldenCases() []goldenCase {
 		{name: "dual-stack-dns6-ip-only", families: []Family{IPv4, IPv6}, cfg: with(func(c *Config) {
 			c.ConsulDNSIP = it("2001:db8::53")
 		})},
+		// consul-k8s's dual-stack mode: DNS on ::1 (redirect.md §1.6).
+		{name: "dual-stack-consul-k8s", families: []Family{IPv4, IPv6}, cfg: with(func(c *Config) {
+			c.ConsulDNSIP = it("::1")
+			c.ConsulDNSPort = it("8600")
+			c.ProxyOutboundPort = it("15001")
+			c.ExcludeUIDs = items("t", "5996")
+		})},
 		{name: "dual-stack-dns4-port", families: []Family{IPv4, IPv6}, cfg: with(func(c *Config) {
 			c.ConsulDNSIP = it("127.0.0.1")
 			c.ConsulDNSPort = it("8600")

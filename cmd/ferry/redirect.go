@@ -72,6 +72,7 @@ type redirectFlags struct {
 	cleanup, print, ipv6               bool
 	exclIn, exclOut, exclCIDR, exclUID stringList
 	set                                map[string]bool // flags given explicitly
+	dualStack                          string          // consul-k8s's dual-stack switch that asked for IPv6 rules ("" = none)
 	http                               httpFlags
 }
 
@@ -141,7 +142,7 @@ func newRedirectFlagSet(f *redirectFlags, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&f.annotations, "annotations", "", "Kubernetes downward-API annotations `file`; its transparent-proxy annotations are applied on top of the flags")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "remove ferry's (and Consul's) chains and the jumps into them, nothing else")
 	fs.BoolVar(&f.print, "print", false, "print the rules in iptables-restore format and exit; touches nothing, needs no root")
-	fs.BoolVar(&f.ipv6, "ipv6", false, "also install the rules with ip6tables (default: whenever the namespace has IPv6 on an interface other than loopback, link-local included; -ipv6=false opts out)")
+	fs.BoolVar(&f.ipv6, "ipv6", false, "also install the rules with ip6tables (default: whenever the namespace has IPv6 on an interface other than loopback, link-local included, or consul-k8s's dual-stack switch, env CONSUL_DUAL_STACK or annotation consul.hashicorp.com/dual-stack, is true; -ipv6=false opts out)")
 	f.exclIn.name, f.exclOut.name, f.exclCIDR.name, f.exclUID.name =
 		"exclude-inbound-port", "exclude-outbound-port", "exclude-outbound-cidr", "exclude-uid"
 	f.http.register(fs)
@@ -185,7 +186,7 @@ func runRedirect(args []string, stdout, stderr io.Writer) error {
 
 	if f.print {
 		families := []redirect.Family{redirect.IPv4}
-		if f.ipv6 {
+		if f.ipv6 || (!f.set["ipv6"] && f.dualStack != "") {
 			families = append(families, redirect.IPv6)
 		}
 		plans, err := redirect.Build(spec, families...)
@@ -204,7 +205,9 @@ func runRedirect(args []string, stdout, stderr io.Writer) error {
 	err = redirect.InNetNS(netns, func() error {
 		families := []redirect.Family{redirect.IPv4}
 		v6, why := f.ipv6, "-ipv6"
-		if !f.set["ipv6"] {
+		if !f.set["ipv6"] && f.dualStack != "" {
+			v6, why = true, f.dualStack
+		} else if !f.set["ipv6"] {
 			// Whenever the namespace has IPv6 at all, even link-local
 			// only: otherwise IPv6 would reach the app unredirected.
 			var err error
@@ -327,12 +330,13 @@ func redirectConfig(ctx context.Context, f *redirectFlags) (cfg redirect.Config,
 	cfg.ExcludeUIDs = append(cfg.ExcludeUIDs, f.exclUID.items...)
 
 	enabled = true
+	var ann map[string]string
 	if f.annotations != "" {
 		file, err := os.Open(f.annotations)
 		if err != nil {
 			return cfg, "", false, usageError("redirect: -annotations: %v", err)
 		}
-		ann, err := redirect.ParseAnnotations(file)
+		ann, err = redirect.ParseAnnotations(file)
 		file.Close()
 		if err != nil {
 			return cfg, "", false, usageError("redirect: -annotations %s: %v", f.annotations, err)
@@ -341,6 +345,13 @@ func redirectConfig(ctx context.Context, f *redirectFlags) (cfg redirect.Config,
 		if err != nil {
 			return cfg, "", false, usageError("redirect: %v", err)
 		}
+	}
+	on, set, source, err := redirect.DualStack(os.Getenv(redirect.EnvDualStack), ann)
+	if err != nil {
+		return cfg, "", false, usageError("redirect: %v", err)
+	}
+	if set && on {
+		f.dualStack = source + "=true"
 	}
 	return cfg, netns, enabled, nil
 }

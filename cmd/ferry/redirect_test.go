@@ -110,3 +110,48 @@ func TestRedirectHelp(t *testing.T) {
 		}
 	}
 }
+
+// TestRedirectPrintDualStack: consul-k8s's dual-stack mode (CONSUL_DUAL_STACK
+// or the consul.hashicorp.com/dual-stack annotation, with DNS on ::1) asks
+// for the IPv6 rules as -ipv6 does: Consul's dual-stack rule set.
+func TestRedirectPrintDualStack(t *testing.T) {
+	t.Setenv("CONSUL_REDIRECT_TRAFFIC_CONFIG", `{"ConsulDNSIP":"::1","ConsulDNSPort":8600,"ProxyUserID":"5995","ProxyInboundPort":20000,"ProxyOutboundPort":15001,"ExcludeInboundPorts":null,"ExcludeOutboundPorts":null,"ExcludeOutboundCIDRs":null,"ExcludeUIDs":["5996"],"NetNS":"","IptablesProvider":null}`)
+	check := func(t *testing.T, args ...string) {
+		t.Helper()
+		out, errs, code := runRedirectForTest(t, args...)
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, errs)
+		}
+		v4, v6, ok := strings.Cut(out, "# ferry redirect: IPv6 rules")
+		if !ok || strings.Contains(v4, "-A CONSUL_DNS_REDIRECT") || strings.Contains(v4, "dport 53") {
+			t.Fatalf("want IPv4 rules without DNS, then IPv6 rules:\n%s", out)
+		}
+		if !strings.Contains(v6, "-A CONSUL_DNS_REDIRECT -d ::1/128 -p udp -m udp --dport 53 -j DNAT --to-destination [::1]:8600") {
+			t.Fatalf("IPv6 rules lack the DNS DNAT to [::1]:8600:\n%s", v6)
+		}
+	}
+	t.Run("env", func(t *testing.T) {
+		t.Setenv("CONSUL_DUAL_STACK", "true")
+		check(t, "-print")
+	})
+	t.Run("annotation", func(t *testing.T) {
+		t.Setenv("CONSUL_DUAL_STACK", "")
+		ann := filepath.Join(t.TempDir(), "annotations")
+		if err := os.WriteFile(ann, []byte(`consul.hashicorp.com/dual-stack="true"`+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		check(t, "-print", "-annotations", ann)
+	})
+	t.Run("not dual-stack: the IPv6 DNS IP needs -ipv6", func(t *testing.T) {
+		t.Setenv("CONSUL_DUAL_STACK", "false")
+		if _, errs, code := runRedirectForTest(t, "-print"); code != 2 || !strings.Contains(errs, "-ipv6") {
+			t.Fatalf("exit %d: %s", code, errs)
+		}
+	})
+	t.Run("bad value", func(t *testing.T) {
+		t.Setenv("CONSUL_DUAL_STACK", "maybe")
+		if _, errs, code := runRedirectForTest(t, "-print"); code != 2 || !strings.Contains(errs, "CONSUL_DUAL_STACK") {
+			t.Fatalf("exit %d: %s", code, errs)
+		}
+	})
+}

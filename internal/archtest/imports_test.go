@@ -41,6 +41,9 @@ var rules = map[string][]string{
 	"cni":    {"redirect"},
 	"inject": {"redirect"},
 
+	// The compose example's app: a stand-alone program, nothing of ours.
+	"examples/compose/app": {},
+
 	// Test support: imported by tests only (see testOnly).
 	"mtls/mtlstest":     {"mtls", "internal/testkit"},
 	"internal/testkit":  {},

@@ -2,7 +2,8 @@
 // (test/e2e/dns_test.go); the server under test is `ferry run` itself.
 //
 //	dnsapp static -addr A -record NAME=IP... [-big NAME]
-//	    a stand-in recursor: fixed A records, NXDOMAIN otherwise; -big NAME
+//	    a stand-in recursor: fixed A and AAAA records (a NAME may be given
+//	    an IPv4 and an IPv6 address), NXDOMAIN otherwise; -big NAME
 //	    answers with 100 A records, truncated over UDP.
 //	dnsapp query [-tcp] -server A NAME TYPE
 //	    prints the rcode, then one answer per line.
@@ -56,13 +57,13 @@ func static(args []string) error {
 	var records multi
 	fs.Var(&records, "record", "NAME=IP (repeatable)")
 	_ = fs.Parse(args)
-	table := map[string]net.IP{}
+	table := map[string][]net.IP{}
 	for _, r := range records {
 		n, ip, ok := strings.Cut(r, "=")
 		if !ok || net.ParseIP(ip) == nil {
 			return fmt.Errorf("bad -record %q", r)
 		}
-		table[mdns.CanonicalName(n)] = net.ParseIP(ip)
+		table[mdns.CanonicalName(n)] = append(table[mdns.CanonicalName(n)], net.ParseIP(ip))
 	}
 	h := mdns.HandlerFunc(func(w mdns.ResponseWriter, r *mdns.Msg) {
 		m := new(mdns.Msg)
@@ -80,9 +81,17 @@ func static(args []string) error {
 			for i := range 100 {
 				m.Answer = append(m.Answer, &mdns.A{Hdr: hdr, A: net.IPv4(198, 18, 200, byte(i))})
 			}
-		case ok && q.Qtype == mdns.TypeA:
-			m.Answer = []mdns.RR{&mdns.A{Hdr: hdr, A: ip}}
 		case ok:
+			for _, a := range ip {
+				switch {
+				case q.Qtype == mdns.TypeA && a.To4() != nil:
+					m.Answer = append(m.Answer, &mdns.A{Hdr: hdr, A: a})
+				case q.Qtype == mdns.TypeAAAA && a.To4() == nil:
+					h := hdr
+					h.Rrtype = mdns.TypeAAAA
+					m.Answer = append(m.Answer, &mdns.AAAA{Hdr: h, AAAA: a})
+				}
+			}
 		default:
 			m.Rcode = mdns.RcodeNameError
 			m.Ns = []mdns.RR{&mdns.SOA{Hdr: mdns.RR_Header{Name: ".", Rrtype: mdns.TypeSOA, Class: mdns.ClassINET, Ttl: 30},

@@ -20,7 +20,11 @@ type Pod struct {
 	// NS is the netns name (for `ip netns exec`); NSPath its file.
 	NS, NSPath string
 	IP         netip.Addr
-	env        []string
+	// IP6 is the pod's global IPv6 address once AddIPv6 gave it one.
+	IP6  netip.Addr
+	host int // the pod's number in the testbed (last byte of IP)
+	sub6 netip.Prefix
+	env  []string
 }
 
 // AddPod creates a pod; it is torn down with the testbed.
@@ -48,6 +52,8 @@ func (tb *Testbed) NewPod(name string) (*Pod, error) {
 		Name: name,
 		NS:   nsPrefix(tb.Name) + name,
 		IP:   netip.AddrFrom4(a),
+		host: host,
+		sub6: tb.Subnet6,
 	}
 	p.NSPath = filepath.Join("/var/run/netns", p.NS)
 	if tb.Consul != nil {
@@ -124,4 +130,26 @@ func (p *Pod) LinkLocalIPv6(t testing.TB) netip.Addr {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// AddIPv6 makes the pod dual-stack: eth0 gets the global address of the
+// pod's number in the testbed's Subnet6 (the documentation prefix), and
+// IPv6's default route goes into the sink, like IPv4's, so nothing but the
+// bridge's pods is reachable. It returns (and sets) p.IP6.
+func (p *Pod) AddIPv6(t testing.TB) netip.Addr {
+	t.Helper()
+	a := p.sub6.Addr().As16()
+	a[15] = byte(p.host)
+	ip6 := netip.AddrFrom16(a)
+	for _, s := range [][]string{
+		// nodad: usable at once; the testbed hands out each address once.
+		{"-n", p.NS, "-6", "addr", "add", netip.PrefixFrom(ip6, 64).String(), "dev", "eth0", "nodad"},
+		{"-n", p.NS, "-6", "route", "add", "default", "dev", "sink0"},
+	} {
+		if err := ip(s...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.IP6 = ip6
+	return ip6
 }

@@ -2,6 +2,7 @@ package testbed
 
 import (
 	"fmt"
+	"net/netip"
 	"testing"
 
 	"github.com/hashicorp/consul/api"
@@ -13,6 +14,9 @@ import (
 type Service struct {
 	Name string
 	Pod  *Pod
+	// Address is the instance address of the service and its sidecar;
+	// default Pod.IP (e.g. Pod.IP6 for an IPv6 instance).
+	Address netip.Addr
 	// Port is the app's port (LocalServicePort).
 	Port int
 	// SidecarPort is the proxy's public port; default 20000.
@@ -49,13 +53,17 @@ func (tb *Testbed) Register(t testing.TB, s Service) Registered {
 func (tb *Testbed) RegisterService(s Service) (Registered, error) {
 	agent := tb.Consul.Client.Agent()
 	r := Registered{ID: s.Name + "-" + s.Pod.Name}
+	addr := s.Pod.IP
+	if s.Address.IsValid() {
+		addr = s.Address
+	}
 	// No health checks: an instance without checks is passing, so tests
 	// control health by registering and deregistering.
 	if err := agent.ServiceRegister(&api.AgentServiceRegistration{
 		ID:              r.ID,
 		Name:            s.Name,
 		Port:            s.Port,
-		Address:         s.Pod.IP.String(),
+		Address:         addr.String(),
 		TaggedAddresses: s.TaggedAddresses,
 		Connect:         native(s.Native),
 	}); err != nil {
@@ -78,7 +86,7 @@ func (tb *Testbed) RegisterService(s Service) (Registered, error) {
 		ID:              r.ProxyID,
 		Name:            s.Name + "-sidecar-proxy",
 		Port:            port,
-		Address:         s.Pod.IP.String(),
+		Address:         addr.String(),
 		TaggedAddresses: s.TaggedAddresses,
 		Proxy: &api.AgentServiceConnectProxyConfig{
 			DestinationServiceName: s.Name,

@@ -21,6 +21,10 @@ type Testbed struct {
 	Subnet netip.Prefix
 	// Gateway is the bridge's address; the agent listens on it.
 	Gateway netip.Addr
+	// Subnet6 is the /64 inside the documentation prefix 2001:db8::/32
+	// that dual-stack pods (Pod.AddIPv6) use, derived from Subnet. Only
+	// the pods carry it: the bridge, hence the host, has no IPv6 address.
+	Subnet6 netip.Prefix
 	Consul  *Agent
 
 	mu       sync.Mutex
@@ -111,6 +115,7 @@ func (tb *Testbed) makeBridge() error {
 		}
 		tb.Subnet = p
 		tb.Gateway = p.Addr().Next()
+		tb.Subnet6 = netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 198, second, third}), 64)
 		break
 	}
 	if !tb.Subnet.IsValid() {
