@@ -175,36 +175,47 @@ func (c *Conn) readControl() error {
 	return fmt.Errorf("ktls: unexpected record type %d after the handshake", typ)
 }
 
-// handshakeMessages handles post-handshake messages (RFC 8446 4.6), which
-// may span records: a NewSessionTicket is dropped (ferry does not resume
-// kTLS sessions), a KeyUpdate is fatal, anything else is a protocol error.
+// handshakeMessages handles post-handshake messages (RFC 8446 4.6) and
+// tells the peer why when it fails the connection.
 func (c *Conn) handshakeMessages(body []byte) error {
-	c.hsBuf = append(c.hsBuf, body...)
-	for len(c.hsBuf) >= 4 {
-		typ := c.hsBuf[0]
-		n := int(c.hsBuf[1])<<16 | int(c.hsBuf[2])<<8 | int(c.hsBuf[3])
-		switch typ {
-		case msgNewSessionTicket:
-		case msgKeyUpdate:
-			c.sendAlert(alertUnexpectedMessage)
-			return ErrKeyUpdate
-		default:
-			c.sendAlert(alertUnexpectedMessage)
-			return fmt.Errorf("ktls: unexpected handshake message %d after the handshake", typ)
-		}
-		if n > 1<<16 {
-			c.sendAlert(alertUnexpectedMessage)
-			return fmt.Errorf("ktls: post-handshake message of %d bytes", n)
-		}
-		if len(c.hsBuf) < 4+n {
-			break // the rest comes in the next record
-		}
-		c.hsBuf = c.hsBuf[4+n:]
+	var err error
+	c.hsBuf, err = postHandshake(c.hsBuf, body)
+	if err != nil {
+		c.sendAlert(alertUnexpectedMessage)
 	}
-	if len(c.hsBuf) == 0 {
-		c.hsBuf = nil
+	return err
+}
+
+// maxPostHandshakeMsg bounds a buffered post-handshake message (a ticket
+// is a few hundred bytes).
+const maxPostHandshakeMsg = 1 << 16
+
+// postHandshake appends a handshake record's body to the partial message
+// in buf (messages may span records) and consumes the whole messages: a
+// NewSessionTicket is dropped (ferry does not resume kTLS sessions), a
+// KeyUpdate is ErrKeyUpdate, anything else a protocol error. It returns
+// what is left of an incomplete message.
+func postHandshake(buf, body []byte) ([]byte, error) {
+	buf = append(buf, body...)
+	for len(buf) > 0 {
+		switch typ := buf[0]; {
+		case typ == msgKeyUpdate:
+			return nil, ErrKeyUpdate
+		case typ != msgNewSessionTicket:
+			return nil, fmt.Errorf("ktls: unexpected handshake message %d after the handshake", typ)
+		case len(buf) < 4:
+			return buf, nil
+		}
+		n := int(buf[1])<<16 | int(buf[2])<<8 | int(buf[3])
+		switch {
+		case n > maxPostHandshakeMsg:
+			return nil, fmt.Errorf("ktls: post-handshake message of %d bytes", n)
+		case len(buf) < 4+n:
+			return buf, nil // the rest comes in the next record
+		}
+		buf = buf[4+n:]
 	}
-	return nil
+	return nil, nil
 }
 
 func (c *Conn) Write(p []byte) (int, error) {
@@ -323,3 +334,23 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 
 // readerOnly hides a reader's WriterTo, so io.Copy reads with read(2).
 type readerOnly struct{ io.Reader }
+
+// sequences returns the kernel's next record sequence numbers (TX, RX).
+func (c *Conn) sequences() (tx, rx uint64, err error) {
+	err = control(c.rc, func(fd int) error {
+		for _, d := range []struct {
+			dir int
+			seq *uint64
+		}{{tlsTX, &tx}, {tlsRX, &rx}} {
+			info, err := getCrypto(fd, d.dir)
+			if err != nil {
+				return err
+			}
+			if *d.seq, err = cryptoInfoSeq(info); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return tx, rx, err
+}

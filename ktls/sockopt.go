@@ -1,6 +1,7 @@
 package ktls
 
 import (
+	"encoding/binary"
 	"fmt"
 	"syscall"
 	"unsafe"
@@ -39,9 +40,26 @@ func dirName(dir int) string {
 }
 
 // getCrypto reads a direction's crypto_info back (the kernel fills in
-// the current rec_seq).
+// the current rec_seq). The kernel wants the exact size of the cipher's
+// struct, so the header comes first.
 func getCrypto(fd, dir int) ([]byte, error) {
-	buf := make([]byte, cryptoInfoMaxBytes)
+	hdr, err := getsockopt(fd, dir, cryptoInfoHdrSize)
+	if err != nil {
+		return nil, err
+	}
+	size := cryptoInfoHdrSize + aesGCMIVSize + 16 + aesGCMSaltSize + recSeqSize
+	switch binary.NativeEndian.Uint16(hdr[2:]) {
+	case cipherAESGCM128:
+	case cipherAESGCM256:
+		size += 16
+	default:
+		return nil, fmt.Errorf("getsockopt %s: cipher type %d", dirName(dir), binary.NativeEndian.Uint16(hdr[2:]))
+	}
+	return getsockopt(fd, dir, size)
+}
+
+func getsockopt(fd, dir, size int) ([]byte, error) {
+	buf := make([]byte, size)
 	n := uint32(len(buf))
 	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), solTLS, uintptr(dir),
 		uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
