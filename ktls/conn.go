@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -109,7 +110,12 @@ func (c *Conn) Read(p []byte) (int, error) {
 			c.readErr = ErrTruncated
 		case isControlErr(err):
 			// read(2) returns EIO when the next record is not data.
-			c.readErr = c.readControl()
+			if err := c.readControl(); err != nil {
+				if isTimeout(err) {
+					return 0, err
+				}
+				c.readErr = err
+			}
 		case err != nil:
 			return 0, err // deadlines and resets are not sticky here
 		}
@@ -122,6 +128,9 @@ func (c *Conn) Read(p []byte) (int, error) {
 func isControlErr(err error) bool {
 	return errors.Is(err, syscall.EIO) || errors.Is(err, syscall.EINVAL)
 }
+
+// isTimeout: a deadline passed; the stream itself is fine.
+func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
 
 // maxPlaintext is a TLS record's largest plaintext (RFC 8446 5.1).
 const maxPlaintext = 1 << 14
@@ -316,7 +325,12 @@ func (c *Conn) WriteTo(w io.Writer) (int64, error) {
 		case err == nil:
 			c.readErr = ErrTruncated // the socket's EOF: a FIN, no close_notify
 		case isControlErr(err):
-			c.readErr = c.readControl()
+			if err := c.readControl(); err != nil {
+				if isTimeout(err) {
+					return total, err
+				}
+				c.readErr = err
+			}
 		default:
 			return total, err
 		}

@@ -53,7 +53,10 @@ type Handoff struct {
 
 	// AllowTickets lets the server send a session ticket (only useful to
 	// a peer that stays in user space: a kTLS client discards it). Set it
-	// before Server.
+	// before Server. The config is cloned per connection, so tickets
+	// resume across connections only if the base config shares its ticket
+	// keys (SetSessionTicketKeys, or WrapSession/UnwrapSession using the
+	// base config as mtls does).
 	AllowTickets bool
 
 	// mangle, for tests, rewrites a crypto_info before setsockopt.

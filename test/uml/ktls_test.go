@@ -25,6 +25,7 @@ const marker = "FERRY-KTLS-UML-PASS"
 // renamed or deleted fails here instead of silently dropping coverage.
 var kernelTests = []string{
 	"TestCheckAndProbe",
+	"TestDecide",
 	"TestKernelInterop",
 	"TestKernelSequenceNumbers",
 	"TestKernelTicketSequenceAgainstCryptoTLS",
