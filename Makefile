@@ -10,7 +10,7 @@ BENCH   ?= full
 
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/test/')
 
-.PHONY: all build test unit e2e vet deps consul k8stools demo bench fmt clean compose-images compose-up compose-down
+.PHONY: all build test unit e2e vet deps consul k8stools demo bench fmt clean compose-images compose-up compose-down ktls-test
 
 all: build
 
@@ -45,6 +45,11 @@ e2e: deps consul k8stools
 	$(GO) test -count=1 -timeout 40m ./test/...
 
 test: deps vet unit e2e
+
+# The kernel TLS suite (ktls/) inside User-Mode Linux, whose kernel has the
+# tls module this machine's kernel lacks (e2e runs it too, in test/uml).
+ktls-test: deps
+	$(GO) test -count=1 -run TestKTLSUnderUML ./test/uml/
 
 demo: deps consul
 	$(GO) run ./test/demo

@@ -35,6 +35,7 @@ var rules = map[string][]string{
 	"mtls":     {},
 	"redirect": {},
 	"dns":      {}, // reads the mesh view through an interface cmd/ferry fills
+	"ktls":     {}, // crypto/tls sessions handed to kernel TLS
 
 	// Packages landing next (issue 21's notes): listed so that they pass
 	// the day they land, with the edges planned for them.

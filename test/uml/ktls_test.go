@@ -1,0 +1,134 @@
+package uml
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/test/testbed"
+)
+
+// marker is what the ktls test binary prints, as init, when every test
+// passed (ktls/uml_test.go, UMLMarker), followed by the nonce it got on
+// the kernel command line. UML exits 0 whatever happens inside, so this
+// line is the only result that counts.
+const marker = "FERRY-KTLS-UML-PASS"
+
+// kernelTests must each have passed inside UML (none may skip): a test
+// renamed or deleted fails here instead of silently dropping coverage.
+var kernelTests = []string{
+	"TestCheckAndProbe",
+	"TestDecide",
+	"TestKernelInterop",
+	"TestKernelSequenceNumbers",
+	"TestKernelTicketSequenceAgainstCryptoTLS",
+	"TestKernelRecordsOpenInUserSpace",
+	"TestKernelHalfClose",
+	"TestKernelReset",
+	"TestKernelControlRecordsMidStream",
+	"TestKernelHandoffRefused",
+	"TestKernelSmallSendBufferSlowReader",
+	"TestKernelTwoSidecarSplicePath",
+}
+
+// TestKTLSUnderUML builds the ktls package's tests as a static binary and
+// boots it as init of a UML kernel (6.1, tls.ko and its crypto loaded by
+// init itself), where kernel TLS is required and nothing skips.
+func TestKTLSUnderUML(t *testing.T) {
+	testbed.Program(t, "linux.uml") // fails early, saying how to install it
+	moddir := umlModules(t)
+	root, err := testbed.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "ktls.test")
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+
+	build, err := testbed.CommandContext(ctx, "go", "test", "-c", "-o", bin, "./ktls")
+	if err != nil {
+		t.Fatal(err)
+	}
+	build.Dir = root
+	build.Env = append(os.Environ(), "CGO_ENABLED=0") // init runs with no loader
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the ktls test binary: %v\n%s", err, out)
+	}
+
+	nb := make([]byte, 8)
+	rand.Read(nb)
+	nonce := hex.EncodeToString(nb)
+	logPath := filepath.Join(dir, "console.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd, err := testbed.CommandContext(ctx, "linux.uml",
+		"mem=512M", "uml_dir="+dir,
+		"root=/dev/root", "rootfstype=hostfs", "rootflags=/", "ro",
+		"init="+bin,
+		// KEY=VALUE words reach init's environment.
+		"MODDIR="+moddir, "FERRY_KTLS_UML="+nonce,
+		"con0=fd:0,fd:1", "con=null")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// UML backs its memory with a file in TMPDIR; /dev/shm keeps it in RAM.
+	cmd.Env = append(os.Environ(), "TMPDIR="+shmDir(dir))
+	start := time.Now()
+	runErr := cmd.Run()
+	out, _ := os.ReadFile(logPath)
+	console := out
+	if i := bytes.Index(out, []byte("as init process")); i >= 0 {
+		console = out[i:]
+	}
+	t.Logf("UML ran %s (exit: %v)", time.Since(start).Round(time.Millisecond), runErr)
+
+	if !regexp.MustCompile(`(?m)^` + marker + ` ` + nonce + `\r?$`).Match(out) {
+		t.Fatalf("no success marker from inside UML; console from init on:\n%s", console)
+	}
+	// Only tests for a kernel without kTLS (TestHandoffFallsBackWithoutKernelTLS)
+	// may skip; these must have run and passed.
+	for _, name := range kernelTests {
+		if !regexp.MustCompile(`(?m)^--- PASS: ` + name + ` `).Match(out) {
+			t.Errorf("%s did not pass inside UML", name)
+		}
+		if regexp.MustCompile(`(?m)^\s*--- SKIP: ` + name + `[ /]`).Match(out) {
+			t.Errorf("%s (or a subtest) skipped inside UML", name)
+		}
+	}
+	if t.Failed() || testing.Verbose() {
+		t.Logf("console from init on:\n%s", console)
+	}
+}
+
+// umlModules finds the UML kernel's module tree (it has the tls module).
+func umlModules(t *testing.T) string {
+	t.Helper()
+	hits, _ := filepath.Glob("/usr/lib/uml/modules/*/kernel/net/tls/tls.ko*")
+	if len(hits) == 0 {
+		t.Fatal("tls.ko not found under /usr/lib/uml/modules: install package user-mode-linux (make deps)")
+	}
+	return strings.TrimSuffix(filepath.Dir(hits[0]), "/net/tls")
+}
+
+func shmDir(fallback string) string {
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		if f, err := os.CreateTemp("/dev/shm", "uml-probe"); err == nil {
+			f.Close()
+			os.Remove(f.Name())
+			return "/dev/shm"
+		}
+	}
+	return fallback
+}
