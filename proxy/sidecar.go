@@ -23,6 +23,9 @@ import (
 type SidecarConfig struct {
 	Client  *api.Client
 	ProxyID string
+	// Registration is where the proxy's registration is read; default:
+	// the local agent's service ProxyID (AgentRegistration).
+	Registration Registration
 	// Overrides replace the endpoints derived from the registration where
 	// set (flags -inbound-addr, -outbound-addr, -local-app).
 	Overrides Endpoints
@@ -66,14 +69,19 @@ type Sidecar struct {
 	router     *MeshRouter
 	ports      atomic.Pointer[portMap]
 	closeOnce  sync.Once
+	dcKnown    chan struct{} // closed when dc is set
+	dc         string
 }
 
 // StartSidecar starts watching the registration and the mesh and serves as
 // soon as the registration is known. Readiness (/ready) waits for the
 // identity, the intentions and the catalog.
 func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
-	if cfg.Client == nil || cfg.ProxyID == "" {
-		return nil, errors.New("sidecar: need a Consul client and a proxy ID")
+	if cfg.Registration == nil && cfg.Client != nil && cfg.ProxyID != "" {
+		cfg.Registration = AgentRegistration{Agent: cfg.Client.Agent(), ID: cfg.ProxyID}
+	}
+	if cfg.Client == nil || cfg.Registration == nil {
+		return nil, errors.New("sidecar: need a Consul client and a proxy registration")
 	}
 	log := cfg.Proxy.Logger
 	if log == nil {
@@ -81,12 +89,17 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 		cfg.Proxy.Logger = log
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Sidecar{cfg: cfg, log: log, ctx: ctx, cancel: cancel, fatal: make(chan error, 1), id: mtls.NewIdentity()}
+	s := &Sidecar{cfg: cfg, log: log, ctx: ctx, cancel: cancel, fatal: make(chan error, 1), id: mtls.NewIdentity(),
+		dcKnown: make(chan struct{})}
 	if cfg.Proxy.OwnSockets == nil {
 		cfg.Proxy.OwnSockets = NewOwnSockets()
 	}
 	s.proxy = New(cfg.Proxy)
-	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog"),
+	src := catalog.ConsulSource{Client: cfg.Client}
+	if _, ok := cfg.Registration.(CatalogRegistration); ok {
+		src.Datacenter = s.datacenter
+	}
+	s.view = catalog.Start(ctx, src, catalog.Options{Logger: log.Named("catalog"),
 		VirtualCIDRs: cfg.VirtualCIDRs})
 	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
 	// mTLS dials to peers loop too when ferry's UID is not exempted.
@@ -135,7 +148,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	go func() {
 		defer s.wg.Done()
 		applied := false
-		WatchService(ctx, cfg.Client.Agent(), cfg.ProxyID, log, func(svc *api.AgentService) {
+		cfg.Registration.Watch(ctx, log, func(svc *api.AgentService) {
 			err := s.apply(svc)
 			switch {
 			case err == nil:
@@ -183,6 +196,10 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 
 	dest := svc.Proxy.DestinationServiceName
 	s.mu.Lock()
+	if s.dc == "" && svc.Datacenter != "" {
+		s.dc = svc.Datacenter
+		close(s.dcKnown)
+	}
 	if s.service == "" {
 		s.service = dest
 		s.startIdentity(dest)
@@ -211,6 +228,16 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 		return err
 	}
 	return s.proxy.SetUpstreams(s.upstreams(svc.Proxy.Upstreams))
+}
+
+// datacenter is the registration's datacenter, once known (agentless).
+func (s *Sidecar) datacenter(ctx context.Context) (string, error) {
+	select {
+	case <-s.dcKnown:
+		return s.dc, nil
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
 }
 
 func (s *Sidecar) startIdentity(service string) {

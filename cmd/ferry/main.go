@@ -11,6 +11,10 @@ import (
 )
 
 func main() {
+	if isDataplaneInvocation(os.Args) {
+		// consul-k8s's sidecar command line (dataplane.go).
+		os.Exit(exitCode(runDataplane(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
+	}
 	os.Exit(exitCode(run(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
 }
 
@@ -52,6 +56,9 @@ Commands:
   redirect   install the pod's traffic redirection rules (iptables)
   version    print the version
 
+Invoked as consul-dataplane, or with flags and no command, ferry takes
+consul-dataplane's command line and DP_* environment (agentless mode).
+
 Run "ferry <command> -h" for a command's flags.
 `
 
@@ -72,6 +79,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprint(stdout, usage)
 		return nil
 	default:
+		if len(cmd) > 1 && cmd[0] == '-' {
+			// `ferry -addresses ...`: the consul-dataplane command line.
+			return runDataplane(args, stdout, stderr)
+		}
 		fmt.Fprint(stderr, usage)
 		return usageError("unknown command %q", cmd)
 	}
