@@ -238,7 +238,7 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 		Client:       client,
 		ProxyID:      id,
 		Registration: reg,
-		Overrides: proxy.Endpoints{Inbound: cfg.Inbound, Outbound: cfg.Outbound, LocalApp: cfg.LocalApp},
+		Overrides:    proxy.Endpoints{Inbound: cfg.Inbound, Outbound: cfg.Outbound, LocalApp: cfg.LocalApp},
 		Proxy: proxy.Config{
 			Logger:         log.Named("proxy"),
 			ConnectTimeout: cfg.ConnectTimeout,
