@@ -41,9 +41,15 @@ type Credentials struct {
 	mu       sync.Mutex
 	secret   string
 	accessor string
+	loggedIn time.Time
 	err      error
 	logins   int
 }
+
+// replicationWait bounds how long a new login token may be unknown to the
+// server in use: the leader creates it and followers learn it moments
+// later, answering "ACL not found" until then.
+const replicationWait = 5 * time.Second
 
 // NewCredentials sets up the pool's token: static (login nil) or by login
 // (the first login happens in Start).
@@ -113,6 +119,11 @@ func (c *Credentials) relogin(ctx context.Context, rejected string) (string, err
 	if rejected != "" && c.secret != rejected && c.secret != "" {
 		return c.secret, nil
 	}
+	if rejected != "" && rejected == c.secret && time.Since(c.loggedIn) < replicationWait {
+		// Too new to be deleted: the server has not caught up yet.
+		c.waitReplicated(ctx, c.secret)
+		return c.secret, nil
+	}
 	if rejected != "" {
 		c.log.Warn("the servers rejected the ACL token (deleted or expired); logging in again", "accessor", c.accessor)
 	}
@@ -122,10 +133,30 @@ func (c *Credentials) relogin(ctx context.Context, rejected string) (string, err
 		return "", err
 	}
 	c.secret, c.accessor, c.err = tok.SecretID, tok.AccessorID, nil
+	c.loggedIn = time.Now()
 	c.logins++
 	c.pool.SetToken(tok.SecretID)
+	c.waitReplicated(ctx, tok.SecretID)
 	c.log.Info("logged in", "auth_method", c.login.AuthMethod, "accessor", tok.AccessorID)
 	return tok.SecretID, nil
+}
+
+// waitReplicated waits (up to replicationWait from the login) until the
+// server in use knows the token, as consul-dataplane does after a login.
+func (c *Credentials) waitReplicated(ctx context.Context, secret string) {
+	ctx, cancel := context.WithDeadline(ctx, c.loggedIn.Add(replicationWait))
+	defer cancel()
+	for {
+		_, _, err := c.client.ACL().TokenReadSelf((&api.QueryOptions{Token: secret, AllowStale: true}).WithContext(ctx))
+		if err == nil || !strings.Contains(err.Error(), "ACL not found") {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 func (c *Credentials) doLogin(ctx context.Context) (*api.ACLToken, error) {
