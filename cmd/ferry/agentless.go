@@ -214,8 +214,9 @@ func (s *serverConn) close(log hclog.Logger) {
 // lateAdmin answers /ready and /metrics before the sidecar exists (with
 // pre's reason or "starting") and from the sidecar's proxy afterwards.
 type lateAdmin struct {
-	pre func() error
-	p   atomic.Pointer[proxy.Proxy]
+	pre   func() error
+	extra proxy.Collector
+	p     atomic.Pointer[proxy.Proxy]
 }
 
 func (l *lateAdmin) set(p *proxy.Proxy) { l.p.Store(p) }
@@ -236,5 +237,17 @@ func (l *lateAdmin) Ready() error {
 func (l *lateAdmin) WritePrometheus(w io.Writer) {
 	if p := l.p.Load(); p != nil {
 		p.Metrics().Set.WritePrometheus(w)
+	}
+	if l.extra != nil {
+		l.extra.WritePrometheus(w)
+	}
+}
+
+// WritePrometheus publishes the connection to the servers.
+func (s *serverConn) WritePrometheus(w io.Writer) {
+	fmt.Fprintf(w, "# HELP ferry_consul_server_failovers_total Moves to another Consul server after the one in use failed.\n# TYPE ferry_consul_server_failovers_total counter\nferry_consul_server_failovers_total %d\n", s.pool.Failovers())
+	fmt.Fprintf(w, "# HELP ferry_consul_logins_total Successful ACL logins (the first, then one per rejected token).\n# TYPE ferry_consul_logins_total counter\nferry_consul_logins_total %d\n", s.creds.Logins())
+	if cur := s.pool.Current(); cur != "" {
+		fmt.Fprintf(w, "# HELP ferry_consul_server Which Consul server is in use.\n# TYPE ferry_consul_server gauge\nferry_consul_server{server=%q} 1\n", cur)
 	}
 }

@@ -169,7 +169,7 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		if err != nil {
 			return fmt.Errorf("run: %w", err)
 		}
-		late = &lateAdmin{pre: srv.readyErr}
+		late = &lateAdmin{pre: srv.readyErr, extra: srv}
 		admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(late.Ready, late), log.Named("admin"))
 		if err != nil {
 			return fmt.Errorf("run: %w", err)
