@@ -56,6 +56,9 @@ type serverConn struct {
 	proxyID string
 	// idErr is why the proxy ID could not be read (ready explains it).
 	idErr atomic.Pointer[error]
+	// stopWatch ends the token check (close).
+	stopWatch context.CancelFunc
+	watchDone chan struct{}
 }
 
 func newServerConn(a *agentlessConfig, log hclog.Logger) (*serverConn, error) {
@@ -147,6 +150,12 @@ func (s *serverConn) start(sigs <-chan os.Signal, log hclog.Logger) bool {
 	if err := s.creds.Start(ctx); err != nil {
 		return false
 	}
+	wctx, wcancel := context.WithCancel(context.Background())
+	s.stopWatch, s.watchDone = wcancel, make(chan struct{})
+	go func() {
+		defer close(s.watchDone)
+		s.creds.Watch(wctx, servers.CheckInterval)
+	}()
 	log.Info("agentless: talking to the Consul servers", "addresses", s.cfg.Addresses, "node", s.cfg.NodeName,
 		"proxy_id", s.proxyID, "credentials", orDefault(s.cfg.CredentialType, "none"))
 	return true
@@ -203,6 +212,10 @@ func (s *serverConn) readyErr() error {
 
 // close logs out (a login token is deleted, so none is left behind).
 func (s *serverConn) close(log hclog.Logger) {
+	if s.stopWatch != nil {
+		s.stopWatch()
+		<-s.watchDone
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := s.creds.Close(ctx); err != nil {

@@ -90,6 +90,41 @@ func (c *Credentials) Start(ctx context.Context) error {
 	}
 }
 
+// CheckInterval is how often Watch asks whether the login token still
+// exists. Blocking queries with a deleted token only fail when they wake,
+// which can take minutes; this bounds how long ferry goes without noticing.
+const CheckInterval = 30 * time.Second
+
+// Watch checks the login token every interval until ctx is done and logs
+// in again when the servers no longer know it (deleted, expired). It does
+// nothing with a static token.
+func (c *Credentials) Watch(ctx context.Context, interval time.Duration) {
+	if c.login == nil {
+		return
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(interval):
+		}
+		c.mu.Lock()
+		secret := c.secret
+		c.mu.Unlock()
+		if secret == "" {
+			if _, err := c.relogin(ctx, ""); err != nil && ctx.Err() == nil {
+				c.log.Error("ACL login failed", "error", err)
+			}
+			continue
+		}
+		// Through the pool: a 403 "ACL not found" there logs in again.
+		_, _, err := c.client.ACL().TokenReadSelf((&api.QueryOptions{AllowStale: true}).WithContext(ctx))
+		if err != nil && ctx.Err() == nil {
+			c.log.Debug("token check failed", "error", err)
+		}
+	}
+}
+
 // Err is why there is no usable token (the last login's error), or nil.
 func (c *Credentials) Err() error {
 	c.mu.Lock()

@@ -2,8 +2,11 @@ package e2e
 
 import (
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
+	"github.com/ferrymesh/ferry/test/testbed"
 	"github.com/hashicorp/consul/api"
 )
 
@@ -55,4 +58,83 @@ func TestAgentlessMesh(t *testing.T) {
 			t.Fatalf("no login token with the frontend's pod meta among %d tokens", len(toks))
 		}
 	})
+}
+
+// alTokens returns the login tokens of pod (by its pod-uid login meta).
+func alTokens(t *testing.T, m *alMesh, p *alPod) []*api.ACLTokenListEntry {
+	t.Helper()
+	toks, _, err := m.c.Client.ACL().TokenList(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*api.ACLTokenListEntry
+	for _, tk := range toks {
+		if tk.AuthMethod == m.am.Name && strings.Contains(tk.Description, `"pod-uid":"`+p.UID+`"`) {
+			out = append(out, tk)
+		}
+	}
+	return out
+}
+
+// TestAgentlessLogin: a login token deleted under ferry (as consul-k8s's
+// endpoints controller deletes a pod's tokens) makes it log in again and
+// keep serving, with the watches working on the new token; SIGTERM logs
+// the token out.
+func TestAgentlessLogin(t *testing.T) {
+	m := alSetup(t)
+	fe := m.alPodFor(t, "frontend", "frontend", nil)
+	be := m.alPodFor(t, "backend", "backend", nil)
+	meshEchoServer(t, be.Pod, "backend app", "127.0.0.1:8080", "-quiet")
+	m.c.SetIntention(t, "frontend", "backend", api.IntentionActionAllow)
+	m.start(t, fe, false)
+	m.start(t, be, false)
+	vip := m.vip(t, "backend")
+	connect := func() error {
+		_, err := meshEchoClient(t, fe.Pod, vip, 1024, 1, "-timeout", "5s")
+		return err
+	}
+	meshPoll(t, "first connection", 15*time.Second, func() bool { return connect() == nil })
+
+	// Delete both sidecars' tokens.
+	for _, p := range []*alPod{fe, be} {
+		toks := alTokens(t, m, p)
+		if len(toks) != 1 {
+			t.Fatalf("%s has %d login tokens, want 1", p.Pod.Name, len(toks))
+		}
+		if _, err := m.c.Client.ACL().TokenDelete(toks[0].AccessorID, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A catalog change wakes the blocking queries, which now fail with
+	// "ACL not found" (otherwise the periodic token check notices).
+	other := m.tb.AddPod(t, "other")
+	m.c.RegisterK8s(t, testbed.K8sService{Name: "other", Pod: other, Port: alAppPort})
+	for _, p := range []*alPod{fe, be} {
+		meshPoll(t, p.Pod.Name+" logs in again", 40*time.Second, func() bool {
+			return meshMetric(t, p.Pod, "ferry_consul_logins_total") >= 2
+		})
+		if n := len(alTokens(t, m, p)); n != 1 {
+			t.Fatalf("%s has %d login tokens after the re-login, want 1", p.Pod.Name, n)
+		}
+	}
+	if err := connect(); err != nil {
+		t.Fatalf("after re-login: %v", err)
+	}
+	// The watches work with the new token: a new intention applies.
+	m.c.SetIntention(t, "frontend", "backend", api.IntentionActionDeny)
+	meshPoll(t, "deny after re-login", 15*time.Second, func() bool { return connect() != nil })
+
+	// SIGTERM: ferry logs out, leaving no token behind.
+	if err := fe.Sidecar.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := fe.Sidecar.Wait(30 * time.Second); err != nil {
+		t.Fatalf("sidecar after SIGTERM: %v\n%s", err, fe.Sidecar.Output())
+	}
+	if toks := alTokens(t, m, fe); len(toks) != 0 {
+		t.Fatalf("%d login tokens left after SIGTERM", len(toks))
+	}
+	if !strings.Contains(fe.Sidecar.Output(), "logged out") {
+		t.Fatalf("no logout in the log:\n%s", fe.Sidecar.Output())
+	}
 }
