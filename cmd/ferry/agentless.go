@@ -198,13 +198,16 @@ func (s *serverConn) readyErr() error {
 	if e := s.idErr.Load(); e != nil {
 		return *e
 	}
-	if err := s.creds.Err(); err != nil {
-		return fmt.Errorf("consul login: %w", err)
-	}
+	// No server reached is the root cause of a failing login: say so.
 	if !s.pool.EverConnected() {
 		if err := s.pool.Err(); err != nil {
 			return fmt.Errorf("consul servers: %w", err)
 		}
+	}
+	if err := s.creds.Err(); err != nil {
+		return fmt.Errorf("consul login: %w", err)
+	}
+	if !s.pool.EverConnected() {
 		return errors.New("consul servers: not contacted yet")
 	}
 	return nil
