@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -183,6 +184,22 @@ func readProxyID(a *agentlessConfig) (string, error) {
 		return "", fmt.Errorf("-proxy-service-id-path %s is empty", a.ProxyServiceIDPath)
 	}
 	return id, nil
+}
+
+// serverDNSPort is where Consul servers answer DNS (consul-k8s exposes it
+// as the <release>-dns Service's port 53 too).
+const serverDNSPort = "8600"
+
+// dnsAddrs are the servers' DNS addresses, for .consul names ferry does not
+// answer itself.
+func (s *serverConn) dnsAddrs() []string {
+	var out []string
+	for _, hp := range s.pool.Servers() {
+		if h, _, err := net.SplitHostPort(hp); err == nil {
+			out = append(out, net.JoinHostPort(h, serverDNSPort))
+		}
+	}
+	return out
 }
 
 func (s *serverConn) registration() proxy.Registration {

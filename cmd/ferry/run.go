@@ -49,6 +49,7 @@ type runConfig struct {
 	DNSRecursors        repeatedFlag
 	ClusterDomain       string
 	ConsulDNSAddr       string
+	ConsulDNSMore       []string // agentless: the servers' DNS
 	DefaultPolicy       string
 	LogJSON             bool
 	// Agentless, when set, talks to Consul servers instead of a local
@@ -182,6 +183,9 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		}
 		client = srv.client
 		reg = srv.registration()
+		if cfg.ConsulDNSAddr == "" {
+			cfg.ConsulDNSMore = srv.dnsAddrs()
+		}
 		id = srv.proxyID
 	} else {
 		var err error

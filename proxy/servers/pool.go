@@ -126,6 +126,13 @@ func (p *Pool) Current() string {
 	return p.servers[p.cur]
 }
 
+// Servers is the list of servers known (host:port), in order.
+func (p *Pool) Servers() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.servers...)
+}
+
 // Err is why no server answered the last request that failed everywhere,
 // until a request succeeds; nil then.
 func (p *Pool) Err() error {

@@ -42,6 +42,33 @@ func TestAgentlessMesh(t *testing.T) {
 			t.Fatalf("%v\n%s", err, out)
 		}
 	})
+	t.Run("dns", func(t *testing.T) {
+		tool := dnsBuildApp(t)
+		q := func(t *testing.T, name, typ string, tcp bool) string {
+			args := []string{tool, "query", "-server", "127.0.0.1:8600"}
+			if tcp {
+				args = append(args, "-tcp")
+			}
+			return fe.Pod.ExecOK(t, testbed.Proc{}, append(args, name, typ)...)
+		}
+		ip := m.c.VirtualIP(t, "backend")
+		for _, tcp := range []bool{false, true} {
+			// Mesh names: ferry's own answer, the VIP.
+			if out := q(t, "backend.virtual.consul", "A", tcp); !strings.Contains(out, ip) {
+				t.Errorf("backend.virtual.consul (tcp %v): %s, want %s", tcp, out, ip)
+			}
+			// Other .consul names go to the servers' DNS.
+			out := q(t, "consul.service.consul", "A", tcp)
+			for _, s := range m.c.Servers {
+				if !strings.Contains(out, s.Pod.IP.String()) {
+					t.Errorf("consul.service.consul (tcp %v): %s, want every server", tcp, out)
+				}
+			}
+			if out := q(t, "backend.service.consul", "SRV", tcp); !strings.Contains(out, "NOERROR") || !strings.Contains(out, "SRV") {
+				t.Errorf("backend.service.consul SRV (tcp %v): %s", tcp, out)
+			}
+		}
+	})
 	t.Run("login token meta", func(t *testing.T) {
 		toks, _, err := m.c.Client.ACL().TokenList(nil)
 		if err != nil {

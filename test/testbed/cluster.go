@@ -129,6 +129,9 @@ func (tb *Testbed) StartCluster(consulPath string, logf func(string, ...any)) (*
 	if err := c.WaitReady(ctx); err != nil {
 		return nil, err
 	}
+	if err := c.anonymousDNS(); err != nil {
+		return nil, err
+	}
 	logf("cluster %s: servers %s up in %v", tb.Name, strings.Join(ips, ","), time.Since(start).Round(time.Millisecond))
 	return c, nil
 }
@@ -314,6 +317,24 @@ func (c *Cluster) ready() error {
 	roots, _, err := c.Client.Agent().ConnectCARoots(nil)
 	if err != nil || roots == nil || roots.ActiveRootID == "" {
 		return fmt.Errorf("ca roots: %v", err)
+	}
+	return nil
+}
+
+// anonymousDNS lets the anonymous token read services and nodes, as
+// consul-k8s's server-acl-init does when Consul DNS is enabled: the
+// servers answer DNS with it.
+func (c *Cluster) anonymousDNS() error {
+	acl := c.Client.ACL()
+	pol, _, err := acl.PolicyCreate(&api.ACLPolicy{Name: "anonymous-token-policy",
+		Rules: `node_prefix "" { policy = "read" } service_prefix "" { policy = "read" }`}, nil)
+	if err != nil {
+		return fmt.Errorf("testbed: anonymous policy: %w", err)
+	}
+	const anonymous = "00000000-0000-0000-0000-000000000002"
+	if _, _, err := acl.TokenUpdate(&api.ACLToken{AccessorID: anonymous,
+		Policies: []*api.ACLTokenPolicyLink{{ID: pol.ID}}}, nil); err != nil {
+		return fmt.Errorf("testbed: anonymous token: %w", err)
 	}
 	return nil
 }
