@@ -77,7 +77,8 @@ func newFake(t *testing.T, h http.HandlerFunc) *fakeServer {
 		f.mu.Unlock()
 		if hang != nil {
 			<-hang
-			return
+			// A dying server sends no answer.
+			panic(http.ErrAbortHandler)
 		}
 		h(w, r)
 	}))
