@@ -16,7 +16,10 @@ import (
 // the three-server TLS+ACL cluster; default deny, then allow.
 func TestAgentlessMesh(t *testing.T) {
 	m := alSetup(t)
-	fe := m.alPodFor(t, "frontend", "frontend", nil)
+	fe := m.alPodFor(t, "frontend", "frontend", func(s *testbed.K8sService) {
+		// consul.hashicorp.com/connect-service-upstreams: backend:9191
+		s.Upstreams = []api.Upstream{{DestinationName: "backend", LocalBindPort: 9191}}
+	})
 	be := m.alPodFor(t, "backend", "backend", nil)
 	app := meshEchoServer(t, be.Pod, "backend app", "127.0.0.1:8080")
 	m.start(t, fe, false)
@@ -40,6 +43,32 @@ func TestAgentlessMesh(t *testing.T) {
 		})
 		if out, err := meshEchoClient(t, fe.Pod, vip, 64<<10, 4); err != nil {
 			t.Fatalf("%v\n%s", err, out)
+		}
+	})
+	t.Run("explicit upstream", func(t *testing.T) {
+		if out, err := meshEchoClient(t, fe.Pod, "127.0.0.1:9191", 4096, 2); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+	})
+	t.Run("dialed directly", func(t *testing.T) {
+		// From central config only, as in consul-k8s (the registration has
+		// no TransparentProxy block); the backend app must listen on the
+		// pod IP for a direct dial.
+		meshEchoServer(t, be.Pod, "backend app (pod IP)", be.Pod.IP.String()+":8080")
+		if _, _, err := m.c.Client.ConfigEntries().Set(&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "backend",
+			TransparentProxy: &api.TransparentProxyConfig{DialedDirectly: true}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		addr := be.Pod.IP.String() + ":8080"
+		inbound := func() int64 { return dnsMetricSum(t, be.Pod, `ferry_connections_total{direction="inbound"`) }
+		before := inbound()
+		meshPoll(t, "direct dial through the mesh", 15e9, func() bool {
+			_, err := meshEchoClient(t, fe.Pod, addr, 1024, 1, "-timeout", "5s")
+			return err == nil
+		})
+		// It went through the backend's sidecar (mTLS), not around it.
+		if inbound() == before {
+			t.Fatal("the direct dial did not go through the backend's sidecar")
 		}
 	})
 	t.Run("dns", func(t *testing.T) {
