@@ -50,6 +50,17 @@ func TestAgentlessMesh(t *testing.T) {
 			t.Fatalf("%v\n%s", err, out)
 		}
 	})
+	t.Run("live registration change", func(t *testing.T) {
+		// The endpoints controller re-registers the pod (the upstream
+		// annotation now says backend:9292): ferry follows the catalog
+		// without a restart.
+		m.c.RegisterK8s(t, testbed.K8sService{Name: "frontend", Pod: fe.Pod, Port: alAppPort, UID: fe.UID,
+			Upstreams: []api.Upstream{{DestinationName: "backend", LocalBindPort: 9292}}})
+		meshPoll(t, "new upstream listener", 15e9, func() bool {
+			_, err := meshEchoClient(t, fe.Pod, "127.0.0.1:9292", 1024, 1, "-timeout", "5s")
+			return err == nil
+		})
+	})
 	t.Run("dialed directly", func(t *testing.T) {
 		// From central config only, as in consul-k8s (the registration has
 		// no TransparentProxy block); the backend app must listen on the
