@@ -25,6 +25,7 @@ func TestAgentlessMesh(t *testing.T) {
 	m.start(t, fe, false)
 	m.start(t, be, false)
 	vip := m.vip(t, "backend")
+	outer := t
 
 	t.Run("default deny", func(t *testing.T) {
 		out, err := meshEchoClient(t, fe.Pod, vip, 1024, 1, "-timeout", "5s")
@@ -54,7 +55,9 @@ func TestAgentlessMesh(t *testing.T) {
 		// The endpoints controller re-registers the pod (the upstream
 		// annotation now says backend:9292): ferry follows the catalog
 		// without a restart.
-		m.c.RegisterK8s(t, testbed.K8sService{Name: "frontend", Pod: fe.Pod, Port: alAppPort, UID: fe.UID,
+		// Registered for the whole test (the subtest's cleanup would
+		// deregister the pod).
+		m.c.RegisterK8s(outer, testbed.K8sService{Name: "frontend", Pod: fe.Pod, Port: alAppPort, UID: fe.UID,
 			Upstreams: []api.Upstream{{DestinationName: "backend", LocalBindPort: 9292}}})
 		meshPoll(t, "new upstream listener", 15e9, func() bool {
 			_, err := meshEchoClient(t, fe.Pod, "127.0.0.1:9292", 1024, 1, "-timeout", "5s")
@@ -107,6 +110,17 @@ func TestAgentlessMesh(t *testing.T) {
 			if out := q(t, "backend.service.consul", "SRV", tcp); !strings.Contains(out, "NOERROR") || !strings.Contains(out, "SRV") {
 				t.Errorf("backend.service.consul SRV (tcp %v): %s", tcp, out)
 			}
+		}
+	})
+	t.Run("proxy-defaults merged live", func(t *testing.T) {
+		// Central config reaches ferry through merge-central-config, and a
+		// change to it is followed like a registration change.
+		if _, _, err := m.c.Client.ConfigEntries().Set(&api.ProxyConfigEntry{Kind: api.ProxyDefaults, Name: api.ProxyConfigGlobal,
+			TransparentProxy: &api.TransparentProxyConfig{OutboundListenerPort: 15002}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := fe.Sidecar.WaitOutput("outbound=127.0.0.1:15002", 15*time.Second); err != nil {
+			t.Fatal(err)
 		}
 	})
 	t.Run("login token meta", func(t *testing.T) {
