@@ -96,10 +96,14 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	}
 	s.proxy = New(cfg.Proxy)
 	src := catalog.ConsulSource{Client: cfg.Client}
+	var retryMax time.Duration // 0: the view's default
 	if _, ok := cfg.Registration.(CatalogRegistration); ok {
 		src.Datacenter = s.datacenter
+		// Agentless: after the servers come back, ferry must be current
+		// within seconds; the pool already spreads the load over them.
+		retryMax = agentlessRetryMax
 	}
-	s.view = catalog.Start(ctx, src, catalog.Options{Logger: log.Named("catalog"),
+	s.view = catalog.Start(ctx, src, catalog.Options{Logger: log.Named("catalog"), RetryMax: retryMax,
 		VirtualCIDRs: cfg.VirtualCIDRs})
 	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
 	// mTLS dials to peers loop too when ferry's UID is not exempted.
@@ -208,6 +212,7 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 			Fetch:             intentions.ConsulFetcher(s.cfg.Client, dest, 0, s.cfg.DefaultIntentionPolicy),
 			Logger:            s.log.Named("intentions"),
 			DisableRevocation: s.cfg.DisableRevocation,
+			MaxBackoff:        s.maxBackoff(),
 		})
 		if err != nil {
 			s.mu.Unlock()
@@ -228,6 +233,17 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 		return err
 	}
 	return s.proxy.SetUpstreams(s.upstreams(svc.Proxy.Upstreams))
+}
+
+// agentlessRetryMax caps the watches' error backoff in agentless mode.
+const agentlessRetryMax = 4 * time.Second
+
+// maxBackoff is the intentions watch's backoff cap (0: its default).
+func (s *Sidecar) maxBackoff() time.Duration {
+	if _, ok := s.cfg.Registration.(CatalogRegistration); ok {
+		return agentlessRetryMax
+	}
+	return 0
 }
 
 // datacenter is the registration's datacenter, once known (agentless).
