@@ -22,6 +22,12 @@ ENTRYPOINT ["/usr/local/bin/ferry", "redirect"]
 
 FROM scratch AS sidecar
 COPY --from=build /out/ferry /ferry
+# consul-k8s runs its sidecar image with consul-dataplane's arguments (which
+# /ferry takes too: a first argument that is a flag selects that command
+# line) and probes native sidecars with /usr/local/bin/consul-dataplane, so
+# the binary answers to that name as well (Helm global.imageConsulDataplane).
+# No shell in this image: -addresses exec=... needs an image that has one.
+COPY --from=build /out/ferry /usr/local/bin/consul-dataplane
 USER 5995:5995
 ENTRYPOINT ["/ferry"]
 CMD ["run"]

@@ -59,6 +59,9 @@ type Config struct {
 	// .consul names that are not mesh services, go there. Empty: such names
 	// go to the Recursors, or get NXDOMAIN when there are none.
 	ConsulDNS string
+	// ConsulDNSMore are further Consul DNS addresses, tried in order after
+	// ConsulDNS (agentless: every server's DNS).
+	ConsulDNSMore []string
 	// Mesh is the mesh view. Required.
 	Mesh MeshView
 	// Logger; default a null logger.
@@ -154,6 +157,9 @@ func (c Config) withDefaults() (Config, error) {
 			return c, fmt.Errorf("dns: config: consul dns: %w", err)
 		}
 		c.ConsulDNS = a[0]
+	}
+	if c.ConsulDNSMore, err = normalizeAddrs(c.ConsulDNSMore); err != nil {
+		return c, fmt.Errorf("dns: config: consul dns: %w", err)
 	}
 	return c, nil
 }

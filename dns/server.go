@@ -88,8 +88,14 @@ func New(cfg Config) (*Server, error) {
 	if len(recs) > 0 {
 		s.recursors = newForwarder(recs, cfg.UpstreamTimeout, nonce)
 	}
-	if cfg.ConsulDNS != "" {
-		s.consul = newForwarder([]string{cfg.ConsulDNS}, cfg.UpstreamTimeout, nonce)
+	var consul []string
+	for _, a := range append([]string{cfg.ConsulDNS}, cfg.ConsulDNSMore...) {
+		if a != "" && a != cfg.Addr {
+			consul = append(consul, a)
+		}
+	}
+	if len(consul) > 0 {
+		s.consul = newForwarder(consul, cfg.UpstreamTimeout, nonce)
 	}
 	return s, nil
 }
@@ -159,7 +165,7 @@ func (s *Server) Start(ctx context.Context) error {
 		case <-s.stopped:
 		}
 	}()
-	s.log.Info("serving DNS", "addr", addrs, "recursors", s.cfg.Recursors, "consul_dns", s.cfg.ConsulDNS,
+	s.log.Info("serving DNS", "addr", addrs, "recursors", s.cfg.Recursors, "consul_dns", s.cfg.ConsulDNS, "consul_dns_more", s.cfg.ConsulDNSMore,
 		"cluster_domain", s.cfg.ClusterDomain)
 	return nil
 }

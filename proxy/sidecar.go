@@ -23,6 +23,9 @@ import (
 type SidecarConfig struct {
 	Client  *api.Client
 	ProxyID string
+	// Registration is where the proxy's registration is read; default:
+	// the local agent's service ProxyID (AgentRegistration).
+	Registration Registration
 	// Overrides replace the endpoints derived from the registration where
 	// set (flags -inbound-addr, -outbound-addr, -local-app).
 	Overrides Endpoints
@@ -66,14 +69,19 @@ type Sidecar struct {
 	router     *MeshRouter
 	ports      atomic.Pointer[portMap]
 	closeOnce  sync.Once
+	dcKnown    chan struct{} // closed when dc is set
+	dc         string
 }
 
 // StartSidecar starts watching the registration and the mesh and serves as
 // soon as the registration is known. Readiness (/ready) waits for the
 // identity, the intentions and the catalog.
 func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
-	if cfg.Client == nil || cfg.ProxyID == "" {
-		return nil, errors.New("sidecar: need a Consul client and a proxy ID")
+	if cfg.Registration == nil && cfg.Client != nil && cfg.ProxyID != "" {
+		cfg.Registration = AgentRegistration{Agent: cfg.Client.Agent(), ID: cfg.ProxyID}
+	}
+	if cfg.Client == nil || cfg.Registration == nil {
+		return nil, errors.New("sidecar: need a Consul client and a proxy registration")
 	}
 	log := cfg.Proxy.Logger
 	if log == nil {
@@ -81,12 +89,21 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 		cfg.Proxy.Logger = log
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Sidecar{cfg: cfg, log: log, ctx: ctx, cancel: cancel, fatal: make(chan error, 1), id: mtls.NewIdentity()}
+	s := &Sidecar{cfg: cfg, log: log, ctx: ctx, cancel: cancel, fatal: make(chan error, 1), id: mtls.NewIdentity(),
+		dcKnown: make(chan struct{})}
 	if cfg.Proxy.OwnSockets == nil {
 		cfg.Proxy.OwnSockets = NewOwnSockets()
 	}
 	s.proxy = New(cfg.Proxy)
-	s.view = catalog.Start(ctx, catalog.ConsulSource{Client: cfg.Client}, catalog.Options{Logger: log.Named("catalog"),
+	src := catalog.ConsulSource{Client: cfg.Client}
+	var retryMax time.Duration // 0: the view's default
+	if _, ok := cfg.Registration.(CatalogRegistration); ok {
+		src.Datacenter = s.datacenter
+		// Agentless: after the servers come back, ferry must be current
+		// within seconds; the pool already spreads the load over them.
+		retryMax = agentlessRetryMax
+	}
+	s.view = catalog.Start(ctx, src, catalog.Options{Logger: log.Named("catalog"), RetryMax: retryMax,
 		VirtualCIDRs: cfg.VirtualCIDRs})
 	s.router = NewMeshRouter(s.view, s.id, log.Named("outbound"))
 	// mTLS dials to peers loop too when ferry's UID is not exempted.
@@ -135,7 +152,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	go func() {
 		defer s.wg.Done()
 		applied := false
-		WatchService(ctx, cfg.Client.Agent(), cfg.ProxyID, log, func(svc *api.AgentService) {
+		cfg.Registration.Watch(ctx, log, func(svc *api.AgentService) {
 			err := s.apply(svc)
 			switch {
 			case err == nil:
@@ -183,6 +200,10 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 
 	dest := svc.Proxy.DestinationServiceName
 	s.mu.Lock()
+	if s.dc == "" && svc.Datacenter != "" {
+		s.dc = svc.Datacenter
+		close(s.dcKnown)
+	}
 	if s.service == "" {
 		s.service = dest
 		s.startIdentity(dest)
@@ -191,6 +212,7 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 			Fetch:             intentions.ConsulFetcher(s.cfg.Client, dest, 0, s.cfg.DefaultIntentionPolicy),
 			Logger:            s.log.Named("intentions"),
 			DisableRevocation: s.cfg.DisableRevocation,
+			MaxBackoff:        s.maxBackoff(),
 		})
 		if err != nil {
 			s.mu.Unlock()
@@ -211,6 +233,27 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 		return err
 	}
 	return s.proxy.SetUpstreams(s.upstreams(svc.Proxy.Upstreams))
+}
+
+// agentlessRetryMax caps the watches' error backoff in agentless mode.
+const agentlessRetryMax = 4 * time.Second
+
+// maxBackoff is the intentions watch's backoff cap (0: its default).
+func (s *Sidecar) maxBackoff() time.Duration {
+	if _, ok := s.cfg.Registration.(CatalogRegistration); ok {
+		return agentlessRetryMax
+	}
+	return 0
+}
+
+// datacenter is the registration's datacenter, once known (agentless).
+func (s *Sidecar) datacenter(ctx context.Context) (string, error) {
+	select {
+	case <-s.dcKnown:
+		return s.dc, nil
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
 }
 
 func (s *Sidecar) startIdentity(service string) {

@@ -30,10 +30,11 @@ func startDNS(cfg runConfig, view *catalog.View, metrics *proxy.MetricSet, log h
 		ClusterDomain: cfg.ClusterDomain,
 		// Datacenter is left empty: the view learns it from the agent
 		// after start, and the server asks the view.
-		Recursors: recs,
-		ConsulDNS: cfg.ConsulDNSAddr,
-		Mesh:      view,
-		Logger:    log,
+		Recursors:     recs,
+		ConsulDNS:     cfg.ConsulDNSAddr,
+		ConsulDNSMore: cfg.ConsulDNSMore,
+		Mesh:          view,
+		Logger:        log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)

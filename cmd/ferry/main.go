@@ -19,6 +19,10 @@ func main() {
 		// (consul-cni's where Nomad's own network config names that type).
 		os.Exit(exitCode(runCNI(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
 	}
+	if isDataplaneInvocation(os.Args) {
+		// consul-k8s's sidecar command line (dataplane.go).
+		os.Exit(exitCode(runDataplane(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
+	}
 	os.Exit(exitCode(run(os.Args[1:], os.Stdout, os.Stderr), os.Stderr))
 }
 
@@ -62,6 +66,9 @@ Commands:
   cni        the same rules as a chained CNI plugin (ferry-cni), and its installer
   version    print the version
 
+Invoked as consul-dataplane, or with flags and no command, ferry takes
+consul-dataplane's command line and DP_* environment (agentless mode).
+
 Run "ferry <command> -h" for a command's flags.
 `
 
@@ -86,6 +93,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprint(stdout, usage)
 		return nil
 	default:
+		if len(cmd) > 1 && cmd[0] == '-' {
+			// `ferry -addresses ...`: the consul-dataplane command line.
+			return runDataplane(args, stdout, stderr)
+		}
 		fmt.Fprint(stderr, usage)
 		return usageError("unknown command %q", cmd)
 	}

@@ -49,13 +49,39 @@ type runConfig struct {
 	DNSRecursors        repeatedFlag
 	ClusterDomain       string
 	ConsulDNSAddr       string
+	ConsulDNSMore       []string // agentless: the servers' DNS
 	DefaultPolicy       string
+	LogJSON             bool
+	// Agentless, when set, talks to Consul servers instead of a local
+	// agent (the consul-dataplane command line, dataplane.go).
+	Agentless *agentlessConfig
 }
 
 func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	var c runConfig
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	addRunFlags(fs, &c)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return c, &exitError{code: 0, err: errHelp}
+		}
+		return c, &exitError{code: 2, err: err}
+	}
+	switch {
+	case fs.NArg() > 0:
+		return c, usageError("run: unexpected arguments %q", fs.Args())
+	case c.ProxyID == "" && c.SidecarFor == "":
+		return c, usageError("run: one of -proxy-id or -sidecar-for is required")
+	case c.ProxyID != "" && c.SidecarFor != "":
+		return c, usageError("run: -proxy-id and -sidecar-for are mutually exclusive")
+	}
+	return c, validateRunConfig(c)
+}
+
+// addRunFlags defines ferry run's own flags on fs (shared with the
+// consul-dataplane command line).
+func addRunFlags(fs *flag.FlagSet, c *runConfig) {
 	fs.StringVar(&c.ProxyID, "proxy-id", os.Getenv("CONNECT_PROXY_ID"), "ID of the proxy's registration with the local agent (env CONNECT_PROXY_ID)")
 	fs.StringVar(&c.SidecarFor, "sidecar-for", os.Getenv("CONNECT_SIDECAR_FOR"), "ID of the service whose sidecar this is; finds the one connect-proxy for it (env CONNECT_SIDECAR_FOR)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "", "Consul agent HTTP address (default: env CONSUL_HTTP_ADDR, else 127.0.0.1:8500)")
@@ -80,36 +106,28 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs.StringVar(&c.ClusterDomain, "cluster-domain", dns.DefaultClusterDomain, "Kubernetes cluster domain (<svc>.<ns>.svc.<domain> names)")
 	fs.StringVar(&c.ConsulDNSAddr, "consul-dns-addr", "", "Consul agent DNS address for .consul names the sidecar does not answer itself (SRV, TXT, ...); default: the recursors")
 	fs.StringVar(&c.DefaultPolicy, "default-intention-policy", "", "allow or deny: the decision when no intention matches (default: the agent's default_intention_policy, else its ACL default policy, else deny)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return c, &exitError{code: 0, err: errHelp}
-		}
-		return c, &exitError{code: 2, err: err}
-	}
+}
+
+// validateRunConfig checks the values shared by both command lines.
+func validateRunConfig(c runConfig) error {
 	switch {
-	case fs.NArg() > 0:
-		return c, usageError("run: unexpected arguments %q", fs.Args())
-	case c.ProxyID == "" && c.SidecarFor == "":
-		return c, usageError("run: one of -proxy-id or -sidecar-for is required")
-	case c.ProxyID != "" && c.SidecarFor != "":
-		return c, usageError("run: -proxy-id and -sidecar-for are mutually exclusive")
 	case c.MaxConnections < 0:
-		return c, usageError("run: -max-connections must be >= 0")
+		return usageError("run: -max-connections must be >= 0")
 	case c.ProxyUID < 0:
-		return c, usageError("run: -proxy-uid must be >= 0")
+		return usageError("run: -proxy-uid must be >= 0")
 	case c.ConnectTimeout <= 0:
-		return c, usageError("run: -connect-timeout must be > 0")
+		return usageError("run: -connect-timeout must be > 0")
 	case c.HandshakeTimeout <= 0:
-		return c, usageError("run: -handshake-timeout must be > 0")
+		return usageError("run: -handshake-timeout must be > 0")
 	case c.IdleTimeout < 0 || c.DrainTimeout < 0:
-		return c, usageError("run: timeouts must be >= 0")
+		return usageError("run: timeouts must be >= 0")
 	case hclog.LevelFromString(c.LogLevel) == hclog.NoLevel:
-		return c, usageError("run: unknown -log-level %q", c.LogLevel)
+		return usageError("run: unknown -log-level %q", c.LogLevel)
 	}
 	if _, err := intentions.ParsePolicy(c.DefaultPolicy); err != nil {
-		return c, usageError("run: -default-intention-policy: %v", err)
+		return usageError("run: -default-intention-policy: %v", err)
 	}
-	return c, nil
+	return nil
 }
 
 func runRun(args []string, stdout, stderr io.Writer) error {
@@ -117,7 +135,14 @@ func runRun(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "ferry", Level: hclog.LevelFromString(cfg.LogLevel), Output: stderr})
+	return startRun(cfg, stderr)
+}
+
+// startRun runs the sidecar configured by either command line until a
+// signal.
+func startRun(cfg runConfig, stderr io.Writer) error {
+	log := hclog.New(&hclog.LoggerOptions{Name: "ferry", Level: hclog.LevelFromString(cfg.LogLevel), Output: stderr,
+		JSONFormat: cfg.LogJSON})
 	if uid := os.Getuid(); uid != cfg.ProxyUID {
 		log.Warn("ferry runs as a UID other than -proxy-uid: unless the redirect rules exempt this UID, its own connections loop back to it (they are reset as outcome loop)",
 			"uid", uid, "proxy_uid", cfg.ProxyUID)
@@ -132,6 +157,50 @@ func runRun(args []string, stdout, stderr io.Writer) error {
 // runProxy runs the sidecar until the first signal, then drains until the
 // drain timeout or a second signal.
 func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
+	var (
+		client *api.Client
+		reg    proxy.Registration
+		id     string
+		late   *lateAdmin
+	)
+	if cfg.Agentless != nil {
+		// Agentless: the admin listener comes first, so that /ready says
+		// why ferry cannot log in or reach a server while it retries.
+		srv, err := newServerConn(cfg.Agentless, log)
+		if err != nil {
+			return fmt.Errorf("run: %w", err)
+		}
+		late = &lateAdmin{pre: srv.readyErr, extra: srv}
+		admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(late.Ready, late), log.Named("admin"))
+		if err != nil {
+			return fmt.Errorf("run: %w", err)
+		}
+		defer admin.Close()
+		log.Info("admin listening", "addr", admin.Addr())
+		defer srv.close(log)
+		if !srv.start(sigs, log) {
+			return nil
+		}
+		client = srv.client
+		reg = srv.registration()
+		if cfg.ConsulDNSAddr == "" {
+			cfg.ConsulDNSMore = srv.dnsAddrs()
+		}
+		id = srv.proxyID
+	} else {
+		var err error
+		client, id, err = agentClient(cfg, log, sigs)
+		if err != nil || client == nil {
+			return err
+		}
+		reg = proxy.AgentRegistration{Agent: client.Agent(), ID: id}
+	}
+	return serve(cfg, log, sigs, client, reg, id, late)
+}
+
+// agentClient is the local agent's client and the proxy's ID (nil client:
+// a signal came first).
+func agentClient(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) (*api.Client, string, error) {
 	acfg := api.DefaultConfig() // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...
 	if cfg.HTTPAddr != "" {
 		acfg.Address = cfg.HTTPAddr
@@ -141,12 +210,8 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 	}
 	client, err := api.NewClient(acfg)
 	if err != nil {
-		return fmt.Errorf("run: consul client: %w", err)
+		return nil, "", fmt.Errorf("run: consul client: %w", err)
 	}
-	if acfg.Transport != nil {
-		defer acfg.Transport.CloseIdleConnections()
-	}
-
 	id := cfg.ProxyID
 	if id == "" {
 		// The sidecar may be registered after the proxy starts (k8s
@@ -159,17 +224,25 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 			log.Warn("looking for the sidecar registration", "error", err)
 			select {
 			case <-sigs:
-				return nil
+				return nil, "", nil
 			case <-time.After(2 * time.Second):
 			}
 		}
 	}
+	return client, id, nil
+}
+
+// serve runs the sidecar for reg until a signal, then drains. late, when
+// set, is the admin listener already up (agentless); otherwise serve
+// starts it.
+func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.Client, reg proxy.Registration, id string, late *lateAdmin) error {
 	log = log.With("proxy_id", id)
 
 	sc, err := proxy.StartSidecar(proxy.SidecarConfig{
-		Client:    client,
-		ProxyID:   id,
-		Overrides: proxy.Endpoints{Inbound: cfg.Inbound, Outbound: cfg.Outbound, LocalApp: cfg.LocalApp},
+		Client:       client,
+		ProxyID:      id,
+		Registration: reg,
+		Overrides:    proxy.Endpoints{Inbound: cfg.Inbound, Outbound: cfg.Outbound, LocalApp: cfg.LocalApp},
 		Proxy: proxy.Config{
 			Logger:         log.Named("proxy"),
 			ConnectTimeout: cfg.ConnectTimeout,
@@ -197,13 +270,17 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 	if dnsSrv != nil {
 		defer dnsSrv.Close()
 	}
-	admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(p.Ready, p.Metrics().Set), log.Named("admin"))
-	if err != nil {
-		sc.Shutdown(canceledContext())
-		return fmt.Errorf("run: %w", err)
+	if late != nil {
+		late.set(p)
+	} else {
+		admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(p.Ready, p.Metrics().Set), log.Named("admin"))
+		if err != nil {
+			sc.Shutdown(canceledContext())
+			return fmt.Errorf("run: %w", err)
+		}
+		defer admin.Close()
+		log.Info("admin listening", "addr", admin.Addr())
 	}
-	defer admin.Close()
-	log.Info("admin listening", "addr", admin.Addr())
 
 	var runErr error
 	select {

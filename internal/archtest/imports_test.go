@@ -19,14 +19,16 @@ const module = "github.com/ferrymesh/ferry/"
 // and keep docs/architecture.md's table in step.
 var rules = map[string][]string{
 	// The wiring: flags → Config → run.
-	"cmd/ferry": {"dns", "proxy", "proxy/catalog", "proxy/intentions", "redirect", "listener", "mtls", "cni", "inject"},
+	"cmd/ferry": {"dns", "proxy", "proxy/catalog", "proxy/intentions", "redirect", "listener", "mtls", "cni", "inject", "proxy/servers"},
 
 	// The sidecar: routing, the acceptors, the sidecar's wiring.
 	"proxy": {"listener", "mtls", "proxy/pump", "proxy/tunnel", "proxy/catalog", "proxy/intentions"},
 	// Tunnels between sidecars: frames, the session pool, ALPN.
 	"proxy/tunnel": {"proxy/pump"},
 	// The byte mover, the mesh view: leaves.
-	"proxy/pump":       {},
+	"proxy/pump": {},
+	// Agentless mode: the Consul servers, failover, ACL login.
+	"proxy/servers":    {},
 	"proxy/catalog":    {},
 	"proxy/intentions": {},
 

@@ -43,6 +43,10 @@ type Source interface {
 // ConsulSource implements Source with a consul/api client.
 type ConsulSource struct {
 	Client *api.Client
+	// Datacenter, when set, names the local datacenter instead of the
+	// agent's /v1/agent/self (agentless: servers answer that only with
+	// agent:read, which a service identity lacks).
+	Datacenter func(ctx context.Context) (string, error)
 }
 
 var _ Source = ConsulSource{}
@@ -56,6 +60,9 @@ func (s ConsulSource) opts(ctx context.Context, q Query) *api.QueryOptions {
 }
 
 func (s ConsulSource) LocalDatacenter(ctx context.Context) (string, error) {
+	if s.Datacenter != nil {
+		return s.Datacenter(ctx)
+	}
 	var self struct {
 		Config struct{ Datacenter string }
 	}
