@@ -59,10 +59,14 @@ type Options struct {
 	// MaxPendingPerSource) instead of MaxConns. 0: every accepted
 	// connection counts against MaxConns from the start.
 	MaxPending int
-	// MaxPendingPerSource caps pending connections from one source IP
-	// (for a global IPv6 address: its /64); 0 means no per-source cap.
-	// Only with MaxPending.
+	// MaxPendingPerSource caps the silent pending connections from one
+	// source IP (for a global IPv6 address: its /64); 0 means no
+	// per-source cap. Only with MaxPending.
 	MaxPendingPerSource int
+	// SilentAfter is how long a pending connection may go without a byte
+	// from its client before it counts as silent: silent ones count
+	// against MaxPendingPerSource and are evicted first. 0: at once.
+	SilentAfter time.Duration
 	// OnPendingEvicted is called once per pending connection reset to
 	// make room for a newer one.
 	OnPendingEvicted func()

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Handshake accounting. A connection that has not finished its handshake
@@ -17,13 +19,18 @@ import (
 // MaxPendingPerSource), and MaxConns counts only connections whose handler
 // called Established.
 //
-// When the budget is full, the oldest pending connection is reset, not the
-// new one. Refusing the new one would let an attacker who keeps N silent
-// sockets open hold the budget for good; evicting the oldest means a valid
-// client's handshake (one or two round trips) completes unless the budget
-// turns over entirely within it, while a silent socket is evicted as soon
-// as newer ones arrive. Per source the same rule applies first, so one
-// source churning its own sockets mostly evicts its own.
+// When the budget is full, the oldest *silent* pending connection is
+// reset, not the new one: one whose client has sent no byte for
+// SilentAfter (the kernel's count of bytes received, TCP_INFO, so the
+// handler need not have read them). Refusing the new one would let an
+// attacker who keeps N silent sockets open hold the budget for good; a
+// valid client sends its ClientHello right after connecting, so silent
+// sockets go first and valid handshakes are left alone. Only when no
+// pending connection is silent does the oldest go. Per source the cap
+// counts silent connections only: a client sidecar opening 64 connections
+// at once (a burst of real handshakes from one pod IP) must not have its
+// own handshakes reset, while one source's silent sockets are capped and
+// evict each other.
 
 // ErrEvicted is returned by Established for a connection that was reset
 // to make room for newer pending ones.
@@ -37,6 +44,7 @@ var ErrOverLimit = errors.New("connection limit reached")
 type pendingConn struct {
 	c           *net.TCPConn
 	src         netip.Addr
+	since       time.Time
 	elem        *list.Element // in pendingSet.order while pending
 	evicted     bool
 	established bool
@@ -70,18 +78,56 @@ func (l *Listener) admitPending(c *net.TCPConn) bool {
 	if l.opts.MaxConns > 0 && s.estab >= l.opts.MaxConns {
 		return false
 	}
+	now := time.Now()
 	if n := l.opts.MaxPendingPerSource; n > 0 && len(s.bySrc[src]) >= n {
-		l.evictLocked(s.bySrc[src][0], "source")
-	} else if s.order.Len() >= l.opts.MaxPending {
-		l.evictLocked(s.order.Front().Value.(*pendingConn), "total")
+		var silent []*pendingConn
+		for _, pc := range s.bySrc[src] {
+			if l.silent(pc, now) {
+				silent = append(silent, pc)
+			}
+		}
+		if len(silent) >= n {
+			l.evictLocked(silent[0], "source")
+		}
 	}
-	pc := &pendingConn{c: c, src: src}
+	if s.order.Len() >= l.opts.MaxPending {
+		victim := s.order.Front().Value.(*pendingConn)
+		for e := s.order.Front(); e != nil; e = e.Next() {
+			if pc := e.Value.(*pendingConn); l.silent(pc, now) {
+				victim = pc
+				break
+			}
+		}
+		l.evictLocked(victim, "total")
+	}
+	pc := &pendingConn{c: c, src: src, since: now}
 	pc.elem = s.order.PushBack(pc)
 	if l.opts.MaxPendingPerSource > 0 {
 		s.bySrc[src] = append(s.bySrc[src], pc)
 	}
 	s.conns[c] = pc
 	return true
+}
+
+// silent reports whether pc's client has sent nothing in SilentAfter:
+// the kernel's count of bytes received on the socket is still zero.
+func (l *Listener) silent(pc *pendingConn, now time.Time) bool {
+	if now.Sub(pc.since) < l.opts.SilentAfter {
+		return false
+	}
+	rc, err := pc.c.SyscallConn()
+	if err != nil {
+		return true // closed: the first to go
+	}
+	received := uint64(0)
+	if cerr := rc.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			received = info.Bytes_received
+		}
+	}); cerr != nil {
+		return true
+	}
+	return received == 0
 }
 
 // sourceKey is what MaxPendingPerSource counts by: the IPv4 address, or

@@ -225,3 +225,39 @@ func TestPendingPerSourceIPv6Prefix(t *testing.T) {
 	wantReset(t, a, "the oldest of its /64")
 	stillOpen(t, other, "another /64")
 }
+
+// The per-source cap counts silent connections only, and the total budget
+// evicts a silent connection before one whose client has spoken: a client
+// that sent its first bytes is in a real handshake.
+func TestPendingEvictsSilentFirst(t *testing.T) {
+	testkit.CheckLeaks(t)
+	ln := listen(t)
+	l := New(ln, Options{MaxPending: 3, MaxPendingPerSource: 1})
+	accepted := make(chan *net.TCPConn, 10)
+	release := make(chan struct{})
+	serve(t, l, func(c *net.TCPConn) {
+		defer c.Close()
+		accepted <- c
+		<-release // never reads: the bytes stay in the kernel's queue
+	})
+	t.Cleanup(func() { close(release) })
+	addr := ln.Addr().String()
+	spoke := func(src string) *net.TCPConn {
+		t.Helper()
+		c := dialFrom(t, src, addr)
+		c.Write([]byte{22})
+		s := <-accepted
+		testkit.Eventually(t, "the byte in the server's queue", func() bool { return !l.silent(&pendingConn{c: s}, time.Now()) })
+		return c
+	}
+	a1 := spoke("127.0.0.2")
+	a2 := spoke("127.0.0.2") // over the per-source cap of 1, but neither is silent
+	stillOpen(t, a1, "a client that spoke, over its source's cap")
+	s1 := dialFrom(t, "127.0.0.2", addr) // pending total 3: a1, a2, s1
+	<-accepted
+	b1 := spoke("127.0.0.3") // total full: the silent s1 goes, not a1
+	wantReset(t, s1, "the silent one, though newer than a1 and a2")
+	for _, c := range []*net.TCPConn{a1, a2, b1} {
+		stillOpen(t, c, "a client that spoke")
+	}
+}

@@ -297,3 +297,69 @@ func TestExpireOnDoneStopWaitsForCallback(t *testing.T) {
 		}
 	}
 }
+
+// gatedConn passes its first Write (a ClientHello) and holds the rest until
+// open is closed: a handshake that stays pending on the server.
+type gatedConn struct {
+	net.Conn
+	open   chan struct{}
+	writes int
+}
+
+func (c *gatedConn) Write(p []byte) (int, error) {
+	if c.writes++; c.writes > 1 {
+		<-c.open
+	}
+	return c.Conn.Write(p)
+}
+
+// A client sidecar opening many connections at once sends many real
+// handshakes from one IP: the per-source budget caps silent sockets only,
+// so none of these is reset (the bench's 64-connection mTLS run was, with a
+// cap counting every pending handshake).
+func TestInboundBurstFromOneSourceIsNotEvicted(t *testing.T) {
+	testkit.CheckLeaks(t)
+	ca := mtlstest.NewCA(t)
+	acc := &MeshAcceptor{Identity: ca.Identity(t, "db", mtlstest.EC256), Intentions: allowAll(t), Service: "db",
+		DisableTunnels: true}
+	acc.Init()
+	p := startProxy(t, Config{Acceptor: acc,
+		Logger: hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testkit.LogWriter{T: t}})}, testkit.EchoServer(t))
+	in, _ := p.Addrs()
+	const burst = 3 * DefaultMaxPendingPerSource
+	open := make(chan struct{})
+	errs := make(chan error, burst)
+	client := ca.Identity(t, "web", mtlstest.EC256).ClientConfig(ca.ID("db"))
+	for range burst {
+		go func() {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 7)}, Timeout: 5 * time.Second}
+			raw, err := d.Dial("tcp", in.String())
+			if err != nil {
+				errs <- err
+				return
+			}
+			c := tls.Client(&gatedConn{Conn: raw, open: open}, client)
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if err := c.Handshake(); err != nil {
+				errs <- err
+				return
+			}
+			c.Write([]byte("x"))
+			_, err = io.ReadFull(c, make([]byte, 1))
+			errs <- err
+		}()
+	}
+	testkit.Eventually(t, "the whole burst pending at once", func() bool {
+		return p.inboundListener().Pending()+int(counter(p, "inbound", "pending_limit")) >= burst
+	})
+	close(open)
+	for range burst {
+		if err := <-errs; err != nil {
+			t.Errorf("handshake in the burst: %v", err)
+		}
+	}
+	if n := counter(p, "inbound", "pending_limit"); n != 0 {
+		t.Fatalf("%d handshakes of one client's burst were reset", n)
+	}
+}

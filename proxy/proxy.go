@@ -25,8 +25,14 @@ const (
 	// round trip or two, so even 16 pending means thousands per second;
 	// the budget only has to outlast silent sockets (see listener/pending.go).
 	DefaultMaxPendingHandshakes = 256
-	// DefaultMaxPendingPerSource caps pending handshakes from one source IP.
+	// DefaultMaxPendingPerSource caps the silent pending handshakes from
+	// one source IP (a burst of real handshakes from one client pod is
+	// never capped: see listener/pending.go).
 	DefaultMaxPendingPerSource = 32
+	// pendingSilentAfter: a client that has sent no byte of its
+	// ClientHello this long after connecting counts as silent. Real
+	// clients send it at once; the margin covers a loaded client.
+	pendingSilentAfter = 250 * time.Millisecond
 )
 
 // ErrShutdown is the cause recorded for connections cut at the end of a drain.
@@ -377,6 +383,7 @@ func (p *Proxy) listen(addr string, d Direction) (*listener.Listener, error) {
 		// handleInbound calls Established once it is through.
 		opts.MaxPending = p.cfg.MaxPendingHandshakes
 		opts.MaxPendingPerSource = max(p.cfg.MaxPendingPerSource, 0)
+		opts.SilentAfter = pendingSilentAfter
 		opts.OnPendingEvicted = func() { p.m.Connections.With(dir, "pending_limit").Inc() }
 	}
 	return listener.New(l, opts), nil
