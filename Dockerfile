@@ -14,6 +14,9 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/ferry ./cmd/ferry
+# The sidecar image's second name for the binary, as a symlink (scratch has
+# no shell to make one, and a copy would double the image).
+RUN mkdir -p /out/alias/usr/local/bin && ln -s /ferry /out/alias/usr/local/bin/consul-dataplane
 
 FROM debian:bookworm-slim AS init
 RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
@@ -27,7 +30,7 @@ COPY --from=build /out/ferry /ferry
 # line) and probes native sidecars with /usr/local/bin/consul-dataplane, so
 # the binary answers to that name as well (Helm global.imageConsulDataplane).
 # No shell in this image: -addresses exec=... needs an image that has one.
-COPY --from=build /out/ferry /usr/local/bin/consul-dataplane
+COPY --from=build /out/alias/ /
 USER 5995:5995
 ENTRYPOINT ["/ferry"]
 CMD ["run"]

@@ -119,7 +119,7 @@ func TestAgentlessMesh(t *testing.T) {
 			TransparentProxy: &api.TransparentProxyConfig{OutboundListenerPort: 15002}}, nil); err != nil {
 			t.Fatal(err)
 		}
-		if err := fe.Sidecar.WaitOutput("outbound=127.0.0.1:15002", 15*time.Second); err != nil {
+		if err := fe.Sidecar.WaitOutput("outbound=[127.0.0.1:15002", 15*time.Second); err != nil {
 			t.Fatal(err)
 		}
 	})

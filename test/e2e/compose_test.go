@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -293,8 +294,20 @@ func checkSidecarImage(t *testing.T, ctx context.Context, d *dockerenv.Docker) {
 			files = append(files, n)
 		}
 	}
-	if len(files) != 1 || files[0] != "ferry" {
-		t.Errorf("sidecar image files = %v, want [ferry]", files)
+	// The binary, and its second name for consul-k8s (a symlink: see the
+	// Dockerfile).
+	want := []string{"ferry", "usr/", "usr/local/", "usr/local/bin/", "usr/local/bin/consul-dataplane"}
+	if !slices.Equal(files, want) {
+		t.Errorf("sidecar image files = %v, want %v", files, want)
+	}
+	verbose := testbed.MustCommand(t, "tar", "-tv")
+	verbose.Stdin = strings.NewReader(string(tarball))
+	long, err := verbose.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`usr/local/bin/consul-dataplane -> /ferry\n`).Match(long) {
+		t.Errorf("usr/local/bin/consul-dataplane is not a link to /ferry:\n%s", long)
 	}
 }
 
