@@ -14,6 +14,7 @@ import (
 
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/expose"
 	"github.com/ferrymesh/ferry/proxy/intentions"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
@@ -56,6 +57,9 @@ type Sidecar struct {
 	proxy *Proxy
 	view  *catalog.View
 	id    *mtls.Identity
+	// expose serves the registration's Expose.Paths (the kubelet's
+	// probes, rewritten by the injector to 2030x/2040x/2050x).
+	expose *expose.Server
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -95,6 +99,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 		cfg.Proxy.OwnSockets = NewOwnSockets()
 	}
 	s.proxy = New(cfg.Proxy)
+	s.expose = expose.New(expose.Config{Logger: log.Named("expose")})
 	src := catalog.ConsulSource{Client: cfg.Client}
 	var retryMax time.Duration // 0: the view's default
 	if _, ok := cfg.Registration.(CatalogRegistration); ok {
@@ -232,6 +237,11 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 	if err := s.proxy.Apply(eps); err != nil {
 		return err
 	}
+	// A port that cannot be opened is logged and retried on the next
+	// version; it must not take the data path down with it.
+	if err := s.expose.Apply(exposedPaths(svc)); err != nil {
+		s.log.Error("serving exposed paths", "error", err)
+	}
 	return s.proxy.SetUpstreams(s.upstreams(svc.Proxy.Upstreams))
 }
 
@@ -293,6 +303,7 @@ func (s *Sidecar) upstreams(ups []api.Upstream) []Upstream {
 func (s *Sidecar) Shutdown(ctx context.Context) error {
 	err := s.proxy.Shutdown(ctx)
 	s.closeOnce.Do(func() {
+		s.expose.Close()
 		s.router.Close()
 		s.cancel()
 		s.wg.Wait()
@@ -305,6 +316,17 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		s.view.Close()
 	})
 	return err
+}
+
+// exposedPaths are the registration's Expose.Paths, to the app at its
+// LocalServiceAddress (127.0.0.1 when unset, as Envoy's exposed clusters).
+func exposedPaths(svc *api.AgentService) []expose.Path {
+	var out []expose.Path
+	for _, p := range svc.Proxy.Expose.Paths {
+		out = append(out, expose.Path{ListenerPort: p.ListenerPort, Path: p.Path, LocalPathPort: p.LocalPathPort,
+			LocalAddress: svc.Proxy.LocalServiceAddress, Protocol: p.Protocol})
+	}
+	return out
 }
 
 func overrideEndpoints(e, o Endpoints) Endpoints {

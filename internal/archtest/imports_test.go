@@ -22,7 +22,7 @@ var rules = map[string][]string{
 	"cmd/ferry": {"dns", "proxy", "proxy/catalog", "proxy/intentions", "redirect", "listener", "mtls", "cni", "inject", "proxy/servers"},
 
 	// The sidecar: routing, the acceptors, the sidecar's wiring.
-	"proxy": {"listener", "mtls", "proxy/pump", "proxy/tunnel", "proxy/catalog", "proxy/intentions"},
+	"proxy": {"listener", "mtls", "proxy/pump", "proxy/tunnel", "proxy/catalog", "proxy/intentions", "proxy/expose"},
 	// Tunnels between sidecars: frames, the session pool, ALPN.
 	"proxy/tunnel": {"proxy/pump"},
 	// The byte mover, the mesh view: leaves.
@@ -31,6 +31,7 @@ var rules = map[string][]string{
 	"proxy/servers":    {},
 	"proxy/catalog":    {},
 	"proxy/intentions": {},
+	"proxy/expose":     {}, // Expose.Paths: plain-HTTP listeners for probes
 
 	// Leaves: the kernel, the network, TLS, DNS.
 	"listener": {},
