@@ -110,7 +110,7 @@ type Proxy struct {
 	// inboundDrained: DrainInbound closed the inbound listener (graceful
 	// shutdown); Apply does not reopen it.
 	inboundDrained bool
-	loopOnce  sync.Once // the misconfiguration behind a redirect loop is logged once
+	loopOnce       sync.Once // the misconfiguration behind a redirect loop is logged once
 
 	localApp atomic.Pointer[target]
 	router   atomic.Pointer[Router]
