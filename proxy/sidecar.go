@@ -16,6 +16,7 @@ import (
 	"github.com/ferrymesh/ferry/proxy/catalog"
 	"github.com/ferrymesh/ferry/proxy/expose"
 	"github.com/ferrymesh/ferry/proxy/intentions"
+	"github.com/ferrymesh/ferry/proxy/mergedmetrics"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 )
@@ -46,6 +47,12 @@ type SidecarConfig struct {
 	// DefaultIntentionPolicy, when set, is the decision when no intention
 	// matches; otherwise it comes from Consul (intentions.ConsulFetcher).
 	DefaultIntentionPolicy intentions.Policy
+	// PromScrapePath and PromServiceMetricsURL configure the merged
+	// metrics served on the registration's envoy_prometheus_bind_addr
+	// (consul-dataplane's -telemetry-prom-scrape-path and
+	// -telemetry-prom-service-metrics-url).
+	PromScrapePath        string
+	PromServiceMetricsURL string
 }
 
 // Sidecar is the whole sidecar: the data path plus the mesh view it routes
@@ -60,6 +67,9 @@ type Sidecar struct {
 	// expose serves the registration's Expose.Paths (the kubelet's
 	// probes, rewritten by the injector to 2030x/2040x/2050x).
 	expose *expose.Server
+	// merged serves ferry's and the app's metrics on
+	// envoy_prometheus_bind_addr.
+	merged *mergedmetrics.Server
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -100,6 +110,8 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	}
 	s.proxy = New(cfg.Proxy)
 	s.expose = expose.New(expose.Config{Logger: log.Named("expose")})
+	s.merged = mergedmetrics.NewServer(cfg.PromScrapePath, mergedmetrics.Config{
+		Own: s.proxy.Metrics().Set.WritePrometheus, ServiceURL: cfg.PromServiceMetricsURL}, log.Named("metrics"))
 	src := catalog.ConsulSource{Client: cfg.Client}
 	var retryMax time.Duration // 0: the view's default
 	if _, ok := cfg.Registration.(CatalogRegistration); ok {
@@ -242,6 +254,10 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 	if err := s.expose.Apply(exposedPaths(svc)); err != nil {
 		s.log.Error("serving exposed paths", "error", err)
 	}
+	promAddr, _ := svc.Proxy.Config["envoy_prometheus_bind_addr"].(string)
+	if err := s.merged.Apply(promAddr); err != nil {
+		s.log.Error("serving merged metrics", "error", err)
+	}
 	return s.proxy.SetUpstreams(s.upstreams(svc.Proxy.Upstreams))
 }
 
@@ -304,6 +320,7 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 	err := s.proxy.Shutdown(ctx)
 	s.closeOnce.Do(func() {
 		s.expose.Close()
+		s.merged.Close()
 		s.router.Close()
 		s.cancel()
 		s.wg.Wait()

@@ -186,9 +186,9 @@ func parseDataplane(args []string, getenv func(string) string, stderr io.Writer)
 	d.boolean(&dp.ShutdownDrainListeners, "shutdown-drain-listeners", "DP_SHUTDOWN_DRAIN_LISTENERS", false, "accepted: ferry always closes the inbound listener at the start of the grace period")
 	d.integer(&dp.ShutdownGracePeriod, "shutdown-grace-period-seconds", "DP_SHUTDOWN_GRACE_PERIOD_SECONDS", 0, "seconds outbound keeps serving after SIGTERM or the shutdown path (inbound closed); then -drain-timeout")
 	d.integer(&dp.StartupGracePeriod, "startup-grace-period-seconds", "DP_STARTUP_GRACE_PERIOD_SECONDS", 0, "seconds the startup path waits for ready")
-	d.str(&dp.PromScrapePath, "telemetry-prom-scrape-path", "DP_TELEMETRY_PROM_SCRAPE_PATH", "/metrics", "(not implemented yet)")
+	d.str(&dp.PromScrapePath, "telemetry-prom-scrape-path", "DP_TELEMETRY_PROM_SCRAPE_PATH", "/metrics", "path of the merged metrics on the registration's envoy_prometheus_bind_addr")
 	d.integer(&dp.PromMergePort, "telemetry-prom-merge-port", "DP_TELEMETRY_PROM_MERGE_PORT", 20100, "(not implemented yet)")
-	d.str(&dp.PromServiceMetricsURL, "telemetry-prom-service-metrics-url", "DP_TELEMETRY_PROM_SERVICE_METRICS_URL", "", "(not implemented yet)")
+	d.str(&dp.PromServiceMetricsURL, "telemetry-prom-service-metrics-url", "DP_TELEMETRY_PROM_SERVICE_METRICS_URL", "", "the app's metrics, merged into the scrape (failing: HTTP 500)")
 	d.str(&dp.PromRetention, "telemetry-prom-retention-time", "DP_TELEMETRY_PROM_RETENTION_TIME", "60s", "(not implemented yet)")
 	d.str(&dp.PromCACertsPath, "telemetry-prom-ca-certs-path", "DP_TELEMETRY_PROM_CA_CERTS_PATH", "", "(not implemented yet)")
 	d.str(&dp.PromCertFile, "telemetry-prom-cert-file", "DP_TELEMETRY_PROM_CERT_FILE", "", "(not implemented yet)")
@@ -241,6 +241,7 @@ func parseDataplane(args []string, getenv func(string) string, stderr io.Writer)
 		c.GracefulAddr = joinHostPort(dp.GracefulAddr, dp.GracefulPort)
 	}
 	c.CheckProxyHealth = dp.CheckProxyHealth
+	c.PromScrapePath, c.PromServiceMetricsURL = dp.PromScrapePath, dp.PromServiceMetricsURL
 	if dp.ConsulDNSBindPort > 0 {
 		c.DNSAddr = net.JoinHostPort(dp.ConsulDNSBindAddr, strconv.Itoa(dp.ConsulDNSBindPort))
 	} else {
@@ -309,8 +310,8 @@ func logDataplaneGaps(dp dataplaneConfig, log hclog.Logger) {
 		log.Info("consul-dataplane: Envoy-only arguments accepted and ignored", "args", strings.Join(dp.Ignored, " "))
 	}
 	var todo []string
-	if dp.PromServiceMetricsURL != "" || dp.PromCACertsPath != "" || dp.PromCertFile != "" {
-		todo = append(todo, "metrics merging (-telemetry-prom-*)")
+	if dp.PromCACertsPath != "" || dp.PromCertFile != "" || dp.PromKeyFile != "" {
+		todo = append(todo, "TLS on the merged metrics (-telemetry-prom-{ca-certs-path,cert-file,key-file})")
 	}
 	if dp.EnvoyReadyBindPort != 0 {
 		todo = append(todo, "-envoy-ready-bind-port")

@@ -61,6 +61,10 @@ type runConfig struct {
 	GracefulShutdownPath string
 	GracefulStartupPath  string
 	CheckProxyHealth     bool
+	// Merged metrics on the registration's envoy_prometheus_bind_addr
+	// (consul-dataplane's -telemetry-prom-*).
+	PromScrapePath        string
+	PromServiceMetricsURL string
 	// Agentless, when set, talks to Consul servers instead of a local
 	// agent (the consul-dataplane command line, dataplane.go).
 	Agentless *agentlessConfig
@@ -278,6 +282,8 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 		VirtualCIDRs:      cfg.VirtualCIDRs,
 		// Checked in parseRunFlags.
 		DefaultIntentionPolicy: intentions.Policy(cfg.DefaultPolicy),
+		PromScrapePath:         cfg.PromScrapePath,
+		PromServiceMetricsURL:  cfg.PromServiceMetricsURL,
 	})
 	if err != nil {
 		return fmt.Errorf("run: %w", err)
