@@ -102,6 +102,13 @@ func TestLifecyclePaths(t *testing.T) {
 	if rec.Code != 503 || time.Since(start) < 300*time.Millisecond {
 		t.Fatalf("startup before ready: %d after %v", rec.Code, time.Since(start))
 	}
+	cfg.StartupGracePeriod = 10 * time.Second
+	h = lc.server(cfg, func() error {
+		if ready.Load() {
+			return nil
+		}
+		return errors.New("catalog not loaded")
+	})
 	time.AfterFunc(200*time.Millisecond, func() { ready.Store(true) })
 	rec = httptest.NewRecorder()
 	h.ServeHTTP(rec, httptest.NewRequest("GET", "/graceful_startup", nil))
@@ -132,5 +139,29 @@ func TestDataplaneLifecycleMapping(t *testing.T) {
 		func(string) string { return "" }, io.Discard)
 	if err != nil || cfg.GracefulAddr != "" {
 		t.Fatalf("no lifecycle flags: listener %q, %v", cfg.GracefulAddr, err)
+	}
+}
+
+// The injector's sidecar runs `/ferry run` with consul-dataplane's
+// arguments: they are parsed as such, not refused as unknown run flags.
+func TestRunTakesDataplaneArgs(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want bool
+	}{
+		{[]string{"-addresses=consul", "-graceful-port=20600"}, true},
+		{[]string{"-graceful-port", "20600", "--addresses", "consul"}, true},
+		{[]string{"-proxy-id", "web-sidecar-proxy"}, false},
+		{[]string{"-proxy-id", "x", "--", "-addresses"}, false},
+	} {
+		if got := dataplaneArgs(tc.args); got != tc.want {
+			t.Errorf("dataplaneArgs(%q) = %v", tc.args, got)
+		}
+	}
+	// Parsed by the dataplane parser: its own usage error, not "flag
+	// provided but not defined: -addresses".
+	err := runRun([]string{"-addresses=consul", "-proxy-service-id=p"}, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "service-node-name") {
+		t.Fatalf("ferry run with consul-dataplane args: %v", err)
 	}
 }

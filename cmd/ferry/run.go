@@ -153,6 +153,10 @@ func validateRunConfig(c runConfig) error {
 }
 
 func runRun(args []string, stdout, stderr io.Writer) error {
+	if dataplaneArgs(args) {
+		// The injector runs `/ferry run` with consul-dataplane's arguments.
+		return runDataplane(args, stdout, stderr)
+	}
 	cfg, err := parseRunFlags(args, stderr)
 	if err != nil {
 		return err
@@ -405,4 +409,22 @@ func idleOrDisabled(d time.Duration) time.Duration {
 		return -1
 	}
 	return d
+}
+
+// dataplaneArgs reports whether args are consul-dataplane's command line
+// (-addresses, which ferry run's own flags do not have).
+func dataplaneArgs(args []string) bool {
+	for _, a := range args {
+		if a == "--" {
+			return false
+		}
+		name := strings.TrimLeft(a, "-")
+		if i := strings.IndexByte(name, '='); i >= 0 {
+			name = name[:i]
+		}
+		if strings.HasPrefix(a, "-") && name == "addresses" {
+			return true
+		}
+	}
+	return false
 }
