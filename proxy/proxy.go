@@ -107,7 +107,10 @@ type Proxy struct {
 	serveWG   sync.WaitGroup
 	checks    []namedCheck
 	draining  bool
-	loopOnce  sync.Once // the misconfiguration behind a redirect loop is logged once
+	// inboundDrained: DrainInbound closed the inbound listener (graceful
+	// shutdown); Apply does not reopen it.
+	inboundDrained bool
+	loopOnce       sync.Once // the misconfiguration behind a redirect loop is logged once
 
 	localApp atomic.Pointer[target]
 	router   atomic.Pointer[Router]
@@ -211,7 +214,7 @@ func (p *Proxy) Ready() error {
 	checks := p.checks
 	p.mu.Unlock()
 	switch {
-	case draining:
+	case draining || p.isInboundDrained():
 		return errors.New("draining")
 	case eps == nil:
 		return errors.New("proxy configuration not loaded")
@@ -257,7 +260,7 @@ func (p *Proxy) Apply(e Endpoints) error {
 	}
 	var newIn, newOut *listener.Listener
 	var err error
-	if p.endpoints == nil || p.endpoints.Inbound != e.Inbound {
+	if !p.inboundDrained && (p.endpoints == nil || p.endpoints.Inbound != e.Inbound) {
 		if newIn, err = p.listen(e.Inbound, Inbound); err != nil {
 			return err
 		}
@@ -422,6 +425,30 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	p.log.Warn("drain deadline reached, closed remaining connections", "connections", n)
 	return fmt.Errorf("drain: %w", context.Cause(ctx))
+}
+
+// DrainInbound starts a graceful shutdown as consul-dataplane's: the
+// inbound listener stops accepting (new inbound connections are refused,
+// established ones go on) and Ready turns to "draining", while outbound
+// and upstream listeners keep serving, so that the app can finish its
+// work through the mesh during the grace period. Shutdown ends it.
+func (p *Proxy) DrainInbound() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.inboundDrained {
+		return
+	}
+	p.inboundDrained = true
+	if p.inbound != nil {
+		p.inbound.Close() // stays in p.all: Shutdown waits for its connections
+	}
+	p.log.Info("inbound listener closed for graceful shutdown; outbound keeps serving")
+}
+
+func (p *Proxy) isInboundDrained() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.inboundDrained
 }
 
 // Close shuts down without draining.

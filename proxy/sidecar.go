@@ -14,7 +14,9 @@ import (
 
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/expose"
 	"github.com/ferrymesh/ferry/proxy/intentions"
+	"github.com/ferrymesh/ferry/proxy/mergedmetrics"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 )
@@ -45,6 +47,12 @@ type SidecarConfig struct {
 	// DefaultIntentionPolicy, when set, is the decision when no intention
 	// matches; otherwise it comes from Consul (intentions.ConsulFetcher).
 	DefaultIntentionPolicy intentions.Policy
+	// PromScrapePath and PromServiceMetricsURL configure the merged
+	// metrics served on the registration's envoy_prometheus_bind_addr
+	// (consul-dataplane's -telemetry-prom-scrape-path and
+	// -telemetry-prom-service-metrics-url).
+	PromScrapePath        string
+	PromServiceMetricsURL string
 }
 
 // Sidecar is the whole sidecar: the data path plus the mesh view it routes
@@ -56,6 +64,12 @@ type Sidecar struct {
 	proxy *Proxy
 	view  *catalog.View
 	id    *mtls.Identity
+	// expose serves the registration's Expose.Paths (the kubelet's
+	// probes, rewritten by the injector to 2030x/2040x/2050x).
+	expose *expose.Server
+	// merged serves ferry's and the app's metrics on
+	// envoy_prometheus_bind_addr.
+	merged *mergedmetrics.Server
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -95,6 +109,9 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 		cfg.Proxy.OwnSockets = NewOwnSockets()
 	}
 	s.proxy = New(cfg.Proxy)
+	s.expose = expose.New(expose.Config{Logger: log.Named("expose")})
+	s.merged = mergedmetrics.NewServer(cfg.PromScrapePath, mergedmetrics.Config{
+		Own: s.proxy.Metrics().Set.WritePrometheus, ServiceURL: cfg.PromServiceMetricsURL}, log.Named("metrics"))
 	src := catalog.ConsulSource{Client: cfg.Client}
 	var retryMax time.Duration // 0: the view's default
 	if _, ok := cfg.Registration.(CatalogRegistration); ok {
@@ -232,6 +249,15 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 	if err := s.proxy.Apply(eps); err != nil {
 		return err
 	}
+	// A port that cannot be opened is logged and retried on the next
+	// version; it must not take the data path down with it.
+	if err := s.expose.Apply(exposedPaths(svc)); err != nil {
+		s.log.Error("serving exposed paths", "error", err)
+	}
+	promAddr, _ := svc.Proxy.Config["envoy_prometheus_bind_addr"].(string)
+	if err := s.merged.Apply(promAddr); err != nil {
+		s.log.Error("serving merged metrics", "error", err)
+	}
 	return s.proxy.SetUpstreams(s.upstreams(svc.Proxy.Upstreams))
 }
 
@@ -293,6 +319,8 @@ func (s *Sidecar) upstreams(ups []api.Upstream) []Upstream {
 func (s *Sidecar) Shutdown(ctx context.Context) error {
 	err := s.proxy.Shutdown(ctx)
 	s.closeOnce.Do(func() {
+		s.expose.Close()
+		s.merged.Close()
 		s.router.Close()
 		s.cancel()
 		s.wg.Wait()
@@ -305,6 +333,17 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		s.view.Close()
 	})
 	return err
+}
+
+// exposedPaths are the registration's Expose.Paths, to the app at its
+// LocalServiceAddress (127.0.0.1 when unset, as Envoy's exposed clusters).
+func exposedPaths(svc *api.AgentService) []expose.Path {
+	var out []expose.Path
+	for _, p := range svc.Proxy.Expose.Paths {
+		out = append(out, expose.Path{ListenerPort: p.ListenerPort, Path: p.Path, LocalPathPort: p.LocalPathPort,
+			LocalAddress: svc.Proxy.LocalServiceAddress, Protocol: p.Protocol})
+	}
+	return out
 }
 
 func overrideEndpoints(e, o Endpoints) Endpoints {

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 )
@@ -178,21 +179,21 @@ func parseDataplane(args []string, getenv func(string) string, stderr io.Writer)
 	d.str(&dp.EnvoyReadyBindAddr, "envoy-ready-bind-address", "DP_ENVOY_READY_BIND_ADDRESS", "", "readiness listener address (not implemented yet)")
 	d.integer(&dp.EnvoyReadyBindPort, "envoy-ready-bind-port", "DP_ENVOY_READY_BIND_PORT", 0, "readiness listener port (not implemented yet)")
 
-	d.str(&dp.GracefulAddr, "graceful-addr", "DP_GRACEFUL_ADDR", "127.0.0.1", "lifecycle endpoint address (not implemented yet)")
-	d.integer(&dp.GracefulPort, "graceful-port", "DP_GRACEFUL_PORT", 20300, "lifecycle endpoint port (not implemented yet)")
-	d.str(&dp.GracefulShutdownPath, "graceful-shutdown-path", "DP_GRACEFUL_SHUTDOWN_PATH", "/graceful_shutdown", "(not implemented yet)")
-	d.str(&dp.GracefulStartupPath, "graceful-startup-path", "DP_GRACEFUL_STARTUP_PATH", "/graceful_startup", "(not implemented yet)")
-	d.boolean(&dp.ShutdownDrainListeners, "shutdown-drain-listeners", "DP_SHUTDOWN_DRAIN_LISTENERS", false, "(not implemented yet)")
-	d.integer(&dp.ShutdownGracePeriod, "shutdown-grace-period-seconds", "DP_SHUTDOWN_GRACE_PERIOD_SECONDS", 0, "(not implemented yet)")
-	d.integer(&dp.StartupGracePeriod, "startup-grace-period-seconds", "DP_STARTUP_GRACE_PERIOD_SECONDS", 0, "(not implemented yet)")
-	d.str(&dp.PromScrapePath, "telemetry-prom-scrape-path", "DP_TELEMETRY_PROM_SCRAPE_PATH", "/metrics", "(not implemented yet)")
+	d.str(&dp.GracefulAddr, "graceful-addr", "DP_GRACEFUL_ADDR", "127.0.0.1", "lifecycle endpoint address")
+	d.integer(&dp.GracefulPort, "graceful-port", "DP_GRACEFUL_PORT", 20300, "lifecycle endpoint port (opened when a lifecycle flag is given)")
+	d.str(&dp.GracefulShutdownPath, "graceful-shutdown-path", "DP_GRACEFUL_SHUTDOWN_PATH", "/graceful_shutdown", "lifecycle path: close inbound, keep outbound for the grace period, then exit")
+	d.str(&dp.GracefulStartupPath, "graceful-startup-path", "DP_GRACEFUL_STARTUP_PATH", "/graceful_startup", "lifecycle path: answers 200 once ready (503 after the startup grace period)")
+	d.boolean(&dp.ShutdownDrainListeners, "shutdown-drain-listeners", "DP_SHUTDOWN_DRAIN_LISTENERS", false, "accepted: ferry always closes the inbound listener at the start of the grace period")
+	d.integer(&dp.ShutdownGracePeriod, "shutdown-grace-period-seconds", "DP_SHUTDOWN_GRACE_PERIOD_SECONDS", 0, "seconds outbound keeps serving after SIGTERM or the shutdown path (inbound closed); then -drain-timeout")
+	d.integer(&dp.StartupGracePeriod, "startup-grace-period-seconds", "DP_STARTUP_GRACE_PERIOD_SECONDS", 0, "seconds the startup path waits for ready")
+	d.str(&dp.PromScrapePath, "telemetry-prom-scrape-path", "DP_TELEMETRY_PROM_SCRAPE_PATH", "/metrics", "path of the merged metrics on the registration's envoy_prometheus_bind_addr")
 	d.integer(&dp.PromMergePort, "telemetry-prom-merge-port", "DP_TELEMETRY_PROM_MERGE_PORT", 20100, "(not implemented yet)")
-	d.str(&dp.PromServiceMetricsURL, "telemetry-prom-service-metrics-url", "DP_TELEMETRY_PROM_SERVICE_METRICS_URL", "", "(not implemented yet)")
+	d.str(&dp.PromServiceMetricsURL, "telemetry-prom-service-metrics-url", "DP_TELEMETRY_PROM_SERVICE_METRICS_URL", "", "the app's metrics, merged into the scrape (failing: HTTP 500)")
 	d.str(&dp.PromRetention, "telemetry-prom-retention-time", "DP_TELEMETRY_PROM_RETENTION_TIME", "60s", "(not implemented yet)")
 	d.str(&dp.PromCACertsPath, "telemetry-prom-ca-certs-path", "DP_TELEMETRY_PROM_CA_CERTS_PATH", "", "(not implemented yet)")
 	d.str(&dp.PromCertFile, "telemetry-prom-cert-file", "DP_TELEMETRY_PROM_CERT_FILE", "", "(not implemented yet)")
 	d.str(&dp.PromKeyFile, "telemetry-prom-key-file", "DP_TELEMETRY_PROM_KEY_FILE", "", "(not implemented yet)")
-	fs.BoolVar(&dp.CheckProxyHealth, "check-proxy-health", false, "probe the admin /ready and exit (not implemented yet)")
+	fs.BoolVar(&dp.CheckProxyHealth, "check-proxy-health", false, "GET the admin /ready (3 s timeout) and exit 0 only if ready")
 
 	var ignored []string
 	for name, isBool := range envoyOnly {
@@ -230,6 +231,17 @@ func parseDataplane(args []string, getenv func(string) string, stderr io.Writer)
 	}
 
 	c.AdminAddr = net.JoinHostPort(dp.EnvoyAdminBindAddr, strconv.Itoa(dp.EnvoyAdminBindPort))
+	// Lifecycle (lifecycle.go). The listener opens only when a lifecycle
+	// flag is given: consul-k8s then passes -graceful-port=20600, and the
+	// bare default 20300 is the first liveness probe's Expose port.
+	c.ShutdownGracePeriod = time.Duration(dp.ShutdownGracePeriod) * time.Second
+	c.StartupGracePeriod = time.Duration(dp.StartupGracePeriod) * time.Second
+	c.GracefulShutdownPath, c.GracefulStartupPath = dp.GracefulShutdownPath, dp.GracefulStartupPath
+	if dp.GracefulPort != 20300 || dp.ShutdownDrainListeners || dp.ShutdownGracePeriod > 0 || dp.StartupGracePeriod > 0 {
+		c.GracefulAddr = joinHostPort(dp.GracefulAddr, dp.GracefulPort)
+	}
+	c.CheckProxyHealth = dp.CheckProxyHealth
+	c.PromScrapePath, c.PromServiceMetricsURL = dp.PromScrapePath, dp.PromServiceMetricsURL
 	if dp.ConsulDNSBindPort > 0 {
 		c.DNSAddr = net.JoinHostPort(dp.ConsulDNSBindAddr, strconv.Itoa(dp.ConsulDNSBindPort))
 	} else {
@@ -283,7 +295,7 @@ func runDataplane(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	if dp.CheckProxyHealth {
-		return notImplemented("-check-proxy-health")
+		return checkProxyHealth(cfg.AdminAddr)
 	}
 	log := hclog.New(&hclog.LoggerOptions{Name: "ferry", Level: hclog.LevelFromString(cfg.LogLevel), Output: stderr,
 		JSONFormat: cfg.LogJSON})
@@ -298,11 +310,8 @@ func logDataplaneGaps(dp dataplaneConfig, log hclog.Logger) {
 		log.Info("consul-dataplane: Envoy-only arguments accepted and ignored", "args", strings.Join(dp.Ignored, " "))
 	}
 	var todo []string
-	if dp.GracefulPort != 20300 || dp.ShutdownDrainListeners || dp.ShutdownGracePeriod > 0 || dp.StartupGracePeriod > 0 {
-		todo = append(todo, "lifecycle (-graceful-*, -shutdown-*, -startup-*)")
-	}
-	if dp.PromServiceMetricsURL != "" || dp.PromCACertsPath != "" || dp.PromCertFile != "" {
-		todo = append(todo, "metrics merging (-telemetry-prom-*)")
+	if dp.PromCACertsPath != "" || dp.PromCertFile != "" || dp.PromKeyFile != "" {
+		todo = append(todo, "TLS on the merged metrics (-telemetry-prom-{ca-certs-path,cert-file,key-file})")
 	}
 	if dp.EnvoyReadyBindPort != 0 {
 		todo = append(todo, "-envoy-ready-bind-port")

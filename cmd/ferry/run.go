@@ -52,6 +52,19 @@ type runConfig struct {
 	ConsulDNSMore       []string // agentless: the servers' DNS
 	DefaultPolicy       string
 	LogJSON             bool
+	// Lifecycle (consul-dataplane's, lifecycle.go): the shutdown grace
+	// period (inbound closed, outbound serving) before the drain, the
+	// lifecycle listener ("" = none) and its paths.
+	ShutdownGracePeriod  time.Duration
+	StartupGracePeriod   time.Duration
+	GracefulAddr         string
+	GracefulShutdownPath string
+	GracefulStartupPath  string
+	CheckProxyHealth     bool
+	// Merged metrics on the registration's envoy_prometheus_bind_addr
+	// (consul-dataplane's -telemetry-prom-*).
+	PromScrapePath        string
+	PromServiceMetricsURL string
 	// Agentless, when set, talks to Consul servers instead of a local
 	// agent (the consul-dataplane command line, dataplane.go).
 	Agentless *agentlessConfig
@@ -62,6 +75,13 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	addRunFlags(fs, &c)
+	// The consul-dataplane command line has its own spelling of these.
+	fs.DurationVar(&c.ShutdownGracePeriod, "shutdown-grace-period", 0, "on SIGTERM or the lifecycle shutdown path, close the inbound listener at once but keep outbound serving this long, then drain for -drain-timeout (consul-dataplane's -shutdown-grace-period-seconds)")
+	fs.DurationVar(&c.StartupGracePeriod, "startup-grace-period", 0, "how long the lifecycle startup path waits for ready")
+	fs.StringVar(&c.GracefulAddr, "graceful-addr", "", "lifecycle HTTP address (e.g. 127.0.0.1:20600) serving -graceful-shutdown-path and -graceful-startup-path (empty disables)")
+	fs.StringVar(&c.GracefulShutdownPath, "graceful-shutdown-path", "/graceful_shutdown", "lifecycle path that starts the graceful shutdown")
+	fs.StringVar(&c.GracefulStartupPath, "graceful-startup-path", "/graceful_startup", "lifecycle path that answers once ready (or 503 after -startup-grace-period)")
+	fs.BoolVar(&c.CheckProxyHealth, "check-proxy-health", false, "GET the admin /ready of a running ferry (-admin-addr, 3 s timeout) and exit 0 only if it is ready")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return c, &exitError{code: 0, err: errHelp}
@@ -71,6 +91,8 @@ func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
 	switch {
 	case fs.NArg() > 0:
 		return c, usageError("run: unexpected arguments %q", fs.Args())
+	case c.CheckProxyHealth:
+		return c, nil // the injector's startupProbe: only -admin-addr matters
 	case c.ProxyID == "" && c.SidecarFor == "":
 		return c, usageError("run: one of -proxy-id or -sidecar-for is required")
 	case c.ProxyID != "" && c.SidecarFor != "":
@@ -119,7 +141,7 @@ func validateRunConfig(c runConfig) error {
 		return usageError("run: -connect-timeout must be > 0")
 	case c.HandshakeTimeout <= 0:
 		return usageError("run: -handshake-timeout must be > 0")
-	case c.IdleTimeout < 0 || c.DrainTimeout < 0:
+	case c.IdleTimeout < 0 || c.DrainTimeout < 0 || c.ShutdownGracePeriod < 0 || c.StartupGracePeriod < 0:
 		return usageError("run: timeouts must be >= 0")
 	case hclog.LevelFromString(c.LogLevel) == hclog.NoLevel:
 		return usageError("run: unknown -log-level %q", c.LogLevel)
@@ -131,9 +153,16 @@ func validateRunConfig(c runConfig) error {
 }
 
 func runRun(args []string, stdout, stderr io.Writer) error {
+	if dataplaneArgs(args) {
+		// The injector runs `/ferry run` with consul-dataplane's arguments.
+		return runDataplane(args, stdout, stderr)
+	}
 	cfg, err := parseRunFlags(args, stderr)
 	if err != nil {
 		return err
+	}
+	if cfg.CheckProxyHealth {
+		return checkProxyHealth(cfg.AdminAddr)
 	}
 	return startRun(cfg, stderr)
 }
@@ -162,6 +191,7 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		reg    proxy.Registration
 		id     string
 		late   *lateAdmin
+		lc     = newLifecycle()
 	)
 	if cfg.Agentless != nil {
 		// Agentless: the admin listener comes first, so that /ready says
@@ -171,7 +201,7 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 			return fmt.Errorf("run: %w", err)
 		}
 		late = &lateAdmin{pre: srv.readyErr, extra: srv}
-		admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(late.Ready, late), log.Named("admin"))
+		admin, err := proxy.StartAdmin(cfg.AdminAddr, lc.admin(proxy.AdminHandler(late.Ready, late)), log.Named("admin"))
 		if err != nil {
 			return fmt.Errorf("run: %w", err)
 		}
@@ -195,7 +225,7 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		}
 		reg = proxy.AgentRegistration{Agent: client.Agent(), ID: id}
 	}
-	return serve(cfg, log, sigs, client, reg, id, late)
+	return serve(cfg, log, sigs, client, reg, id, late, lc)
 }
 
 // agentClient is the local agent's client and the proxy's ID (nil client:
@@ -235,7 +265,7 @@ func agentClient(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) (*api.C
 // serve runs the sidecar for reg until a signal, then drains. late, when
 // set, is the admin listener already up (agentless); otherwise serve
 // starts it.
-func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.Client, reg proxy.Registration, id string, late *lateAdmin) error {
+func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.Client, reg proxy.Registration, id string, late *lateAdmin, lc *lifecycle) error {
 	log = log.With("proxy_id", id)
 
 	sc, err := proxy.StartSidecar(proxy.SidecarConfig{
@@ -256,6 +286,8 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 		VirtualCIDRs:      cfg.VirtualCIDRs,
 		// Checked in parseRunFlags.
 		DefaultIntentionPolicy: intentions.Policy(cfg.DefaultPolicy),
+		PromScrapePath:         cfg.PromScrapePath,
+		PromServiceMetricsURL:  cfg.PromServiceMetricsURL,
 	})
 	if err != nil {
 		return fmt.Errorf("run: %w", err)
@@ -273,7 +305,7 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 	if late != nil {
 		late.set(p)
 	} else {
-		admin, err := proxy.StartAdmin(cfg.AdminAddr, proxy.AdminHandler(p.Ready, p.Metrics().Set), log.Named("admin"))
+		admin, err := proxy.StartAdmin(cfg.AdminAddr, lc.admin(proxy.AdminHandler(p.Ready, p.Metrics().Set)), log.Named("admin"))
 		if err != nil {
 			sc.Shutdown(canceledContext())
 			return fmt.Errorf("run: %w", err)
@@ -282,12 +314,44 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 		log.Info("admin listening", "addr", admin.Addr())
 	}
 
+	lca, err := lc.start(cfg, p.Ready, log.Named("lifecycle"))
+	if err != nil {
+		sc.Shutdown(canceledContext())
+		return fmt.Errorf("run: %w", err)
+	}
+	if lca != nil {
+		defer lca.Close()
+	}
+
 	var runErr error
+	graceful := false
 	select {
 	case sig := <-sigs:
-		log.Info("signal received, draining", "signal", sig, "drain_timeout", cfg.DrainTimeout)
+		log.Info("signal received, shutting down", "signal", sig, "grace_period", cfg.ShutdownGracePeriod, "drain_timeout", cfg.DrainTimeout)
+		graceful = true
+	case <-lc.shutdown:
+		log.Info("graceful shutdown requested", "grace_period", cfg.ShutdownGracePeriod, "drain_timeout", cfg.DrainTimeout)
+		graceful = true
+	case <-lc.quit:
+		log.Info("quitquitquit: exiting now")
+		sc.Shutdown(canceledContext())
+		return nil
 	case runErr = <-sc.Fatal():
 		log.Error("cannot serve the proxy registration", "error", runErr)
+	}
+	if graceful && cfg.ShutdownGracePeriod > 0 {
+		// Inbound stops taking connections; outbound keeps serving so
+		// that the app can finish its work through the mesh.
+		p.DrainInbound()
+		select {
+		case <-time.After(cfg.ShutdownGracePeriod):
+		case sig := <-sigs:
+			log.Warn("second signal, ending the grace period", "signal", sig)
+		case <-lc.quit:
+			log.Info("quitquitquit: exiting now")
+			sc.Shutdown(canceledContext())
+			return nil
+		}
 	}
 
 	dctx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
@@ -345,4 +409,22 @@ func idleOrDisabled(d time.Duration) time.Duration {
 		return -1
 	}
 	return d
+}
+
+// dataplaneArgs reports whether args are consul-dataplane's command line
+// (-addresses, which ferry run's own flags do not have).
+func dataplaneArgs(args []string) bool {
+	for _, a := range args {
+		if a == "--" {
+			return false
+		}
+		name := strings.TrimLeft(a, "-")
+		if i := strings.IndexByte(name, '='); i >= 0 {
+			name = name[:i]
+		}
+		if strings.HasPrefix(a, "-") && name == "addresses" {
+			return true
+		}
+	}
+	return false
 }

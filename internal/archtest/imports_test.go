@@ -22,15 +22,17 @@ var rules = map[string][]string{
 	"cmd/ferry": {"dns", "proxy", "proxy/catalog", "proxy/intentions", "redirect", "listener", "mtls", "cni", "inject", "proxy/servers"},
 
 	// The sidecar: routing, the acceptors, the sidecar's wiring.
-	"proxy": {"listener", "mtls", "proxy/pump", "proxy/tunnel", "proxy/catalog", "proxy/intentions"},
+	"proxy": {"listener", "mtls", "proxy/pump", "proxy/tunnel", "proxy/catalog", "proxy/intentions", "proxy/expose", "proxy/mergedmetrics"},
 	// Tunnels between sidecars: frames, the session pool, ALPN.
 	"proxy/tunnel": {"proxy/pump"},
 	// The byte mover, the mesh view: leaves.
 	"proxy/pump": {},
 	// Agentless mode: the Consul servers, failover, ACL login.
-	"proxy/servers":    {},
-	"proxy/catalog":    {},
-	"proxy/intentions": {},
+	"proxy/servers":       {},
+	"proxy/catalog":       {},
+	"proxy/intentions":    {},
+	"proxy/expose":        {}, // Expose.Paths: plain-HTTP listeners for probes
+	"proxy/mergedmetrics": {}, // envoy_prometheus_bind_addr: ferry's and the app's metrics merged
 
 	// Leaves: the kernel, the network, TLS, DNS.
 	"listener": {},

@@ -33,6 +33,8 @@ type Service struct {
 	// Native registers a connect-native service (its app speaks mTLS on
 	// Port at the pod's address) and no sidecar.
 	Native bool
+	// Expose goes on the sidecar (Expose.Paths: the probes' listeners).
+	Expose api.ExposeConfig
 }
 
 // Registered names what Register created.
@@ -97,6 +99,7 @@ func (tb *Testbed) RegisterService(s Service) (Registered, error) {
 			TransparentProxy:       &api.TransparentProxyConfig{DialedDirectly: s.DialedDirectly},
 			Upstreams:              s.Upstreams,
 			Config:                 s.ProxyConfig,
+			Expose:                 s.Expose,
 		},
 	})
 	if err != nil {

@@ -1,0 +1,110 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/test/testbed"
+	"github.com/hashicorp/consul/api"
+	"golang.org/x/sys/unix"
+)
+
+// Issue 15: the kubelet's HTTP probes, rewritten by the injector to an
+// Expose.Paths listener (20300), reach an app whose own port only takes
+// mTLS (transparent proxy). The "kubelet" is a plain HTTP client in a pod
+// outside the mesh.
+func TestExposedPathProbe(t *testing.T) {
+	testbed.RequireRoot(t)
+	tb := testbed.New(t)
+	app := tb.AddPod(t, "app")
+	kubelet := tb.AddPod(t, "kubelet")
+	r := tb.Register(t, testbed.Service{Name: "app", Pod: app, Port: mtAppPort,
+		Expose: api.ExposeConfig{Paths: []api.ExposePath{{ListenerPort: 20300, Path: "/healthz", LocalPathPort: mtAppPort}}}})
+	ln := meshListenIn(t, app, fmt.Sprintf(":%d", mtAppPort))
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "app %s %s?%s", r.Method, r.URL.Path, r.URL.RawQuery)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	meshSidecar(t, app, r.ProxyID)
+
+	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return meshDialIn(kubelet, addr, 5*time.Second)
+	}}
+	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	get := func(u string) (int, string, error) {
+		resp, err := c.Get(u)
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), nil
+	}
+	ip := app.IP.String()
+	code, body, err := get("http://" + ip + ":20300/healthz?probe=liveness")
+	if err != nil || code != 200 || body != "app GET /healthz?probe=liveness" {
+		t.Fatalf("probe through 20300: %d %q %v", code, body, err)
+	}
+	if code, _, err := get("http://" + ip + ":20300/other"); err != nil || code != 404 {
+		t.Fatalf("other path on 20300: %d %v, want 404", code, err)
+	}
+	// The app's own port is redirected to the mTLS inbound: plain HTTP fails.
+	if code, body, err := get(fmt.Sprintf("http://%s:%d/healthz", ip, mtAppPort)); err == nil {
+		t.Fatalf("plain HTTP to the app's port answered: %d %q", code, body)
+	} else if strings.Contains(body, "app ") {
+		t.Fatal("reached the app")
+	}
+}
+
+// meshListenIn opens a TCP listener inside pod's network namespace; it
+// stays there after the thread returns to the test's namespace.
+func meshListenIn(t *testing.T, pod *testbed.Pod, addr string) net.Listener {
+	t.Helper()
+	type result struct {
+		ln  net.Listener
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer orig.Close()
+		f, err := os.Open(pod.NSPath)
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{err: fmt.Errorf("setns %s: %w", pod.NS, err)}
+			return
+		}
+		ln, err := net.Listen("tcp", addr)
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		ch <- result{ln, err}
+	}()
+	r := <-ch
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { r.ln.Close() })
+	return r.ln
+}
