@@ -226,6 +226,10 @@ func (e *env) probe() error {
 			return nil
 		}
 		last = fmt.Errorf("probe: %+v %v", r, err)
+		if r.Truncated+r.Corrupt > 0 {
+			// Not a sidecar still starting: data was lost or altered.
+			return last
+		}
 		time.Sleep(200 * time.Millisecond)
 	}
 	return last

@@ -82,7 +82,7 @@ func paramsFor(quick bool) params {
 			FDLimit: 256, FDConns: 300, Slowloris: 300, SlowReaders: 20, Hold: 4 * time.Second, Hostile: 60, Sample: time.Second}
 	}
 	return params{Mode: "full", Conns: 9500, Idle: 30 * time.Second, Churn: 4 * time.Minute, Gap: 15 * time.Second,
-		FDLimit: 512, FDConns: 1000, Slowloris: 3000, SlowReaders: 200, Hold: 15 * time.Second, Hostile: 1000, Sample: time.Second}
+		FDLimit: 512, FDConns: 1000, Slowloris: 3000, SlowReaders: 200, Hold: 15 * time.Second, Hostile: 500, Sample: time.Second}
 }
 
 func harnessMain(args []string) error {
