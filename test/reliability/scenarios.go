@@ -484,6 +484,7 @@ func (e *env) faults(p params) *scenario {
 		if err != nil {
 			s.failf("%v", err)
 		}
+		detail := fmt.Sprintf("SIGKILL %s: the 4 client app streams ended: %d reset, %d truncated (clean EOF), %d stalled, %d other; %s bytes verified before", victim.name, res.Reset, res.Truncated, res.Stalled, res.Other, bytesStr(res.BytesVerified))
 		if victim == e.fcli && res.Truncated > 0 {
 			// Known defect, not the harness's to fail on until it is
 			// fixed: see killTruncation.
@@ -492,7 +493,7 @@ func (e *env) faults(p params) *scenario {
 			res.Truncated = 0
 		}
 		s.count(res)
-		s.detailf("SIGKILL %s: the 4 client app streams ended: %d reset, %d truncated (clean EOF), %d stalled, %d other; %s bytes verified before", victim.name, res.Reset, res.Truncated, res.Stalled, res.Other, bytesStr(res.BytesVerified))
+		s.detailf("%s", detail)
 		if res.Reset+res.Truncated != 4 {
 			s.failf("SIGKILL %s: %d of 4 client app streams saw a reset (%v)", victim.name, res.Reset, res.Errors)
 		}
@@ -622,7 +623,11 @@ func (e *env) hostileInput(p params) *scenario {
 		}
 		s.detailf("%s → %s: %d attempts, %s sent; ferry answered %d, closed/reset %d, said nothing for 2 s %d, refused %d%s", r.kind, r.addr, hr.Attempts, bytesStr(hr.BytesSent), hr.Answered, hr.Closed, hr.TimedOut, hr.Refused, status)
 		if hr.Refused > 0 && !strings.HasPrefix(r.kind, "tls-") {
-			s.Findings = append(s.Findings, fmt.Sprintf("%s: %d of %d connections refused (first: %s)", r.kind, hr.Refused, hr.Attempts, hr.FirstErr))
+			why := ""
+			if r.addr == outboundAddr {
+				why = "; ferry resets a connection to its own outbound port as soon as it accepts it (not redirected), and some resets land before the dialer has seen its connect complete"
+			}
+			s.Findings = append(s.Findings, fmt.Sprintf("%s → %s: %d of %d connections failed at connect (first: %s)%s", r.kind, r.addr, hr.Refused, hr.Attempts, hr.FirstErr, why))
 		}
 		for _, sc := range []*sidecar{e.fcli, e.fsrv} {
 			if !sc.stat(e.sampler.t0).Alive {
