@@ -131,6 +131,10 @@ func (l *Listener) Active() int { return int(l.active.Load()) }
 func (l *Listener) Serve(h Handler) error {
 	defer l.stopped.Store(true)
 	backoff := time.Duration(0)
+	// Out of fds, accept fails again as soon as a connection freed one was
+	// taken: one line per failure would be hundreds a second.
+	var lastLog time.Time
+	suppressed := 0
 	for {
 		c, err := l.ln.AcceptTCP()
 		if err != nil {
@@ -141,7 +145,12 @@ func (l *Listener) Serve(h Handler) error {
 				return fmt.Errorf("accept on %s: %w", l.ln.Addr(), err)
 			}
 			backoff = NextBackoff(backoff)
-			l.log.Warn("accept error, backing off", "error", err, "backoff", backoff)
+			if now := time.Now(); now.Sub(lastLog) >= time.Second {
+				l.log.Warn("accept error, backing off", "error", err, "backoff", backoff, "suppressed_since_last", suppressed)
+				lastLog, suppressed = now, 0
+			} else {
+				suppressed++
+			}
 			if l.opts.OnAcceptError != nil {
 				l.opts.OnAcceptError(err)
 			}

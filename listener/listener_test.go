@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/internal/testkit"
+	"github.com/hashicorp/go-hclog"
 )
 
 func TestNextBackoff(t *testing.T) {
@@ -137,6 +139,48 @@ func TestServeBacksOffOnTemporaryErrors(t *testing.T) {
 	if fmt.Sprint(slept) != fmt.Sprint(want) || errs.Load() != 4 {
 		t.Fatalf("backoffs %v (%d errors), want %v", slept, errs.Load(), want)
 	}
+}
+
+// At the fd limit accept fails again and again; the log gets one line a
+// second (with the count left out), not one per failure.
+func TestServeAcceptErrorsLoggedOncePerSecond(t *testing.T) {
+	testkit.CheckLeaks(t)
+	fa := &flakyAcceptor{TCPListener: listen(t), n: 50, err: &net.OpError{Op: "accept", Err: syscall.EMFILE}}
+	var buf syncBuf
+	l := New(fa, Options{Logger: hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Warn})})
+	l.sleep = func(time.Duration) {}
+	serve(t, l, echoOnce)
+	c, err := net.Dial("tcp", fa.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("hi"))
+	c.(*net.TCPConn).CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(c); err != nil || string(b) != "hi" {
+		t.Fatalf("echo after errors: %q, %v", b, err)
+	}
+	if n := strings.Count(buf.String(), "accept error"); n != 1 {
+		t.Fatalf("%d accept error lines for 50 failures within a second, want 1:\n%s", n, buf.String())
+	}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 func TestServeStopsOnPermanentError(t *testing.T) {
