@@ -105,6 +105,9 @@ func Start(ctx context.Context, root string, logf func(string, ...any)) (*Docker
 		return nil, err
 	}
 	logPath := filepath.Join(root, ".cache", "docker", "dockerd.log")
+	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
+		return nil, err
+	}
 	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, err

@@ -87,7 +87,11 @@ func buildApp(ctx context.Context, root string) (string, error) {
 // buildFromBinary builds an image from a context holding only one binary,
 // as name (hard-linked when it can be, so Consul's 150 MB are not copied).
 func (d *Docker) buildFromBinary(ctx context.Context, tag, dockerfile, binary, name string) error {
-	dir, err := os.MkdirTemp(filepath.Join(d.Root, ".cache", "docker"), "ctx-")
+	parent := filepath.Join(d.Root, ".cache", "docker")
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp(parent, "ctx-")
 	if err != nil {
 		return err
 	}
