@@ -205,11 +205,13 @@ func TestAgentlessLogin(t *testing.T) {
 	m.c.SetIntention(t, "frontend", "backend", api.IntentionActionDeny)
 	meshPoll(t, "deny after re-login", 15*time.Second, func() bool { return connect() != nil })
 
-	// SIGTERM: ferry logs out, leaving no token behind.
+	// SIGTERM: ferry logs out, leaving no token behind. consul-k8s's
+	// arguments turn lifecycle on with a 30 s shutdown grace period, in
+	// which outbound keeps working: the exit (and the logout) follows it.
 	if err := fe.Sidecar.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if err := fe.Sidecar.Wait(30 * time.Second); err != nil {
+	if err := fe.Sidecar.Wait(60 * time.Second); err != nil {
 		t.Fatalf("sidecar after SIGTERM: %v\n%s", err, fe.Sidecar.Output())
 	}
 	if toks := alTokens(t, m, fe); len(toks) != 0 {
