@@ -144,26 +144,10 @@ func resolve(cfg Config, s settings) (*plan, error) {
 	return p, nil
 }
 
-// redirectJSON is sdk/iptables Config as consul-k8s marshals it (no JSON
-// tags, so the Go field names, in declaration order).
-type redirectJSON struct {
-	ConsulDNSIP          string
-	ConsulDNSPort        int
-	ProxyUserID          string
-	ProxyInboundPort     int
-	ProxyOutboundPort    int
-	ExcludeInboundPorts  []string
-	ExcludeOutboundPorts []string
-	ExcludeOutboundCIDRs []string
-	ExcludeUIDs          []string
-	NetNS                string
-	IptablesProvider     any
-}
-
 // redirectConfig is consul-k8s's iptablesConfigJSON for the pod as it is
 // before the sidecar joins it, validated by ferry redirect's own parser.
 func (p *plan) redirectConfig(pod *corev1.Pod) (string, error) {
-	c := redirectJSON{
+	c := redirect.ConsulJSON{
 		ProxyUserID:       strconv.FormatInt(sidecarUID, 10),
 		ProxyInboundPort:  inboundPort,
 		ProxyOutboundPort: outboundPort,

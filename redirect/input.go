@@ -137,9 +137,10 @@ func ApplyAnnotations(c *Config, ann map[string]string) (enabled bool, err error
 	return enabled, errors.Join(errs...)
 }
 
-// consulJSON mirrors sdk/iptables Config as consul-k8s marshals it: no
-// JSON tags, so the keys are the Go field names.
-type consulJSON struct {
+// ConsulJSON mirrors sdk/iptables Config as consul-k8s marshals it: no
+// JSON tags, so the keys are the Go field names. ferry inject writes it
+// with this same type, so the writer and ParseConsulJSON cannot drift.
+type ConsulJSON struct {
 	ConsulDNSIP          string
 	ConsulDNSPort        int
 	ProxyUserID          string
@@ -160,7 +161,7 @@ type consulJSON struct {
 func ParseConsulJSON(data []byte) (c Config, netns string, err error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
-	var j consulJSON
+	var j ConsulJSON
 	if err := dec.Decode(&j); err != nil {
 		return Config{}, "", fmt.Errorf("invalid %s: %w", EnvRedirectConfig, err)
 	}
