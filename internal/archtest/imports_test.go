@@ -38,7 +38,7 @@ var rules = map[string][]string{
 	"listener": {},
 	"mtls":     {},
 	"redirect": {},
-	"dns":      {}, // reads the mesh view through an interface cmd/ferry fills
+	"dns":      {"listener"}, // reads the mesh view through an interface cmd/ferry fills
 	"ktls":     {}, // crypto/tls sessions handed to kernel TLS
 
 	// Packages landing next (issue 21's notes): listed so that they pass
