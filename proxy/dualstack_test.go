@@ -65,38 +65,7 @@ func TestOutboundPassthroughIPv6(t *testing.T) {
 	testkit.CheckLeaks(t)
 	n := newNetnsEnv(t)
 	n.run(t, "ip", "-6", "addr", "add", "2001:db8:251::1/128", "dev", "lo")
-	var dst string
-	if err := n.do(func() error {
-		ln, err := net.Listen("tcp", "[2001:db8:251::1]:7000")
-		if err != nil {
-			return err
-		}
-		dst = ln.Addr().String()
-		testkit.ServeEcho(t, ln, "")
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var p *Proxy
-	if err := n.do(func() error {
-		p = startProxy(t, Config{Dialer: nsDialer{n}}, "127.0.0.1:1")
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	_, out := p.Addrs()
-	_, port, _ := net.SplitHostPort(out.String())
-	n.run(t, "ip6tables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "2001:db8:251::/64",
-		"-m", "mark", "!", "--mark", "0x5995", "-j", "REDIRECT", "--to-ports", port)
-	dial := func(addr string) (net.Conn, error) {
-		var c net.Conn
-		err := n.do(func() error {
-			var err error
-			c, err = net.Dial("tcp", addr)
-			return err
-		})
-		return c, err
-	}
+	p, dial, dst := n.redirectedProxy(t, Config{}, "[2001:db8:251::1]:7000", "ip6tables", "2001:db8:251::/64", "127.0.0.1:1")
 	got, err := dialExchange(t, dial, dst, "over IPv6 through ferry")
 	if err != nil || got != "over IPv6 through ferry" {
 		t.Fatalf("IPv6 passthrough: %q, %v", got, err)

@@ -105,17 +105,31 @@ func (d nsDialer) DialContext(ctx context.Context, network, addr string) (net.Co
 func setupOutbound(t *testing.T, cfg Config) (*Proxy, func(addr string) (net.Conn, error)) {
 	t.Helper()
 	n := newNetnsEnv(t)
-	var app string
+	p, dial, _ := n.redirectedProxy(t, cfg, "198.18.251.1:7000", "iptables", "198.18.251.0/24", "")
+	return p, dial
+}
+
+// redirectedProxy starts an echo server on echoAddr and a proxy in the
+// namespace (whose inbound app is app, else the echo server), with an
+// OUTPUT REDIRECT (by iptablesCmd, for cidr) of unmarked connections to the
+// proxy's outbound listener. It returns the proxy, a dial func for app
+// connections (unmarked, hence redirected) and the echo server's address.
+func (n *netnsEnv) redirectedProxy(t *testing.T, cfg Config, echoAddr, iptablesCmd, cidr, app string) (*Proxy, func(addr string) (net.Conn, error), string) {
+	t.Helper()
+	var dst string
 	if err := n.do(func() error {
-		ln, err := net.Listen("tcp", "198.18.251.1:7000")
+		ln, err := net.Listen("tcp", echoAddr)
 		if err != nil {
 			return err
 		}
-		app = ln.Addr().String()
+		dst = ln.Addr().String()
 		testkit.ServeEcho(t, ln, "")
 		return nil
 	}); err != nil {
 		t.Fatal(err)
+	}
+	if app == "" {
+		app = dst
 	}
 	cfg.Dialer = nsDialer{n}
 	var p *Proxy
@@ -127,7 +141,7 @@ func setupOutbound(t *testing.T, cfg Config) (*Proxy, func(addr string) (net.Con
 	}
 	_, out := p.Addrs()
 	_, port, _ := net.SplitHostPort(out.String())
-	n.run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "198.18.251.0/24",
+	n.run(t, iptablesCmd, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", cidr,
 		"-m", "mark", "!", "--mark", "0x5995", "-j", "REDIRECT", "--to-ports", port)
 	return p, func(addr string) (net.Conn, error) {
 		var c net.Conn
@@ -137,7 +151,7 @@ func setupOutbound(t *testing.T, cfg Config) (*Proxy, func(addr string) (net.Con
 			return err
 		})
 		return c, err
-	}
+	}, dst
 }
 
 func dialExchange(t *testing.T, dial func(string) (net.Conn, error), addr, msg string) (string, error) {
