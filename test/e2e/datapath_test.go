@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,7 +19,6 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/test/testbed"
-	"golang.org/x/sys/unix"
 )
 
 // The data path end to end: the app pod runs `ferry redirect` and
@@ -343,37 +341,13 @@ func dpCPU(t *testing.T, pid int) time.Duration {
 }
 
 // dpDialIn dials addr from inside pod's network namespace, as root (so
-// the pod's rules redirect it like any app connection).
-//
-// It switches the thread back afterwards instead of discarding it (as
-// redirect.InNetNS does): pod processes run with Pdeathsig, which fires
-// when the *thread* that forked them exits, so discarding a thread can
-// kill ferry or the echo server mid-test.
+// the pod's rules redirect it like any app connection; testbed.Pod.Do).
 func dpDialIn(ctx context.Context, pod *testbed.Pod, addr string) (net.Conn, error) {
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	defer orig.Close()
-	target, err := os.Open(pod.NSPath)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	defer target.Close()
-	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	c, err := (&net.Dialer{Timeout: 10 * time.Second}).DialContext(ctx, "tcp", addr)
-	if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); serr != nil {
-		// Unlocking now would hand a thread in the pod's namespace to
-		// other goroutines; nothing sane can continue.
-		panic(fmt.Sprintf("restore netns: %v", serr))
-	}
-	runtime.UnlockOSThread()
+	var c net.Conn
+	err := pod.Do(func() (err error) {
+		c, err = (&net.Dialer{Timeout: 10 * time.Second}).DialContext(ctx, "tcp", addr)
+		return err
+	})
 	return c, err
 }
 

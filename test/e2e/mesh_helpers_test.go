@@ -3,15 +3,12 @@ package e2e
 import (
 	"fmt"
 	"net"
-	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/ferrymesh/ferry/test/testbed"
-	"golang.org/x/sys/unix"
 )
 
 // Helpers for tests whose pods are meshed the way test/demo meshes them:
@@ -174,46 +171,12 @@ func meshVIP(t *testing.T, tb *testbed.Testbed, svc string) string {
 }
 
 // meshDialIn opens a TCP connection to addr from inside pod's network
-// namespace (as root, so the pod's rules apply to it). The dial runs on a
-// locked OS thread that enters the namespace and then returns to the host's;
-// the socket stays in the pod's. The thread must not be discarded in the
-// pod's namespace instead: if it is the main thread, the runtime keeps it
-// (wedged) for good, /proc/<pid>/ns/net then names the pod's namespace, and
-// the pod's teardown (which SIGKILLs every process in the namespace) kills
-// the test binary. Only if switching back fails is the thread discarded.
+// namespace (as root, so the pod's rules apply to it; testbed.Pod.Do).
 func meshDialIn(pod *testbed.Pod, addr string, timeout time.Duration) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		f, err := os.Open(pod.NSPath)
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: err}
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("setns %s: %w", pod.NS, err)}
-			return
-		}
-		c, err := net.DialTimeout("tcp", addr, timeout)
-		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		ch <- result{c, err}
-	}()
-	r := <-ch
-	return r.c, r.err
+	var c net.Conn
+	err := pod.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", addr, timeout)
+		return err
+	})
+	return c, err
 }
