@@ -157,13 +157,7 @@ func alCurrentServer(t *testing.T, m *alMesh, pod *testbed.Pod) *testbed.Server 
 // back a new intention applies within 10 s.
 func TestAgentlessFaults(t *testing.T) {
 	m := alSetup(t)
-	fe := m.alPodFor(t, "frontend", "frontend", nil)
-	be := m.alPodFor(t, "backend", "backend", nil)
-	meshEchoServer(t, be.Pod, "backend app", "127.0.0.1:8080", "-quiet")
-	m.c.SetIntention(t, "frontend", "backend", api.IntentionActionAllow)
-	m.start(t, fe, false)
-	m.start(t, be, false)
-	vip := m.vip(t, "backend")
+	fe, _, vip := m.frontendBackend(t)
 	meshPoll(t, "first connection", 15*time.Second, func() bool {
 		c, err := meshDialIn(fe.Pod, vip, 5*time.Second)
 		if err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/test/testbed"
+	"github.com/hashicorp/consul/api"
 )
 
 // Helpers for agentless tests: pods registered in the catalog as
@@ -154,4 +155,19 @@ func (m *alMesh) start(t *testing.T, p *alPod, noWait bool, extra ...string) *te
 // vip is service's virtual IP with the app port.
 func (m *alMesh) vip(t *testing.T, service string) string {
 	return net.JoinHostPort(m.c.VirtualIP(t, service), strconv.Itoa(alAppPort))
+}
+
+// frontendBackend starts agentless ferry in a frontend and a backend pod,
+// an echo app in the backend and an intention that allows the frontend:
+// the pair most agentless tests start from. vip is the backend's virtual
+// address.
+func (m *alMesh) frontendBackend(t *testing.T) (fe, be *alPod, vip string) {
+	t.Helper()
+	fe = m.alPodFor(t, "frontend", "frontend", nil)
+	be = m.alPodFor(t, "backend", "backend", nil)
+	meshEchoServer(t, be.Pod, "backend app", "127.0.0.1:8080", "-quiet")
+	m.c.SetIntention(t, "frontend", "backend", api.IntentionActionAllow)
+	m.start(t, fe, false)
+	m.start(t, be, false)
+	return fe, be, m.vip(t, "backend")
 }

@@ -163,13 +163,7 @@ func alTokens(t *testing.T, m *alMesh, p *alPod) []*api.ACLTokenListEntry {
 // the token out.
 func TestAgentlessLogin(t *testing.T) {
 	m := alSetup(t)
-	fe := m.alPodFor(t, "frontend", "frontend", nil)
-	be := m.alPodFor(t, "backend", "backend", nil)
-	meshEchoServer(t, be.Pod, "backend app", "127.0.0.1:8080", "-quiet")
-	m.c.SetIntention(t, "frontend", "backend", api.IntentionActionAllow)
-	m.start(t, fe, false)
-	m.start(t, be, false)
-	vip := m.vip(t, "backend")
+	fe, be, vip := m.frontendBackend(t)
 	connect := func() error {
 		_, err := meshEchoClient(t, fe.Pod, vip, 1024, 1, "-timeout", "5s")
 		return err
