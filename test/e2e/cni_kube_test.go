@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 
-	"sigs.k8s.io/yaml"
-
 	"github.com/ferrymesh/ferry/test/testbed"
 )
 
@@ -107,35 +105,14 @@ func TestCNIKubeAnnotation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		data, err := os.ReadFile(filepath.Join(root, "deploy", "ferry-cni.yaml"))
-		if err != nil {
-			t.Fatal(err)
-		}
 		k.MustDo(t, "POST", "/api/v1/namespaces", map[string]any{"apiVersion": "v1", "kind": "Namespace",
 			"metadata": map[string]any{"name": "consul"}}, 201)
-		paths := map[string]string{
-			"ServiceAccount":     "/api/v1/namespaces/consul/serviceaccounts",
-			"ClusterRole":        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
-			"ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-			"DaemonSet":          "/apis/apps/v1/namespaces/consul/daemonsets",
-		}
-		kinds := 0
-		for _, doc := range strings.Split(string(data), "\n---\n") {
-			var obj map[string]any
-			if err := yaml.Unmarshal([]byte(doc), &obj); err != nil {
-				t.Fatalf("manifest: %v\n%s", err, doc)
-			}
-			kind, _ := obj["kind"].(string)
-			path, ok := paths[kind]
-			if !ok {
-				t.Fatalf("manifest has an unexpected kind %q", kind)
-			}
-			k.MustDo(t, "POST", path+"?dryRun=All&fieldValidation=Strict", obj, 201)
-			kinds++
-		}
-		if kinds != len(paths) {
-			t.Fatalf("manifest has %d objects, want %d", kinds, len(paths))
-		}
+		k.DryRunManifest(t, filepath.Join(root, "deploy", "ferry-cni.yaml"), map[string]string{
+			"v1/ServiceAccount":                               "/api/v1/namespaces/consul/serviceaccounts",
+			"rbac.authorization.k8s.io/v1/ClusterRole":        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+			"rbac.authorization.k8s.io/v1/ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+			"apps/v1/DaemonSet":                               "/apis/apps/v1/namespaces/consul/daemonsets",
+		})
 	})
 
 	uninstall := testbed.MustCommand(t, e.ferry, "cni", "uninstall", "-cni-bin-dir", e.binDir, "-cni-net-dir", e.netDir)

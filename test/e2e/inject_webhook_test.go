@@ -422,37 +422,13 @@ func comparePods(t *testing.T, want, got corev1.Pod) {
 // bare API server knows (cert-manager's are skipped) with dryRun=All, so
 // the API server's own validation checks the manifest users apply.
 func dryRunDeployManifest(t *testing.T, k *testbed.Kube) {
-	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "ferry-inject.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	createNamespace(t, k, "consul", nil)
-	paths := map[string]string{
+	k.DryRunManifest(t, filepath.Join("..", "..", "deploy", "ferry-inject.yaml"), map[string]string{
 		"v1/ServiceAccount": "/api/v1/namespaces/consul/serviceaccounts",
 		"v1/Service":        "/api/v1/namespaces/consul/services",
 		"rbac.authorization.k8s.io/v1/ClusterRole":                     "/apis/rbac.authorization.k8s.io/v1/clusterroles",
 		"rbac.authorization.k8s.io/v1/ClusterRoleBinding":              "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
 		"apps/v1/Deployment":                                           "/apis/apps/v1/namespaces/consul/deployments",
 		"admissionregistration.k8s.io/v1/MutatingWebhookConfiguration": "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-	}
-	seen := 0
-	for _, doc := range strings.Split(string(b), "\n---\n") {
-		var obj map[string]any
-		if err := yaml.Unmarshal([]byte(doc), &obj); err != nil {
-			t.Fatal(err)
-		}
-		key := fmt.Sprint(obj["apiVersion"], "/", obj["kind"])
-		if strings.HasPrefix(key, "cert-manager.io/") {
-			continue
-		}
-		path, ok := paths[key]
-		if !ok {
-			t.Fatalf("unexpected object %s in the deploy manifest", key)
-		}
-		k.MustDo(t, "POST", path+"?dryRun=All&fieldValidation=Strict", obj, 201)
-		seen++
-	}
-	if seen != len(paths) {
-		t.Errorf("%d objects checked, want %d", seen, len(paths))
-	}
+	}, "cert-manager.io/")
 }

@@ -18,9 +18,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"sigs.k8s.io/yaml"
 )
 
 // The Kubernetes control plane and the CNI tool come from the nested module
@@ -351,4 +354,43 @@ func writeSAKeys(keyPath, pubPath string) error {
 		return err
 	}
 	return os.WriteFile(pubPath, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644)
+}
+
+// DryRunManifest creates every object of the multi-document YAML manifest
+// file with dryRun=All and strict field validation, so that the API
+// server's own validation checks the manifest users apply. paths maps each
+// object's "apiVersion/kind" to its collection's path; objects whose key
+// starts with one of skip (kinds a bare API server does not serve) are
+// passed over. An object of another kind, or one missing, fails t.
+func (k *Kube) DryRunManifest(t testing.TB, file string, paths map[string]string, skip ...string) {
+	t.Helper()
+	data, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+next:
+	for _, doc := range strings.Split(string(data), "\n---\n") {
+		var obj map[string]any
+		if err := yaml.Unmarshal([]byte(doc), &obj); err != nil {
+			t.Fatalf("%s: %v\n%s", file, err, doc)
+		}
+		key := fmt.Sprint(obj["apiVersion"], "/", obj["kind"])
+		for _, s := range skip {
+			if strings.HasPrefix(key, s) {
+				continue next
+			}
+		}
+		path, ok := paths[key]
+		if !ok {
+			t.Fatalf("%s: unexpected object %s", file, key)
+		}
+		k.MustDo(t, "POST", path+"?dryRun=All&fieldValidation=Strict", obj, 201)
+		seen[key] = true
+	}
+	for key := range paths {
+		if !seen[key] {
+			t.Errorf("%s: no %s object", file, key)
+		}
+	}
 }
