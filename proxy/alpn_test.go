@@ -61,7 +61,7 @@ func TestDialRetriesWithoutALPN(t *testing.T) {
 	cfg := r.clientConfig(catalog.Service{Name: "api", Datacenter: ca.Datacenter})
 	for i := range 2 {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		c, err := r.dialTLS(ctx, srv.Addr, cfg)
+		c, err := r.dialTLS(ctx, srv.Addr, cfg, false, nil)
 		cancel()
 		if err != nil {
 			t.Fatalf("dial %d: %v", i, err)
@@ -115,7 +115,7 @@ func TestTunnelPoolKeyedByIdentity(t *testing.T) {
 	dial := func(svc string) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		return r.dialTLS(ctx, addr, r.clientConfig(catalog.Service{Name: svc, Datacenter: ca.Datacenter}))
+		return r.dialTLS(ctx, addr, r.clientConfig(catalog.Service{Name: svc, Datacenter: ca.Datacenter}), false, nil)
 	}
 	c, err := dial("api")
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -60,6 +61,17 @@ type MeshAcceptor struct {
 
 	cfg   *tls.Config
 	warns *rateLog
+	// maxAge overrides tunnel.ServerMaxAge, and testHookNext runs when a
+	// session's tunnel has ended (tests).
+	maxAge       time.Duration
+	testHookNext func()
+}
+
+func (a *MeshAcceptor) sessionMaxAge() time.Duration {
+	if a.maxAge > 0 {
+		return a.maxAge
+	}
+	return tunnel.ServerMaxAge
 }
 
 // Init prepares the acceptor; call once before use.
@@ -196,15 +208,21 @@ func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
 	if clean := <-s.released; !clean {
 		return Accepted{}, errSessionOver // release closed it
 	}
-	if time.Since(s.created) >= tunnel.ServerMaxAge {
-		s.tc.Close()
-		return Accepted{}, fmt.Errorf("%w: older than %v", errSessionOver, tunnel.ServerMaxAge)
+	if s.a.testHookNext != nil {
+		s.a.testHookNext()
+	}
+	// From here on the client may already be sending its next OPEN: a
+	// session ended now ends with GOAWAY, so that the client starts that
+	// connection again elsewhere instead of failing it (audit F14).
+	if time.Since(s.created) >= s.a.sessionMaxAge() {
+		tunnel.GoAway(s.tc, tunnel.GoAwayLinger)
+		return Accepted{}, fmt.Errorf("%w: older than %v", errSessionOver, s.a.sessionMaxAge())
 	}
 	// Leaves or roots changed since the peer was verified: verify its chain
 	// again against the roots of now before it opens anything more.
 	if g := s.a.Identity.Generation(); g != s.gen {
 		if err := s.a.cfg.VerifyConnection(s.tc.ConnectionState()); err != nil {
-			s.tc.Close()
+			tunnel.GoAway(s.tc, tunnel.GoAwayLinger)
 			return Accepted{}, &Refused{Outcome: "handshake_error", Reason: "peer no longer verifies", Err: err}
 		}
 		s.gen = g
@@ -214,7 +232,12 @@ func (s *inboundSession) next(ctx context.Context) (Accepted, error) {
 	err := tunnel.ReadOpen(s.tc)
 	stop() // the drain's expired deadline cannot land after the reset below
 	if err != nil {
-		s.tc.Close()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// Idle too long, or draining: an OPEN may be crossing.
+			tunnel.GoAway(s.tc, tunnel.GoAwayLinger)
+		} else {
+			s.tc.Close()
+		}
 		return Accepted{}, fmt.Errorf("%w: %w", errSessionOver, err)
 	}
 	_ = s.tc.SetReadDeadline(time.Time{})

@@ -37,6 +37,8 @@ type MeshRouter struct {
 
 	// alpnRefused remembers instances that refused the tunnel protocol.
 	alpnRefused *tunnel.AddrSet
+	// redialTimeout bounds a replay's dial (tunnel.NewClientConn).
+	redialTimeout time.Duration
 
 	mu      sync.Mutex
 	configs map[catalog.Service]*tls.Config
@@ -48,13 +50,14 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 		log = hclog.NewNullLogger()
 	}
 	return &MeshRouter{view: view, identity: identity, dialer: &net.Dialer{}, log: log,
-		configs:     map[catalog.Service]*tls.Config{},
-		alpnRefused: tunnel.NewAddrSet(4096, 10*time.Minute),
+		redialTimeout: DefaultConnectTimeout,
+		configs:       map[catalog.Service]*tls.Config{},
+		alpnRefused:   tunnel.NewAddrSet(4096, 10*time.Minute),
 		handshakes: NewCounterVec("ferry_outbound_tls_handshakes_total",
 			"Outbound mTLS handshakes completed, by whether they resumed a session.", "resumed"),
 		pool: tunnel.NewPool(identity.Generation),
 		tunnels: NewCounterVec("ferry_outbound_tunnels_total",
-			"Outbound connections carried as tunnels over a ferry peer's mTLS session, by whether the session was new or reused.", "session")}
+			"Outbound connections carried as tunnels over a ferry peer's mTLS session, by whether the session was new or reused, or the connection replayed on a new session after the server ended a reused one (GOAWAY).", "session")}
 }
 
 // DisableTunnels makes the router dial one mTLS session per connection
@@ -110,18 +113,44 @@ func (r *MeshRouter) RouteOutbound(ctx context.Context, dst netip.AddrPort) Rout
 func (r *MeshRouter) Upstream(svc catalog.Service, direct bool, dst netip.AddrPort) Route {
 	cfg := r.clientConfig(svc)
 	keys := []string{"upstream:" + svc.Name}
+	// fresh dials a new session, never a pooled one: the replay of a
+	// connection that a pooled session's server turned away (GOAWAY).
+	var dial func(ctx context.Context, fresh bool) (net.Conn, error)
 	if direct {
 		addr := dst.String()
-		return Route{Action: Dial, Upstream: svc.Name, Keys: keys, Dial: func(ctx context.Context) (net.Conn, error) {
-			return r.dialTLS(ctx, addr, cfg)
-		}}
+		dial = func(ctx context.Context, fresh bool) (net.Conn, error) {
+			return r.dialTLS(ctx, addr, cfg, fresh, r.redial(dial, fresh))
+		}
+	} else {
+		dial = func(ctx context.Context, fresh bool) (net.Conn, error) {
+			c, _, err := r.view.Dial(ctx, svc, func(ctx context.Context, in catalog.Instance) (net.Conn, error) {
+				return r.dialTLS(ctx, in.Addr.String(), cfg, fresh, r.redial(dial, fresh))
+			})
+			return c, err
+		}
 	}
 	return Route{Action: Dial, Upstream: svc.Name, Keys: keys, Dial: func(ctx context.Context) (net.Conn, error) {
-		c, _, err := r.view.Dial(ctx, svc, func(ctx context.Context, in catalog.Instance) (net.Conn, error) {
-			return r.dialTLS(ctx, in.Addr.String(), cfg)
-		})
-		return c, err
+		return dial(ctx, false)
 	}}
+}
+
+// redial is a tunnel's way to start its connection again on a new session
+// (tunnel.NewClientConn) through the route's dial: through the catalog,
+// another instance if this one is draining. nil for a replay itself: a
+// second GOAWAY ends the connection.
+func (r *MeshRouter) redial(dial func(context.Context, bool) (net.Conn, error), fresh bool) func() (net.Conn, error) {
+	if fresh {
+		return nil
+	}
+	return func() (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), r.redialTimeout)
+		defer cancel()
+		c, err := dial(ctx, true)
+		if err == nil {
+			r.tunnels.With("replayed").Inc()
+		}
+		return c, err
+	}
 }
 
 // dialTLS connects and completes the handshake within ctx, so a dead or
@@ -133,16 +162,19 @@ func (r *MeshRouter) Upstream(svc catalog.Service, direct bool, dst netip.AddrPo
 // verified as (cfg.ServerName names it), so a session verified as one
 // service never carries another's connection, whatever the catalog says
 // of the address.
-func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net.Conn, error) {
+//
+// fresh skips the pool (a replay). redial, when not nil, lets the tunnel
+// start again on a new session if the server turns it away (tunnel.GoAway).
+func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config, fresh bool, redial func() (net.Conn, error)) (net.Conn, error) {
 	pool := r.pool
 	key := addr + "|" + cfg.ServerName
-	if pool != nil {
+	if pool != nil && !fresh {
 		for {
 			tc, created, gen := pool.Get(key)
 			if tc == nil {
 				break
 			}
-			if t, err := r.openTunnel(tc, key, created, gen); err == nil {
+			if t, err := r.openTunnel(tc, key, created, gen, redial); err == nil {
 				r.tunnels.With("reused").Inc()
 				return t, nil
 			}
@@ -168,7 +200,7 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config) 
 	cs := tc.ConnectionState()
 	r.handshakes.With(strconv.FormatBool(cs.DidResume)).Inc()
 	if pool != nil && cs.NegotiatedProtocol == tunnel.ALPN {
-		t, err := r.openTunnel(tc, key, time.Now(), gen)
+		t, err := r.openTunnel(tc, key, time.Now(), gen, redial)
 		if err != nil {
 			return nil, fmt.Errorf("tunnel to %s: %w", addr, err)
 		}
@@ -193,15 +225,15 @@ func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config
 
 // openTunnel starts a tunnel on session tc; when the tunnel ends cleanly
 // the session goes back to the pool under key.
-func (r *MeshRouter) openTunnel(tc *tls.Conn, key string, created time.Time, gen uint64) (net.Conn, error) {
+func (r *MeshRouter) openTunnel(tc *tls.Conn, key string, created time.Time, gen uint64, redial func() (net.Conn, error)) (net.Conn, error) {
 	pool := r.pool
-	t := tunnel.NewConn(tc, func(clean bool) {
+	t := tunnel.NewClientConn(tc, func(clean bool) {
 		if clean {
 			pool.Put(key, tc, created, gen)
 		} else {
 			tc.Close()
 		}
-	})
+	}, redial)
 	if err := tunnel.WriteOpen(t); err != nil {
 		tc.Close()
 		return nil, err

@@ -6,7 +6,9 @@
 //
 // Surface: ALPN; Conn (one app connection over a session: a net.Conn with
 // CloseWrite that the pump sees as a pump.Framed source and a pump.Aborter
-// leg), NewConn, WriteOpen and ReadOpen; Pool with Get, Put and CloseAll;
+// leg), NewConn, NewClientConn (replays its connection on a new session
+// when the server answers with GOAWAY), WriteOpen and ReadOpen; GoAway for
+// the server ending a session between tunnels; Pool with Get, Put and CloseAll;
 // ServerConfig, WithoutALPN, IsNoALPN and AddrSet for the negotiation;
 // ServerIdle and ServerMaxAge for the server's session loop. Verifying the
 // peer is mtls's job and deciding on each tunnel the intentions', both

@@ -136,8 +136,9 @@ func (p *Pool) CloseAll() {
 }
 
 // quiet reports whether an idle session's socket has nothing to read: a
-// server never sends between tunnels, so anything there (its close_notify,
-// a FIN, a reset) means the session is over.
+// server sends nothing between tunnels but a GOAWAY, so anything there (a
+// GOAWAY, a close_notify, a FIN, a reset) means the session is over. One
+// that ends just after this check is the replay's case (goaway.go).
 func quiet(tc *tls.Conn) bool {
 	tcp := pump.TCPOf(tc)
 	if tcp == nil {

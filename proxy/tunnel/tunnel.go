@@ -37,6 +37,11 @@ import (
 // connection ends with an error, as it would on a reset, and the session
 // is closed, never reused. A missing EOF frame is never taken for the end
 // of the stream, just as TLS close_notify guards against truncation.
+//
+// Between tunnels the server may end the session (drain, age, the peer no
+// longer verifying, idle): it then sends GOAWAY instead of reading the next
+// OPEN. An OPEN the client sent meanwhile was not taken, so the client
+// starts that connection again on a fresh session (goaway.go).
 const ALPN = "ferry/1"
 
 const (
@@ -46,6 +51,10 @@ const (
 	// frameReset aborts the tunnel (Pump's abort). A peer that does not
 	// know it breaks the session, which its Pump passes on as an abort too.
 	frameReset = 3
+	// frameGoAway: the server ends the session between tunnels; an OPEN in
+	// flight was not taken (goaway.go). An older client breaks the session
+	// on it, as it did on the close_notify that used to come alone.
+	frameGoAway = 4
 
 	frameHeader = 4
 	maxFrame    = 1<<24 - 1
@@ -93,9 +102,13 @@ type Conn struct {
 	// frame come from different goroutines.
 	wmu sync.Mutex
 
-	// release is called once, by Close: clean means both EOFs went by and
-	// the session may carry another tunnel. It owns the session after.
-	release func(clean bool)
+	// release is called once (releaseOnce), by Close: clean means both
+	// EOFs went by and the session may carry another tunnel. It owns the
+	// session after.
+	release  func(clean bool)
+	released atomic.Bool
+
+	replay // a client's way past a GOAWAY (goaway.go)
 }
 
 // NewConn starts a tunnel over session tc (after OPEN: WriteOpen on the
@@ -114,6 +127,10 @@ func NewConn(tc *tls.Conn, release func(clean bool)) *Conn {
 // the socket itself rather than inside a TLS read (whose deeper stack
 // would stay grown for every idle connection).
 func (t *Conn) WaitFrame() {
+	if nt := t.next.Load(); nt != nil {
+		nt.WaitFrame()
+		return
+	}
 	if t.remaining != 0 || t.rerr != nil || t.gotEOF.Load() {
 		return
 	}
@@ -131,12 +148,21 @@ func (t *Conn) WaitFrame() {
 		}
 	}
 	t.rerr = t.nextFrame()
+	if t.rerr == errResumed {
+		t.rerr = nil
+		t.next.Load().WaitFrame()
+	}
 }
 
 // nextFrame reads headers up to the next DATA frame with a payload.
 // FrameRemaining is the current DATA frame's payload not yet read
 // (pump.Framed): at 0 the pump lets its buffer go until WaitFrame returns.
-func (t *Conn) FrameRemaining() int { return t.remaining }
+func (t *Conn) FrameRemaining() int {
+	if nt := t.next.Load(); nt != nil {
+		return nt.FrameRemaining()
+	}
+	return t.remaining
+}
 
 func (t *Conn) nextFrame() error {
 	if t.gotEOF.Load() {
@@ -152,6 +178,12 @@ func (t *Conn) nextFrame() error {
 		}
 		t.hdrN = 0
 		typ, n := t.hdr[0], int(t.hdr[1])<<16|int(t.hdr[2])<<8|int(t.hdr[3])
+		if !t.accepted.Load() {
+			if typ == frameGoAway && n == 0 {
+				return t.resume()
+			}
+			t.accepted.Store(true) // the peer took the tunnel
+		}
 		switch {
 		case typ == frameData && n > 0:
 			t.remaining = n
@@ -177,9 +209,16 @@ func (t *Conn) fail(err error) error {
 }
 
 func (t *Conn) Read(p []byte) (int, error) {
+	if nt := t.next.Load(); nt != nil {
+		return nt.Read(p)
+	}
 	if t.remaining == 0 {
 		if t.rerr == nil {
 			t.rerr = t.nextFrame()
+		}
+		if t.rerr == errResumed {
+			t.rerr = nil
+			return t.next.Load().Read(p)
 		}
 		if err := t.rerr; err != nil {
 			if err != io.EOF {
@@ -201,6 +240,9 @@ func (t *Conn) Read(p []byte) (int, error) {
 }
 
 func (t *Conn) Write(p []byte) (int, error) {
+	if nt := t.next.Load(); nt != nil {
+		return nt.Write(p)
+	}
 	written := 0
 	for len(p) > 0 {
 		n := min(len(p), maxFrame)
@@ -215,6 +257,9 @@ func (t *Conn) Write(p []byte) (int, error) {
 
 // CloseWrite ends this side of the tunnel (the app's half-close).
 func (t *Conn) CloseWrite() error {
+	if nt := t.next.Load(); nt != nil {
+		return nt.CloseWrite()
+	}
 	if t.sentEOF.Load() {
 		return nil
 	}
@@ -227,7 +272,20 @@ func (t *Conn) CloseWrite() error {
 
 func (t *Conn) writeFrame(typ byte, p []byte) error {
 	t.wmu.Lock()
+	if nt := t.next.Load(); nt != nil {
+		// Replayed while this write waited for the lock: everything
+		// written before is in the replay, the rest goes after it.
+		t.wmu.Unlock()
+		if typ == frameEOF {
+			return nt.CloseWrite()
+		}
+		_, err := nt.Write(p)
+		return err
+	}
 	defer t.wmu.Unlock()
+	if t.copyOK && (typ == frameData || typ == frameEOF) {
+		return t.writeKept(typ, p)
+	}
 	return t.writeFrameLocked(typ, p)
 }
 
@@ -267,6 +325,14 @@ const resetTimeout = time.Second
 // reset of the whole session. Either way the peer's app sees a reset, and
 // the session is not reused (Close then closes it).
 func (t *Conn) Abort() {
+	t.smu.Lock()
+	t.aborted = true
+	nt := t.next.Load()
+	t.smu.Unlock()
+	if nt != nil {
+		nt.Abort()
+		return
+	}
 	t.broken.Store(true)
 	if !t.closed.Load() && t.wmu.TryLock() {
 		_ = t.tc.SetWriteDeadline(time.Now().Add(resetTimeout))
@@ -287,8 +353,20 @@ func (t *Conn) Close() error {
 	if !t.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	t.release(t.clean())
+	t.smu.Lock()
+	repl := t.repl
+	t.smu.Unlock()
+	if repl != nil {
+		return repl.Close()
+	}
+	t.releaseOnce(t.clean())
 	return nil
+}
+
+func (t *Conn) releaseOnce(clean bool) {
+	if t.released.CompareAndSwap(false, true) {
+		t.release(clean)
+	}
 }
 
 func (t *Conn) clean() bool {
@@ -298,13 +376,22 @@ func (t *Conn) clean() bool {
 // NetConn is the session, for pump.TCPOf (linger on a reset, which breaks
 // the session anyway). The pump's read waiter and batching stop at a
 // Conn (a pump.Framed).
-func (t *Conn) NetConn() net.Conn { return t.tc }
+func (t *Conn) NetConn() net.Conn { return t.session() }
 
-func (t *Conn) LocalAddr() net.Addr                { return t.tc.LocalAddr() }
-func (t *Conn) RemoteAddr() net.Addr               { return t.tc.RemoteAddr() }
-func (t *Conn) SetDeadline(d time.Time) error      { return t.tc.SetDeadline(d) }
-func (t *Conn) SetReadDeadline(d time.Time) error  { return t.tc.SetReadDeadline(d) }
-func (t *Conn) SetWriteDeadline(d time.Time) error { return t.tc.SetWriteDeadline(d) }
+// session is the TLS session carrying the connection now: the replay's
+// after a GOAWAY.
+func (t *Conn) session() *tls.Conn {
+	if nt := t.next.Load(); nt != nil {
+		return nt.session()
+	}
+	return t.tc
+}
+
+func (t *Conn) LocalAddr() net.Addr                { return t.session().LocalAddr() }
+func (t *Conn) RemoteAddr() net.Addr               { return t.session().RemoteAddr() }
+func (t *Conn) SetDeadline(d time.Time) error      { return t.session().SetDeadline(d) }
+func (t *Conn) SetReadDeadline(d time.Time) error  { return t.session().SetReadDeadline(d) }
+func (t *Conn) SetWriteDeadline(d time.Time) error { return t.session().SetWriteDeadline(d) }
 
 // ReadOpen reads the client's OPEN for the next tunnel. io.EOF (or a
 // close_notify) means the client closed an idle session: not an error.

@@ -264,6 +264,8 @@ func FuzzTunnelFrames(f *testing.F) {
 	f.Add([]byte{frameOpen, 0, 0, 0})
 	f.Add([]byte{frameData, 0xff, 0xff, 0xff})
 	f.Add([]byte{})
+	f.Add([]byte{frameGoAway, 0, 0, 0})
+	f.Add([]byte{frameData, 0, 0, 1, 'a', frameGoAway, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, wire []byte) {
 		// The oracle.
 		var want []byte

@@ -1,0 +1,76 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
+	"github.com/ferrymesh/ferry/mtls/mtlstest"
+	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
+)
+
+// A pooled session that the server ends (here: too old; a drain or a peer
+// that no longer verifies does the same) while the client is already
+// reusing it for its next connection: the server's GOAWAY turns the OPEN
+// away, the client replays the connection on a fresh session, and the app
+// sees its bytes echoed and nothing else (audit F14). Before, the
+// connection failed after its connect had succeeded.
+func TestTunnelGoAwayReplays(t *testing.T) {
+	testkit.CheckLeaks(t)
+	ca := mtlstest.NewCA(t)
+	acc := &MeshAcceptor{Identity: ca.Identity(t, "db", mtlstest.EC256), Intentions: allowAll(t), Service: "db"}
+	acc.Init()
+	acc.maxAge = time.Nanosecond // every session ends after its first tunnel
+	// The server decides only once the client's next OPEN is on its way:
+	// the race, made certain.
+	opened := make(chan struct{})
+	acc.testHookNext = func() { <-opened }
+	p := startProxy(t, Config{Acceptor: acc}, testkit.EchoServer(t))
+	in, _ := p.Addrs()
+	r := NewMeshRouter(nil, ca.Identity(t, "web", mtlstest.EC256), nil)
+	t.Cleanup(r.Close)
+	route := r.Upstream(catalog.Service{Name: "db", Datacenter: ca.Datacenter}, true, netip.MustParseAddrPort(in.String()))
+
+	dial := func() net.Conn {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := route.Dial(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	finish := func(c net.Conn, msg string) {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(c)
+		if err != nil || string(got) != msg {
+			t.Fatalf("echo %q, %v; want %q", got, err, msg)
+		}
+		c.Close()
+	}
+
+	c := dial()
+	c.Write([]byte("one"))
+	c.(*tunnel.Conn).CloseWrite()
+	finish(c, "one")
+
+	c = dial() // the pooled session: the server has not ended it yet
+	if got := r.tunnels.With("reused").Value(); got != 1 {
+		t.Fatalf("reused sessions %d, want 1", got)
+	}
+	c.Write([]byte("two"))
+	c.(*tunnel.Conn).CloseWrite()
+	close(opened)
+	finish(c, "two")
+	if got := r.tunnels.With("replayed").Value(); got != 1 {
+		t.Fatalf("replayed connections %d, want 1", got)
+	}
+	testkit.Eventually(t, "both connections ok at the server", func() bool { return counter(p, "inbound", "ok") == 2 })
+}
