@@ -104,7 +104,23 @@ func (t *Conn) writeKept(typ byte, p []byte) error {
 		t.writeDead = true
 		return nil
 	}
+	if t.accepted.Load() {
+		t.kept, t.copyOK = nil, false // dropKept found the lock taken
+	}
 	return err
+}
+
+// dropKept lets the copy go once the peer took the tunnel (the reading
+// side calls it), so that a connection that wrote its request and then
+// only reads does not hold it for its whole life. When the writing side
+// holds the lock, it drops the copy itself after its write.
+func (t *Conn) dropKept() {
+	if t.redial != nil && t.wmu.TryLock() {
+		if !t.writeDead {
+			t.kept, t.copyOK = nil, false
+		}
+		t.wmu.Unlock()
+	}
 }
 
 // resume answers a GOAWAY that came before the peer took the tunnel (the

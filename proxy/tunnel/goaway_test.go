@@ -156,3 +156,30 @@ func BenchmarkTunnelRequest(b *testing.B) {
 		})
 	}
 }
+
+// Once the server's first frame shows it took the tunnel, the copy goes:
+// a connection that sent its request and then only reads does not hold it.
+func TestGoAwayCopyDroppedOnAccept(t *testing.T) {
+	cs, ss := sessionPair(t)
+	ct := NewClientConn(cs, func(bool) {}, func() (net.Conn, error) { return nil, errors.New("unused") })
+	if err := WriteOpen(ct); err != nil {
+		t.Fatal(err)
+	}
+	ct.Write([]byte("request"))
+	ct.wmu.Lock()
+	kept := len(ct.kept)
+	ct.wmu.Unlock()
+	if kept != len("request") {
+		t.Fatalf("kept %d bytes before the answer, want %d", kept, len("request"))
+	}
+	go ss.Write([]byte{frameData, 0, 0, 2, 'o', 'k'})
+	buf := make([]byte, 2)
+	if _, err := io.ReadFull(ct, buf); err != nil {
+		t.Fatal(err)
+	}
+	ct.wmu.Lock()
+	defer ct.wmu.Unlock()
+	if ct.kept != nil || ct.copyOK {
+		t.Fatalf("copy kept after the server's first frame: %d bytes, copyOK %v", len(ct.kept), ct.copyOK)
+	}
+}

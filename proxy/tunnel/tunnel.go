@@ -183,6 +183,7 @@ func (t *Conn) nextFrame() error {
 				return t.resume()
 			}
 			t.accepted.Store(true) // the peer took the tunnel
+			t.dropKept()
 		}
 		switch {
 		case typ == frameData && n > 0:
