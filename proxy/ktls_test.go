@@ -122,6 +122,8 @@ func (p *ktlsPair) modes(t *testing.T, want string) {
 			t.Errorf("mode %s: inbound %d, outbound %d sessions; want both %d", m, in, out, map[bool]int{true: 1}[m == want])
 		}
 	}
+	t.Logf("sessions counted as %s (inbound %d, outbound %d)", want,
+		p.inModes.With("inbound", want).Value(), p.router.TLSModeMetric().With("outbound", want).Value())
 }
 
 // The data path between two sidecars, kernel TLS agreed or not: 64 MiB
