@@ -15,6 +15,7 @@ import (
 	"github.com/ferrymesh/ferry/ktls"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/intentions"
 	"github.com/ferrymesh/ferry/proxy/pump"
 	"github.com/ferrymesh/ferry/proxy/tunnel"
 	"github.com/hashicorp/go-hclog"
@@ -65,9 +66,14 @@ type ktlsPair struct {
 // not waited for (the server sidecar may refuse).
 func startKTLSPair(t *testing.T, client, server KTLS, dialErr *error) *ktlsPair {
 	t.Helper()
+	return startKTLSPairWith(t, client, server, dialErr, allowAll(t))
+}
+
+func startKTLSPairWith(t *testing.T, client, server KTLS, dialErr *error, w *intentions.Watcher) *ktlsPair {
+	t.Helper()
 	ca := mtlstest.NewCA(t)
 	inModes := NewTLSModeMetric()
-	acc := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256), Intentions: allowAll(t), Service: "api",
+	acc := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256), Intentions: w, Service: "api",
 		KTLS: server, TLSModes: inModes, DisableTunnels: server.Required}
 	acc.Init()
 	apps := make(chan *net.TCPConn, 1)
@@ -235,6 +241,50 @@ func TestKTLSFINWithoutCloseNotifyIsAnAbort(t *testing.T) {
 	if err := readUntilErr(t, p.serverApp, 5*time.Second); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("server app read %v after a FIN without close_notify; want ECONNRESET", err)
 	}
+}
+
+// An intention that starts denying the source closes a kernel TLS session
+// under the pump (the socket the kernel seals on): the client app is reset
+// (its sidecar sees a FIN without close_notify), the connection counted as
+// revoked.
+func TestKTLSRevocation(t *testing.T) {
+	testkit.CheckLeaks(t)
+	deny := make(chan struct{})
+	fetch := func(ctx context.Context, index uint64) (intentions.Snapshot, error) {
+		switch index {
+		case 0:
+			return intentions.Snapshot{Index: 1, DefaultAllow: true}, nil
+		case 1:
+			select {
+			case <-deny:
+				return intentions.Snapshot{Index: 2, DefaultAllow: false}, nil
+			case <-ctx.Done():
+			}
+		default:
+			<-ctx.Done()
+		}
+		return intentions.Snapshot{}, ctx.Err()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	w, err := intentions.Watch(ctx, intentions.Config{Destination: "api", Fetch: fetch})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startKTLSPairWith(t, KTLS{Use: true}, KTLS{Use: true}, nil, w)
+	p.modes(t, agreedMode(t))
+	if _, err := p.clientApp.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	p.serverApp.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(p.serverApp, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	close(deny)
+	if err := readUntilErr(t, p.clientApp, 5*time.Second); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client app read %v after the revocation; want ECONNRESET", err)
+	}
+	testkit.Eventually(t, "revoked counted", func() bool { return counter(p.in, "inbound", "revoked") == 1 })
 }
 
 // Shutting the server sidecar down past its drain deadline cuts a kernel

@@ -47,6 +47,7 @@ var proxyTests = []string{
 	"TestKTLSResetCrosses",
 	"TestKTLSFINWithoutCloseNotifyIsAnAbort",
 	"TestKTLSDrainDeadlineResets",
+	"TestKTLSRevocation",
 	"TestKTLSRequiredRefusesUserSpace",
 }
 
