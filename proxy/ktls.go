@@ -28,6 +28,10 @@ import (
 // per-connection kTLS session gives up. So a ferry client offers KTLSALPN
 // only when it does not tunnel (-tunnels=false).
 
+// The pump splices a kernel TLS session's socket because *ktls.Conn is a
+// pump.KernelTLS leg.
+var _ pump.KernelTLS = (*ktls.Conn)(nil)
+
 // KTLSALPN marks a one-connection mTLS session that both ferry ends hand
 // to the kernel. It carries the app's bytes as they are (no tunnel frames).
 const KTLSALPN = "ferry/1+ktls"
