@@ -381,3 +381,47 @@ func TestInboundKTLSALPN(t *testing.T) {
 		})
 	}
 }
+
+// A server that accepts kernel TLS still gives user-space clients (a
+// ferry with -ktls=off, Consul's built-in proxy, Envoy) session tickets
+// that resume on the next connection: the handoff clones the config per
+// connection, and the ticket keys stay shared (mtls wraps tickets with the
+// base config).
+func TestKTLSServerTicketsResumeUserSpaceClients(t *testing.T) {
+	testkit.CheckLeaks(t)
+	ca := mtlstest.NewCA(t)
+	acc := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256), Intentions: allowAll(t), Service: "api",
+		KTLS: KTLS{Use: true}, TLSModes: NewTLSModeMetric(), DisableTunnels: true}
+	acc.Init()
+	p := startProxy(t, Config{Acceptor: acc,
+		Logger: hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testkit.LogWriter{T: t}})}, testkit.EchoServer(t))
+	inAddr, _ := p.Addrs()
+	r := NewMeshRouter(nil, ca.Identity(t, "web", mtlstest.EC256), nil)
+	r.DisableTunnels()
+	t.Cleanup(r.Close)
+	cfg := r.clientConfig(catalog.Service{Name: "api", Datacenter: ca.Datacenter})
+	for i := range 2 {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		c, err := r.dialTLS(ctx, inAddr.String(), cfg)
+		cancel()
+		if err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		c.(interface{ CloseWrite() error }).CloseWrite()
+		// Reading takes the ticket in (crypto/tls handles it on Read).
+		got, err := testkit.ReadAllTimeout(t, c, 5*time.Second)
+		c.Close()
+		if err != nil || string(got) != "ping" {
+			t.Fatalf("dial %d: echo %q, %v", i, got, err)
+		}
+	}
+	if full, resumed := r.handshakes.With("false").Value(), r.handshakes.With("true").Value(); full != 1 || resumed != 1 {
+		t.Fatalf("handshakes: %d full, %d resumed; want 1 and 1", full, resumed)
+	}
+	if got := r.TLSModeMetric().With("outbound", tlsModeUser).Value(); got != 2 {
+		t.Fatalf("outbound user-space sessions %d, want 2", got)
+	}
+}

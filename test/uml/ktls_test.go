@@ -49,6 +49,7 @@ var proxyTests = []string{
 	"TestKTLSDrainDeadlineResets",
 	"TestKTLSRevocation",
 	"TestKTLSRequiredRefusesUserSpace",
+	"TestKTLSServerTicketsResumeUserSpaceClients",
 }
 
 // TestKTLSUnderUML builds the ktls package's tests as a static binary and
