@@ -46,10 +46,11 @@ e2e: deps consul k8stools
 
 test: deps vet unit e2e
 
-# The kernel TLS suite (ktls/) inside User-Mode Linux, whose kernel has the
-# tls module this machine's kernel lacks (e2e runs it too, in test/uml).
+# The kernel TLS suites (ktls/, and the proxy's two-sidecar data path) inside
+# User-Mode Linux, whose kernel has the tls module this machine's kernel
+# lacks (e2e runs them too, in test/uml).
 ktls-test: deps
-	$(GO) test -count=1 -run TestKTLSUnderUML ./test/uml/
+	$(GO) test -count=1 -run 'UnderUML' ./test/uml/
 
 demo: deps consul
 	$(GO) run ./test/demo

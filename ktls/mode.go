@@ -14,8 +14,8 @@ const (
 	Auto Mode = iota
 	// Off never offers it.
 	Off
-	// Required refuses to start without it. Connections whose handoff
-	// fails still fall back (the peer and the bytes are not at fault).
+	// Required refuses to start without it; ferry then also refuses
+	// mTLS sessions that do not end up in the kernel (proxy.KTLS).
 	Required
 )
 

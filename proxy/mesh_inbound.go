@@ -58,6 +58,11 @@ type MeshAcceptor struct {
 	// DisableTunnels stops offering ferry peers tunnel sessions
 	// (proxy/tunnel): one mTLS session per connection, as with other peers.
 	DisableTunnels bool
+	// KTLS is the kernel TLS policy (ktls.go): with Use, a ferry client
+	// offering KTLSALPN gets a session in the kernel.
+	KTLS KTLS
+	// TLSModes counts sessions by mode (NewTLSModeMetric); optional.
+	TLSModes *CounterVec
 
 	cfg   *tls.Config
 	warns *rateLog
@@ -83,10 +88,14 @@ func (a *MeshAcceptor) Init() {
 	if a.Logger == nil {
 		a.Logger = hclog.NewNullLogger()
 	}
-	a.cfg = a.Identity.ServerConfig()
-	if !a.DisableTunnels {
-		a.cfg = tunnel.ServerConfig(a.cfg)
+	var protos []string
+	if a.KTLS.Use {
+		protos = append(protos, KTLSALPN)
 	}
+	if !a.DisableTunnels && !a.KTLS.Required {
+		protos = append(protos, tunnel.ALPN)
+	}
+	a.cfg = alpnServerConfig(a.Identity.ServerConfig(), protos)
 }
 
 // AcceptInbound implements Acceptor.
@@ -111,7 +120,16 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		return Accepted{Conn: raw, Keys: []string{"plain"}}, nil
 	}
 	// Not TLS and not permissive: the handshake below fails and says why.
-	tc := tls.Server(pump.NewBatchConn(raw), a.cfg)
+	var tc *tls.Conn
+	h := newKTLSHandoff(a.KTLS.Use, raw)
+	if h != nil {
+		// Foreign and user-space clients keep resuming; the handoff counts
+		// the ticket it sends, so a kernel session's TX sequence stays exact.
+		h.AllowTickets = true
+		tc = h.Server(a.cfg)
+	} else {
+		tc = tls.Server(pump.NewBatchConn(raw), a.cfg)
+	}
 	hctx, cancel := context.WithDeadline(ctx, deadline)
 	err = tc.HandshakeContext(hctx)
 	cancel()
@@ -127,6 +145,26 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 			a.Logger.Warn("inbound client has no service identity", "src", src, "error", err, "suppressed_since_last", n)
 		}
 		return Accepted{Conn: tc}, &Refused{Outcome: "denied", Reason: "no service SPIFFE ID", Err: err}
+	}
+	conn, mode, err := handOff(h, tc)
+	if conn == nil {
+		// Half in the kernel: no TLS layer can close it cleanly. Reset.
+		return Accepted{}, &Refused{Outcome: "handshake_error", Reason: "kernel TLS handoff", Err: err, Reset: true}
+	}
+	if err != nil {
+		a.Logger.Debug("kernel TLS handoff refused: user-space TLS", "src", src, "error", err)
+	}
+	if a.TLSModes != nil {
+		a.TLSModes.With("inbound", mode).Inc()
+	}
+	if err := requireKernel(a.KTLS, mode); err != nil {
+		if ok, n := a.warns.allow("ktls-required"); ok {
+			a.Logger.Warn("inbound session refused", "src", src, "peer", id.String(), "error", err, "suppressed_since_last", n)
+		}
+		return Accepted{Conn: conn}, &Refused{Outcome: "handshake_error", Reason: "kernel TLS required", Err: err}
+	}
+	if conn != net.Conn(tc) {
+		return a.admit(raw, conn, id, src, nil)
 	}
 	if tc.ConnectionState().NegotiatedProtocol == tunnel.ALPN {
 		ss := &inboundSession{a: a, raw: raw, tc: tc, id: id, src: src, created: time.Now(),

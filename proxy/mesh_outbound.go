@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
 
+	"github.com/ferrymesh/ferry/ktls"
 	"github.com/ferrymesh/ferry/mtls"
 	"github.com/ferrymesh/ferry/proxy/catalog"
 	"github.com/ferrymesh/ferry/proxy/pump"
@@ -39,6 +41,10 @@ type MeshRouter struct {
 	alpnRefused *tunnel.AddrSet
 	// redialTimeout bounds a replay's dial (tunnel.NewClientConn).
 	redialTimeout time.Duration
+	// ktls is the kernel TLS policy (ktls.go); tlsModes counts new
+	// sessions by direction="outbound" and mode.
+	ktls     KTLS
+	tlsModes *CounterVec
 
 	mu      sync.Mutex
 	configs map[catalog.Service]*tls.Config
@@ -55,7 +61,8 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 		alpnRefused:   tunnel.NewAddrSet(4096, 10*time.Minute),
 		handshakes: NewCounterVec("ferry_outbound_tls_handshakes_total",
 			"Outbound mTLS handshakes completed, by whether they resumed a session.", "resumed"),
-		pool: tunnel.NewPool(identity.Generation),
+		tlsModes: NewTLSModeMetric(),
+		pool:     tunnel.NewPool(identity.Generation),
 		tunnels: NewCounterVec("ferry_outbound_tunnels_total",
 			"Outbound connections carried as tunnels over a ferry peer's mTLS session, by whether the session was new or reused, or the connection replayed on a new session after the server ended a reused one (GOAWAY).", "session")}
 }
@@ -63,6 +70,14 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 // DisableTunnels makes the router dial one mTLS session per connection
 // even to ferry peers. Call before use.
 func (r *MeshRouter) DisableTunnels() { r.pool = nil }
+
+// SetKTLS sets the kernel TLS policy. Call before use. The router offers
+// kernel TLS (KTLSALPN) only without tunnels (see ktls.go).
+func (r *MeshRouter) SetKTLS(k KTLS) { r.ktls = k }
+
+// TLSModeMetric counts mTLS sessions by direction and mode; the inbound
+// side (MeshAcceptor.TLSModes) shares it.
+func (r *MeshRouter) TLSModeMetric() *CounterVec { return r.tlsModes }
 
 // Close closes the idle tunnel sessions.
 func (r *MeshRouter) Close() {
@@ -186,19 +201,39 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config, 
 	if !alpn {
 		icfg = tunnel.WithoutALPN(icfg)
 	}
-	tc, err := r.handshake(ctx, addr, icfg)
+	tc, h, err := r.handshake(ctx, addr, icfg)
 	if err != nil && alpn && tunnel.IsNoALPN(err) {
 		// A peer that serves other protocols by ALPN (a connect-native Go
 		// service with h2) refuses ours: once more without, and remember
 		// the instance for a while.
 		r.alpnRefused.Add(addr)
-		tc, err = r.handshake(ctx, addr, tunnel.WithoutALPN(icfg))
+		tc, h, err = r.handshake(ctx, addr, tunnel.WithoutALPN(icfg))
 	}
 	if err != nil {
 		return nil, err
 	}
 	cs := tc.ConnectionState()
 	r.handshakes.With(strconv.FormatBool(cs.DidResume)).Inc()
+	conn, mode, err := handOff(h, tc)
+	if conn == nil {
+		// Half in the kernel: no TLS layer can close it cleanly. Reset.
+		if raw := pump.TCPOf(tc); raw != nil {
+			_ = raw.SetLinger(0)
+			raw.Close()
+		}
+		return nil, fmt.Errorf("kernel TLS handoff with %s: %w", addr, err)
+	}
+	if err != nil {
+		r.log.Debug("kernel TLS handoff refused: user-space TLS", "addr", addr, "error", err)
+	}
+	r.tlsModes.With("outbound", mode).Inc()
+	if err := requireKernel(r.ktls, mode); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("session with %s: %w", addr, err)
+	}
+	if conn != net.Conn(tc) {
+		return conn, nil
+	}
 	if pool != nil && cs.NegotiatedProtocol == tunnel.ALPN {
 		t, err := r.openTunnel(tc, key, time.Now(), gen, redial)
 		if err != nil {
@@ -210,17 +245,26 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config, 
 	return tc, nil
 }
 
-func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config) (*tls.Conn, error) {
+// handshake dials addr and completes the handshake. When cfg offers kernel
+// TLS the handshake runs on a ktls.Handoff (returned) so that dialTLS can
+// move the session into the kernel.
+func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config) (*tls.Conn, *ktls.Handoff, error) {
 	raw, err := r.dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	tc := tls.Client(pump.NewBatchConn(raw), cfg)
+	var tc *tls.Conn
+	h := newKTLSHandoff(r.ktls.Use && slices.Contains(cfg.NextProtos, KTLSALPN), raw)
+	if h != nil {
+		tc = h.Client(cfg)
+	} else {
+		tc = tls.Client(pump.NewBatchConn(raw), cfg)
+	}
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
-		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
+		return nil, nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
-	return tc, nil
+	return tc, h, nil
 }
 
 // openTunnel starts a tunnel on session tc; when the tunnel ends cleanly
@@ -259,8 +303,11 @@ func (r *MeshRouter) clientConfig(svc catalog.Service) *tls.Config {
 		return c
 	}
 	c := r.identity.ClientConfig(mtls.ServiceID(td, dc, svc.Name))
-	if r.pool != nil {
+	switch {
+	case r.pool != nil:
 		c.NextProtos = []string{tunnel.ALPN}
+	case r.ktls.Use:
+		c.NextProtos = []string{KTLSALPN}
 	}
 	r.configs[key] = c
 	return c

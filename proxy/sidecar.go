@@ -41,6 +41,10 @@ type SidecarConfig struct {
 	// DisableTunnels turns off tunnel sessions between ferry sidecars
 	// (tunnel.go), both ways: one mTLS session per connection.
 	DisableTunnels bool
+	// KTLS is the kernel TLS policy between ferry sidecars (ktls.go),
+	// decided at start by the caller (ktls.Decide). Kernel TLS carries
+	// one-connection sessions only: Required needs DisableTunnels.
+	KTLS KTLS
 	// VirtualCIDRs, when set, bound the `virtual` tagged addresses the
 	// catalog view honours (flag -virtual-cidr).
 	VirtualCIDRs []netip.Prefix
@@ -97,6 +101,9 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	if cfg.Client == nil || cfg.Registration == nil {
 		return nil, errors.New("sidecar: need a Consul client and a proxy registration")
 	}
+	if cfg.KTLS.Required && !cfg.DisableTunnels {
+		return nil, errors.New("sidecar: kernel TLS required, but tunnels stay in user space: turn tunnels off (-tunnels=false)")
+	}
 	log := cfg.Proxy.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -128,7 +135,9 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	if cfg.DisableTunnels {
 		s.router.DisableTunnels()
 	}
+	s.router.SetKTLS(cfg.KTLS)
 	s.proxy.SetRouter(s.router)
+	s.proxy.Metrics().Set.Register(s.router.TLSModeMetric())
 	s.proxy.Metrics().Set.Register(s.router.HandshakeMetric())
 	s.proxy.Metrics().Set.Register(s.router.TunnelMetric())
 
@@ -138,7 +147,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	s.proxy.Metrics().Set.Register(catalogCollector{s.view})
 	s.acceptor = &MeshAcceptor{Identity: s.id, HandshakeTimeout: cfg.HandshakeTimeout,
 		Permissive: cfg.Permissive, Logger: log.Named("inbound"), Denied: denied, Ports: s.localPort,
-		DisableTunnels: cfg.DisableTunnels}
+		DisableTunnels: cfg.DisableTunnels, KTLS: cfg.KTLS, TLSModes: s.router.TLSModeMetric()}
 	s.acceptor.Init()
 
 	s.proxy.AddReadyCheck("identity", func() error {

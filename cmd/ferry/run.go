@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/dns"
+	"github.com/ferrymesh/ferry/ktls"
 	"github.com/ferrymesh/ferry/proxy"
 	"github.com/ferrymesh/ferry/proxy/intentions"
 	"github.com/hashicorp/consul/api"
@@ -44,6 +45,7 @@ type runConfig struct {
 	HandshakeTimeout    time.Duration
 	LiveRevocation      bool
 	Tunnels             bool
+	KTLS                ktls.Mode
 	VirtualCIDRs        prefixFlag
 	DNSAddr             string
 	DNSRecursors        repeatedFlag
@@ -68,6 +70,27 @@ type runConfig struct {
 	// Agentless, when set, talks to Consul servers instead of a local
 	// agent (the consul-dataplane command line, dataplane.go).
 	Agentless *agentlessConfig
+
+	// kernelTLS is -ktls as decided at start (decideKTLS).
+	kernelTLS proxy.KTLS
+}
+
+// decideKTLS runs the start-up kernel TLS check for -ktls and says once
+// what it found. -ktls=required fails here when the kernel cannot.
+func decideKTLS(ctx context.Context, cfg runConfig, log hclog.Logger) (proxy.KTLS, error) {
+	use, reason, err := ktls.Decide(ctx, cfg.KTLS)
+	if err != nil {
+		return proxy.KTLS{}, err
+	}
+	switch {
+	case !use:
+		log.Info("kernel TLS not used: mTLS sessions stay in user space", "ktls", cfg.KTLS, "reason", reason)
+	case cfg.Tunnels:
+		log.Info("kernel TLS available: accepted from ferry peers; not offered outbound while tunnels are on (they stay in user space; -tunnels=false offers it)", "ktls", cfg.KTLS)
+	default:
+		log.Info("kernel TLS available: offered to and accepted from ferry peers", "ktls", cfg.KTLS)
+	}
+	return proxy.KTLS{Use: use, Required: cfg.KTLS == ktls.Required}, nil
 }
 
 func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
@@ -122,6 +145,14 @@ func addRunFlags(fs *flag.FlagSet, c *runConfig) {
 	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "inbound TLS handshake deadline")
 	fs.BoolVar(&c.LiveRevocation, "live-revocation", true, "close established inbound connections whose source an intention change denies")
 	fs.BoolVar(&c.Tunnels, "tunnels", true, "between ferry sidecars, carry connections one after another over reused mTLS sessions (negotiated by ALPN; other peers are unaffected)")
+	fs.Func("ktls", "kernel TLS on mTLS sessions between ferry sidecars: auto (when the node's kernel has the tls module), off, or required (refuse to start without it, and refuse sessions that cannot use it; needs -tunnels=false). Negotiated by ALPN, only with -tunnels=false on the client side; other peers are unaffected (default auto)", func(v string) error {
+		m, err := ktls.ParseMode(v)
+		if err != nil {
+			return err
+		}
+		c.KTLS = m
+		return nil
+	})
 	fs.Var(&c.VirtualCIDRs, "virtual-cidr", "CIDR in which a service's `virtual` tagged address (its Kubernetes ClusterIP) is honoured, repeatable, e.g. the cluster's service range 10.96.0.0/12 (default: any address)")
 	fs.StringVar(&c.DNSAddr, "dns-addr", dns.DefaultAddr, "DNS server address, UDP and TCP (empty disables); on a loopback address, the other family's loopback at the same port is bound too, where the pod has IPv6")
 	fs.Var(&c.DNSRecursors, "dns-recursor", "DNS recursor IP[:port] for names outside the mesh, repeatable (default: the nameservers of /etc/resolv.conf except ferry itself: with -dns-addr on loopback or a wildcard, every loopback nameserver, which the DNS redirect sends back to ferry)")
@@ -145,6 +176,8 @@ func validateRunConfig(c runConfig) error {
 		return usageError("run: timeouts must be >= 0")
 	case hclog.LevelFromString(c.LogLevel) == hclog.NoLevel:
 		return usageError("run: unknown -log-level %q", c.LogLevel)
+	case c.KTLS == ktls.Required && c.Tunnels:
+		return usageError("run: -ktls=required needs -tunnels=false (tunnels stay in user-space TLS)")
 	}
 	if _, err := intentions.ParsePolicy(c.DefaultPolicy); err != nil {
 		return usageError("run: -default-intention-policy: %v", err)
@@ -176,6 +209,12 @@ func startRun(cfg runConfig, stderr io.Writer) error {
 		log.Warn("ferry runs as a UID other than -proxy-uid: unless the redirect rules exempt this UID, its own connections loop back to it (they are reset as outcome loop)",
 			"uid", uid, "proxy_uid", cfg.ProxyUID)
 	}
+
+	kt, err := decideKTLS(context.Background(), cfg, log)
+	if err != nil {
+		return fmt.Errorf("run: %w", err)
+	}
+	cfg.kernelTLS = kt
 
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
@@ -283,6 +322,7 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 		HandshakeTimeout:  cfg.HandshakeTimeout,
 		DisableRevocation: !cfg.LiveRevocation,
 		DisableTunnels:    !cfg.Tunnels,
+		KTLS:              cfg.kernelTLS,
 		VirtualCIDRs:      cfg.VirtualCIDRs,
 		// Checked in parseRunFlags.
 		DefaultIntentionPolicy: intentions.Policy(cfg.DefaultPolicy),

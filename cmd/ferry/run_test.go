@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/ferrymesh/ferry/internal/testkit"
+	"github.com/ferrymesh/ferry/ktls"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy"
 	"github.com/hashicorp/consul/api"
@@ -69,6 +70,13 @@ func TestParseRunFlags(t *testing.T) {
 		{"default intention policy from consul", []string{"-proxy-id", "a"}, 0, "", func(c runConfig) bool { return c.DefaultPolicy == "" }},
 		{"bad default intention policy", []string{"-proxy-id", "a", "-default-intention-policy", "open"}, 2, "default-intention-policy", nil},
 		{"unknown flag", []string{"-nope"}, 2, "not defined", nil},
+		{"ktls default auto", []string{"-proxy-id", "a"}, 0, "", func(c runConfig) bool { return c.KTLS == ktls.Auto }},
+		{"ktls off", []string{"-proxy-id", "a", "-ktls=off"}, 0, "", func(c runConfig) bool { return c.KTLS == ktls.Off }},
+		{"ktls required without tunnels", []string{"-proxy-id", "a", "-ktls=required", "-tunnels=false"}, 0, "", func(c runConfig) bool {
+			return c.KTLS == ktls.Required && !c.Tunnels
+		}},
+		{"ktls required with tunnels", []string{"-proxy-id", "a", "-ktls=required"}, 2, "-tunnels=false", nil},
+		{"bad ktls", []string{"-proxy-id", "a", "-ktls=maybe"}, 2, "want auto, off or required", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv("CONNECT_PROXY_ID", "")
@@ -339,5 +347,31 @@ func TestRunLifecycle(t *testing.T) {
 			t.Fatalf("goroutines: %d before, %d after\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// At start, -ktls=required on a kernel without kernel TLS is a clear error
+// before anything else starts (no Consul, no listener), and auto says in
+// one log line why it is not used.
+func TestKTLSDecidedAtStart(t *testing.T) {
+	if ktls.Supported() {
+		t.Skip("this kernel has kernel TLS: -ktls=required would start")
+	}
+	var out strings.Builder
+	err := startRun(runConfig{ProxyID: "web-sidecar-proxy", KTLS: ktls.Required, LogLevel: "info"}, &out)
+	if err == nil || !strings.Contains(err.Error(), "-ktls=required") || !strings.Contains(err.Error(), "modprobe tls") {
+		t.Fatalf("startRun with -ktls=required: %v; want the kernel TLS error naming the fix", err)
+	}
+	if !errors.Is(err, ktls.ErrUnsupported) {
+		t.Fatalf("error %v does not wrap ktls.ErrUnsupported", err)
+	}
+
+	var log strings.Builder
+	k, err := decideKTLS(t.Context(), runConfig{KTLS: ktls.Auto, Tunnels: true}, hclog.New(&hclog.LoggerOptions{Output: &log}))
+	if err != nil || k.Use || k.Required {
+		t.Fatalf("auto: %+v, %v; want user space, no error", k, err)
+	}
+	if got := log.String(); !strings.Contains(got, "kernel TLS not used") || !strings.Contains(got, "tls module is not loaded") {
+		t.Fatalf("start log %q does not say why kernel TLS is not used", got)
 	}
 }

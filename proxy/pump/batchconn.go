@@ -114,8 +114,7 @@ func batcherOf(c any) *BatchConn {
 		case Framed:
 			return nil // batches each frame itself
 		case *tls.Conn:
-			b, _ := v.NetConn().(*BatchConn)
-			return b
+			return BatchOf(v)
 		case interface{ NetConn() net.Conn }:
 			c = v.NetConn()
 		default:
@@ -123,4 +122,11 @@ func batcherOf(c any) *BatchConn {
 		}
 	}
 	return nil
+}
+
+// BatchOf returns the BatchConn a *tls.Conn was built over, or nil. It
+// looks through the pass-through wrappers that may sit between (a kernel
+// TLS handoff's cork, when the session stayed in user space).
+func BatchOf(tc *tls.Conn) *BatchConn {
+	return under[*BatchConn](tc.NetConn())
 }

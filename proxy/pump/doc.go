@@ -8,8 +8,10 @@
 //     one side becomes CloseWrite on the other (for *tls.Conn close_notify,
 //     then FIN on the TCP under it); an error aborts both legs (TCP reset,
 //     TLS reset under the TLS layer, an Aborter's own way).
-//   - the splice path (splice.go): TCP→TCP through pipes held only while
-//     data moves, from a pool that respects the UID's pipe budget.
+//   - the splice path (splice.go): socket to socket through pipes held only
+//     while data moves, from a pool that respects the UID's pipe budget:
+//     TCP→TCP, and to and from a KernelTLS leg's socket (a *ktls.Conn,
+//     whose records the kernel seals and opens; legs.go).
 //   - the buffered path (pump.go): pooled 64 KiB buffers, 256 KiB while
 //     streaming, none while idle (GetBuffer and PutBuffer lend them out).
 //   - batched TLS writes (batchconn.go): BatchConn under a *tls.Conn sends

@@ -1,5 +1,7 @@
 package pump
 
+import "net"
+
 // The pump knows three kinds of leg by their types (*net.TCPConn, *tls.Conn
 // over a BatchConn, anything else with Read/Write/CloseWrite), and two by
 // what they do, through the interfaces below: a framed leg (a tunnel) that
@@ -26,6 +28,18 @@ type Framed interface {
 // The pump calls Abort before Close when it ends a connection on an error.
 type Aborter interface {
 	Abort()
+}
+
+// KernelTLS is a leg whose TLS records the kernel seals and opens (a
+// *ktls.Conn): its socket is spliced like a plain one, both ways. splice
+// out of it stops at a record that is not application data (EINVAL) and at
+// the socket's end; the leg's own Read then takes that record (skips a
+// ticket, says io.EOF at close_notify, an error at a FIN without one) and
+// splicing resumes. The socket must never be read directly otherwise.
+type KernelTLS interface {
+	net.Conn
+	// TCPConn is the kernel TLS socket.
+	TCPConn() *net.TCPConn
 }
 
 // framedOf returns the Framed leg under c, or nil.

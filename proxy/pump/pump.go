@@ -9,6 +9,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -88,9 +89,11 @@ type Stats struct {
 //
 // Cancelling ctx aborts the pump with context.Cause(ctx).
 //
-// When a and b are both *net.TCPConn, each direction moves data with
-// splice(2) through a pipe held only while data flows (zero user-space
-// copies; see splice.go for why not io.Copy, and TestPumpSplices). Other
+// When a and b are both sockets, each a *net.TCPConn or a KernelTLS leg
+// (kernel TLS: the kernel seals and opens the records), each direction
+// moves data with splice(2) through a pipe held only while data flows
+// (zero user-space copies; see splice.go for why not io.Copy, and
+// TestPumpSplices, TestPumpSplicesKernelTLSLeg). Other
 // legs use pooled 64 KiB buffers, held only while data flows.
 func Pump(ctx context.Context, a, b net.Conn, idle time.Duration) Stats {
 	p := &pump{a: a, b: b}
@@ -170,20 +173,73 @@ func (p *pump) progress() uint64 {
 		uint64(p.readA.Load()) + uint64(p.readB.Load())
 }
 
-// copyConn returns a nil error on EOF. TCP→TCP splices (splice.go); when
+// copyConn returns a nil error on EOF. Between sockets it splices
+// (splice.go): TCP→TCP, and to or from the socket of a KernelTLS leg; when
 // the kernel has no decent pipe for this user it continues buffered.
 func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
-	if d, ok := dst.(*net.TCPConn); ok {
-		if s, ok := src.(*net.TCPConn); ok {
-			n, fallback, err := spliceCopy(d, s, pipes)
-			if !fallback {
-				return n, err
-			}
-			m, err := copyBuffered(d, s, ctr)
-			return n + m, err
+	d, s := spliceable(dst), spliceable(src)
+	if d == nil || s == nil {
+		return copyBuffered(dst, src, ctr)
+	}
+	k := under[KernelTLS](src)
+	var written int64
+	for {
+		n, fallback, err := spliceCopy(d, s, pipes)
+		written += n
+		if fallback {
+			// Nothing in flight; a KernelTLS source reads its records itself.
+			m, err := copyBuffered(dst, src, ctr)
+			return written + m, err
+		}
+		if k == nil || (err != nil && !isKernelRecordErr(err)) {
+			return written, err
+		}
+		// A kernel TLS source stopped at a record that is not data, or at
+		// the socket's end: its Read says which.
+		m, err := nextKernelRecord(dst, k, ctr)
+		written += m
+		if err == io.EOF {
+			return written, nil // close_notify
+		}
+		if err != nil {
+			return written, err
 		}
 	}
-	return copyBuffered(dst, src, ctr)
+}
+
+// spliceable is the socket to splice for c: c itself when it is a plain
+// *net.TCPConn, the kernel TLS socket of a KernelTLS leg (through NetConn()
+// pass-through wrappers), else nil.
+func spliceable(c net.Conn) *net.TCPConn {
+	if tc, ok := c.(*net.TCPConn); ok {
+		return tc
+	}
+	if k := under[KernelTLS](c); k != nil {
+		return k.TCPConn()
+	}
+	return nil
+}
+
+// isKernelRecordErr: splice(2) out of a kernel TLS socket fails with
+// EINVAL when the next record is not application data (read(2) with EIO).
+func isKernelRecordErr(err error) bool {
+	return errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.EIO)
+}
+
+// nextKernelRecord reads once through k (which handles a record splice
+// cannot) and writes what it returns to dst.
+func nextKernelRecord(dst io.Writer, k KernelTLS, ctr *atomic.Int64) (int64, error) {
+	bp := bufPool.Get().(*[]byte)
+	defer putBuf(bp)
+	n, rerr := k.Read(*bp)
+	if n > 0 {
+		ctr.Add(int64(n))
+		nw, werr := dst.Write((*bp)[:n])
+		if werr != nil {
+			return int64(nw), werr
+		}
+	}
+	return int64(n), rerr
 }
 
 // copyBuffered is io.CopyBuffer without the ReaderFrom/WriterTo shortcuts,
@@ -332,8 +388,8 @@ var errTruncated = fmt.Errorf("tls: stream ended without close_notify: %w", io.E
 // came from the TCP stream ending (BatchConn saw it) rather than from the
 // peer's close_notify, after which crypto/tls reads no further.
 func finWithoutCloseNotify(c *tls.Conn) bool {
-	b, ok := c.NetConn().(*BatchConn)
-	return ok && b.sawEOF.Load()
+	b := BatchOf(c)
+	return b != nil && b.sawEOF.Load()
 }
 
 // abortConn ends c so that its peer sees an abort: a TCP reset (linger 0)

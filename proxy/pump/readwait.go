@@ -56,9 +56,11 @@ func NewReadWaiter(src any) *ReadWaiter {
 		case *net.TCPConn:
 			tc = s
 		case *tls.Conn:
-			// Only our own BatchConn may sit between: it buffers no reads.
+			// Only our own BatchConn may sit between, possibly under a
+			// kernel TLS handoff's cork that the session stayed in user
+			// space from: neither buffers reads.
 			var raw net.Conn = s.NetConn()
-			if b, ok := raw.(*BatchConn); ok {
+			if b := BatchOf(s); b != nil {
 				raw = b.TCPConn
 			}
 			if r, ok := raw.(*net.TCPConn); ok {

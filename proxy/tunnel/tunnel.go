@@ -116,7 +116,7 @@ type Conn struct {
 // clean means both EOFs went by and the session may carry another tunnel.
 func NewConn(tc *tls.Conn, release func(clean bool)) *Conn {
 	t := &Conn{tc: tc, r: tc, release: release}
-	t.batch, _ = tc.NetConn().(*pump.BatchConn)
+	t.batch = pump.BatchOf(tc)
 	t.rw = pump.NewReadWaiter(tc)
 	return t
 }

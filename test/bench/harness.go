@@ -64,6 +64,7 @@ func runHarness(pr params, ids []string, outDir, tag string) error {
 		return fmt.Errorf("setup: %w", err)
 	}
 	res, failures := e.runMatrix(paths, pr)
+	e.tlsModes(paths)
 
 	meta := runMeta{
 		Params:   pr,
@@ -179,6 +180,7 @@ func describeEnv(consul, ferry, ferryB string) []string {
 	if root, err := testbed.RepoRoot(); err == nil {
 		env = append(env, "commit: "+first("git", "-C", root, "rev-parse", "--short", "HEAD"))
 	}
+	env = append(env, kernelTLSNote())
 	env = append(env, "load generator & server: "+filepath.Base(os.Args[0])+" (test/bench), same binary in every pod")
 	return env
 }

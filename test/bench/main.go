@@ -37,6 +37,8 @@ func run(args []string) error {
 			return loadMain(args[1:])
 		case "probe":
 			return probeMain(args[1:])
+		case "tlsmodes":
+			return tlsModesMain(args[1:])
 		}
 	}
 	return harnessMain(args)
@@ -91,7 +93,7 @@ func harnessMain(args []string) error {
 	out := fs.String("out", "bench/results", "directory for the report and charts")
 	reps := fs.Int("reps", 0, "repetitions (default: 2 quick, 5 full)")
 	idle := fs.Int("idle", 0, "idle connections for the RSS scenario (default: 1000 quick, 9500 full)")
-	only := fs.String("paths", "", "comma-separated path ids to run (default: all): "+strings.Join(allPathIDs, ","))
+	only := fs.String("paths", "", "comma-separated path ids to run (default: all, and "+pFerryKTLS+" where the kernel has kernel TLS): "+strings.Join(append(slices.Clone(allPathIDs), pFerryKTLS), ","))
 	tag := fs.String("tag", "", "suffix for the report name (e.g. before/after a change)")
 	pin := fs.Bool("pin", false, "pin every proxy to CPU 1 with one thread (GOMAXPROCS=1, nbthread 1), load generator and servers to CPU 0")
 	scens := fs.String("scenarios", "", "comma-separated scenarios to run (default: all): "+strings.Join(allScenarios, ","))
@@ -157,6 +159,9 @@ func harnessMain(args []string) error {
 		}
 	} else {
 		ids = allPathIDs
+		if ktlsByDefault() {
+			ids = append(slices.Clone(ids), pFerryKTLS)
+		}
 		if p.FerryB != "" {
 			ids = append(slices.Clone(ids), pFerryPTB, pFerryMTLSB)
 		}

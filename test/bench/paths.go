@@ -24,6 +24,10 @@ const (
 	// before/after comparisons of a change in one interleaved run.
 	pFerryPTB   = "ferry-pt-b"
 	pFerryMTLSB = "ferry-mtls-b"
+	// The mTLS pair with kernel TLS: one session per connection
+	// (-tunnels=false), which both sidecars hand to the kernel when it
+	// can (-ktls=auto). On by default only where the kernel can.
+	pFerryKTLS = "ferry-ktls"
 )
 
 var allPathIDs = []string{pDirect, pFerryPT, pFerryMTLS, pConsul, pHAProxy}
@@ -36,6 +40,7 @@ var pathNames = map[string]string{
 	pHAProxy:    "HAProxy TLS pair",
 	pFerryPTB:   "ferry passthrough (B)",
 	pFerryMTLSB: "ferry mTLS pair (B)",
+	pFerryKTLS:  "ferry mTLS pair, kernel TLS (-tunnels=false)",
 }
 
 func knownPath(id string) bool { _, ok := pathNames[id]; return ok }
@@ -50,6 +55,10 @@ type path struct {
 	Proxies []*testbed.Process `json:"-"`
 	// NA is why the path could not be set up; empty when it works.
 	NA string
+	// TLS is where the path's TLS records are sealed and opened (tlsmode.go).
+	TLS string `json:",omitempty"`
+	// ferryPods are the pods of its ferry sidecars (admin on 127.0.0.1:19000).
+	ferryPods []*testbed.Pod
 }
 
 // env is the testbed plus everything the paths share.
@@ -212,6 +221,8 @@ func (e *env) setupPaths(ids []string) ([]*path, error) {
 			err = e.setupFerryPT(p, plain, e.ferryB, "b")
 		case pFerryMTLSB:
 			err = e.setupFerryMTLS(p, e.ferryB, "b")
+		case pFerryKTLS:
+			err = e.setupFerryMTLS(p, e.ferry, "k", "-tunnels=false", "-ktls=auto")
 		}
 		if err == nil && p.NA == "" {
 			if err = e.probe(p.Client, p.Addr); err != nil {
@@ -222,7 +233,7 @@ func (e *env) setupPaths(ids []string) ([]*path, error) {
 		}
 		if err != nil {
 			p.NA = "setup failed: " + strings.ReplaceAll(oneLine(err.Error()), e.self, "bench")
-			if (id == pFerryMTLS || id == pFerryMTLSB) && strings.Contains(err.Error(), `upstream=""`) {
+			if (id == pFerryMTLS || id == pFerryMTLSB || id == pFerryKTLS) && strings.Contains(err.Error(), `upstream=""`) {
 				p.NA = "`ferry run` does not route the service's virtual IP to its mesh upstream yet " +
 					"(it treated it as a non-mesh destination), so the mTLS pair cannot run. " + p.NA
 			}
@@ -333,7 +344,7 @@ func (e *env) file(name string) string { return filepath.Join(e.work, name) }
 
 // meshPod makes a pod whose traffic ferry intercepts: a registered service
 // with a transparent sidecar, `ferry redirect` and `ferry run` as UID 5995.
-func (e *env) meshPod(bin, name, service string, port int) (*testbed.Pod, *testbed.Process, error) {
+func (e *env) meshPod(bin, name, service string, port int, flags ...string) (*testbed.Pod, *testbed.Process, error) {
 	pod, err := e.tb.NewPod(name)
 	if err != nil {
 		return nil, nil, err
@@ -349,7 +360,7 @@ func (e *env) meshPod(bin, name, service string, port int) (*testbed.Pod, *testb
 		"-proxy-uid", strconv.Itoa(proxyUID), "-proxy-id", r.ProxyID); err != nil {
 		return nil, nil, fmt.Errorf("ferry redirect: %v: %s", err, out)
 	}
-	pr, err := e.startProxy(pod, testbed.Proc{UID: proxyUID, Name: "ferry run (" + name + ")"}, bin, "run", "-proxy-id", r.ProxyID)
+	pr, err := e.startProxy(pod, testbed.Proc{UID: proxyUID, Name: "ferry run (" + name + ")"}, append([]string{bin, "run", "-proxy-id", r.ProxyID}, flags...)...)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -367,11 +378,11 @@ func (e *env) setupFerryPT(p *path, plain, bin, sfx string) error {
 	if err != nil {
 		return err
 	}
-	p.Client, p.Addr, p.Proxies = pod, plain, []*testbed.Process{pr}
+	p.Client, p.Addr, p.Proxies, p.ferryPods = pod, plain, []*testbed.Process{pr}, []*testbed.Pod{pod}
 	return nil
 }
 
-func (e *env) setupFerryMTLS(p *path, bin, sfx string) error {
+func (e *env) setupFerryMTLS(p *path, bin, sfx string, flags ...string) error {
 	if why := e.ferryMissing(bin); why != "" {
 		p.NA = why
 		return nil
@@ -395,11 +406,11 @@ func (e *env) setupFerryMTLS(p *path, bin, sfx string) error {
 		"-proxy-uid", strconv.Itoa(proxyUID), "-proxy-id", r.ProxyID); err != nil {
 		return fmt.Errorf("ferry redirect: %v: %s", err, out)
 	}
-	sp, err := e.startProxy(fsrv, testbed.Proc{UID: proxyUID, Name: "ferry run (fsrv" + sfx + ")"}, bin, "run", "-proxy-id", r.ProxyID)
+	sp, err := e.startProxy(fsrv, testbed.Proc{UID: proxyUID, Name: "ferry run (fsrv" + sfx + ")"}, append([]string{bin, "run", "-proxy-id", r.ProxyID}, flags...)...)
 	if err != nil {
 		return err
 	}
-	cpod, cp, err := e.meshPod(bin, "fcli"+sfx, "bench-fcli"+sfx, 7000)
+	cpod, cp, err := e.meshPod(bin, "fcli"+sfx, "bench-fcli"+sfx, 7000, flags...)
 	if err != nil {
 		return err
 	}
@@ -413,7 +424,7 @@ func (e *env) setupFerryMTLS(p *path, bin, sfx string) error {
 	if err != nil {
 		return err
 	}
-	p.Client, p.Addr, p.Proxies = cpod, net.JoinHostPort(vip, "8080"), []*testbed.Process{cp, sp}
+	p.Client, p.Addr, p.Proxies, p.ferryPods = cpod, net.JoinHostPort(vip, "8080"), []*testbed.Process{cp, sp}, []*testbed.Pod{cpod, fsrv}
 	return nil
 }
 

@@ -166,6 +166,7 @@ func writeReport(dir, name string, paths []*path, res results, m runMeta) (strin
 	}
 	w("\n`*` = spread (max−min)/median over the repetitions above 15 %%; ranges are in the detail table below.\n\n")
 
+	writeTLSModes(w, live, m)
 	writeRatios(w, live, res)
 	writeTargets(w, paths, res)
 
@@ -205,6 +206,25 @@ func writeReport(dir, name string, paths []*path, res results, m runMeta) (strin
 	}
 	file := filepath.Join(dir, name+".md")
 	return file, os.WriteFile(file, []byte(b.String()), 0o644)
+}
+
+// writeTLSModes says where each path's TLS records were sealed and opened,
+// and whether this machine could show kernel TLS at all.
+func writeTLSModes(w func(string, ...any), live []*path, m runMeta) {
+	w("## TLS mode of each path\n\n| path | TLS records sealed and opened in |\n|---|---|\n")
+	for _, pa := range live {
+		mode := pa.TLS
+		if mode == "" {
+			mode = "not recorded"
+		}
+		w("| %s | %s |\n", pathNames[pa.ID], mode)
+	}
+	w("\n")
+	for _, e := range m.Env {
+		if strings.HasPrefix(e, "kernel TLS:") {
+			w("%s.\n\n", strings.ToUpper(e[:1])+e[1:])
+		}
+	}
 }
 
 // deltaRatio compares two added latencies. When either is not positive

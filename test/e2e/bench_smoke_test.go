@@ -66,6 +66,18 @@ func TestBenchSmoke(t *testing.T) {
 			t.Errorf("report has no row for %q", name)
 		}
 	}
+	// Each path's TLS mode, read from the ferry sidecars' own counter for
+	// the mTLS pair (user space unless this kernel has kernel TLS), and
+	// whether the machine could show kernel TLS at all.
+	for _, re := range []string{
+		`\| Consul built-in pair \| userspace \(Go crypto/tls\) \|`,
+		`\| ferry mTLS pair \| (userspace|ktls) \(\d+ sessions, both sidecars\) \|`,
+		`(?m)^Kernel TLS: (unavailable|available)`,
+	} {
+		if !regexp.MustCompile(re).MatchString(md) {
+			t.Errorf("report lacks %s", re)
+		}
+	}
 	for _, c := range []string{"throughput", "cpu", "connrate", "latency"} {
 		png := strings.TrimSuffix(reports[0], ".md") + "-" + c + ".png"
 		if st, err := os.Stat(png); err != nil || st.Size() == 0 {
