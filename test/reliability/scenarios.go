@@ -296,7 +296,7 @@ func (e *env) churn(p params, dur time.Duration, name string) *scenario {
 			time.Sleep(time.Second)
 			return e.startEcho()
 		}},
-		{"agent restarted", "the -dev agent restarts empty (new CA and trust domain, no services): the harness re-registers the services as consul-k8s would; new connections fail until both sidecars follow", func() error {
+		{"agent restarted", "the -dev agent restarts empty (new CA and trust domain, no services): the harness re-registers the services as consul-k8s would; until then the client sidecar resets connections to the VIP no service holds (unknown_virtual_ip), and handshakes fail until both sidecars have the new CA", func() error {
 			e.tb.Consul.Stop()
 			if err := e.tb.Consul.Start(); err != nil {
 				return err
