@@ -19,11 +19,16 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
+// consulVirtualRange is where Consul allocates the `consul-virtual`
+// service VIPs: 240.0.0.0/4, reserved (class E), where no host answers.
+var consulVirtualRange = netip.MustParsePrefix("240.0.0.0/4")
+
 // MeshRouter routes outbound connections by the catalog view: a virtual IP
 // of a mesh service goes over mTLS to a healthy instance of it (balanced,
 // with retries), an instance address of a DialedDirectly service goes over
-// mTLS to that very address, and anything else passes through as plain TCP
-// unless the mesh config says MeshDestinationsOnly.
+// mTLS to that very address, an unknown Consul virtual IP is refused, and
+// anything else passes through as plain TCP unless the mesh config says
+// MeshDestinationsOnly.
 type MeshRouter struct {
 	view     *catalog.View
 	identity *mtls.Identity
@@ -110,6 +115,17 @@ func (r *MeshRouter) RouteOutbound(ctx context.Context, dst netip.AddrPort) Rout
 	}
 	m, ok := r.view.Lookup(dst.Addr().Unmap())
 	if !ok {
+		if consulVirtualRange.Contains(dst.Addr().Unmap()) {
+			// Passed through, the dial could only hang until the connect
+			// timeout, and its unanswered SYN would leave an un-NATed
+			// conntrack entry in SYN_SENT: when the app later reuses that
+			// source port for the same VIP (after it is registered
+			// again), its SYN matches the entry, skips the redirect and
+			// times out too. Seen after an agent restart, while the
+			// services were not yet registered again.
+			return Route{Action: Reject, Outcome: "unknown_virtual_ip",
+				Reason: "a Consul virtual IP that no mesh service holds (deregistered, or not yet registered again after an agent restart)"}
+		}
 		if r.view.MeshDestinationsOnly() {
 			return Route{Action: Reject, Reason: "not a mesh destination and the mesh config sets MeshDestinationsOnly"}
 		}

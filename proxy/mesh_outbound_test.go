@@ -170,6 +170,35 @@ func TestRouteOutboundPassthroughOnceLoaded(t *testing.T) {
 	}
 }
 
+// A Consul virtual IP the view does not hold (its service deregistered, or
+// an agent restart that has not seen it registered again) is refused at
+// once, never passed through: the plaintext dial could only hang, and its
+// unanswered SYN left an un-NATed conntrack entry that made the app's later
+// connections to the VIP from that source port skip the redirect and time
+// out (the churn scenario's failures after an agent restart).
+func TestRouteOutboundRefusesUnknownConsulVirtualIP(t *testing.T) {
+	src := newGatedSource(catalog.ProxyRecord{Service: catalog.Service{Name: "backend"},
+		Addr: netip.MustParseAddr("10.0.0.5"), ConsulVirtual: netip.MustParseAddr("240.0.0.1")})
+	for g := range src.gates {
+		src.open(g)
+	}
+	r, v := startRouter(t, src)
+	<-v.Ready()
+	if rt := routeWithin(r, "240.0.0.1:80", time.Second); rt.Action != Dial || rt.Upstream != "backend" {
+		t.Fatalf("route to a known VIP = %+v; want Dial backend", rt)
+	}
+	for _, dst := range []string{"240.0.0.2:80", "255.255.255.254:443", "[::ffff:240.0.0.9]:80"} {
+		if rt := routeWithin(r, dst, time.Second); rt.Action != Reject || rt.Outcome != "unknown_virtual_ip" {
+			t.Errorf("route to unknown VIP %s = %+v; want Reject, outcome unknown_virtual_ip", dst, rt)
+		}
+	}
+	for _, dst := range []string{"239.255.255.255:80", "203.0.113.9:443", "[2001:db8::1]:443"} {
+		if rt := routeWithin(r, dst, time.Second); rt.Action != Passthrough {
+			t.Errorf("route to %s outside the VIP range = %+v; want Passthrough", dst, rt)
+		}
+	}
+}
+
 // The proxy bounds RouteOutbound by the connect timeout (a router may wait
 // there for its view), counts a Reject under its Route.Outcome, and logs a
 // burst of rejections of one destination once.

@@ -290,7 +290,8 @@ type Metrics struct {
 	// Connections counts finished or refused connections by direction and
 	// outcome (ok, error, idle_timeout, closed, revoked, dial_error,
 	// rejected, loop, over_limit, pending_limit, handshake_error, a hook's
-	// Refused.Outcome, or a Reject's Route.Outcome).
+	// Refused.Outcome, or a Reject's Route.Outcome: not_ready, ambiguous,
+	// unknown_virtual_ip).
 	Connections *CounterVec
 	// SentBytes is downstream→upstream, ReceivedBytes upstream→downstream,
 	// counted when a connection ends.

@@ -63,6 +63,9 @@ type env struct {
 	echo    *testbed.Process
 	sampler *sampler
 	regs    []testbed.Service // re-registered after an agent restart
+	// loadLogs are the churn loads' outputs (every failure, timed), saved
+	// with the ferry logs.
+	loadLogs []string
 }
 
 func (e *env) start(pod *testbed.Pod, o testbed.Proc, argv ...string) (*testbed.Process, error) {
@@ -488,6 +491,9 @@ func (e *env) saveLogs(file string) error {
 			fmt.Fprintf(&b, "===== %s, run %d =====\n%s\n", s.name, i+1, pr.Output())
 		}
 		s.mu.Unlock()
+	}
+	for i, l := range e.loadLogs {
+		fmt.Fprintf(&b, "===== churn load %d (ticks and failures, seconds since its start) =====\n%s\n", i+1, l)
 	}
 	return os.WriteFile(file, []byte(b.String()), 0o644)
 }

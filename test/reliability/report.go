@@ -68,7 +68,11 @@ func writeReport(dir, name string, rd runData) (string, error) {
 				if exp == "" {
 					exp = "no (goal 0)"
 				}
-				w("| %s | %.0f | %d | %d | %d | %d | %d | %d | %d | %d | %s | %s |\n", ph.Name, ph.To-ph.From, d.Attempted, d.OK, d.ConnectFail, d.Reset, d.Stalled, d.StreamBreaks, d.Truncated, d.Corrupt, bytesStr(d.BytesVerified), exp)
+				name := ph.Name
+				if ph.Settled > 0 {
+					name += fmt.Sprintf(" (verified traffic again %.1f s after)", ph.Settled)
+				}
+				w("| %s | %.0f | %d | %d | %d | %d | %d | %d | %d | %d | %s | %s |\n", name, ph.To-ph.From, d.Attempted, d.OK, d.ConnectFail, d.Reset, d.Stalled, d.StreamBreaks, d.Truncated, d.Corrupt, bytesStr(d.BytesVerified), exp)
 			}
 			w("\n")
 		}

@@ -8,6 +8,8 @@ import (
 	"encoding/pem"
 	"fmt"
 	"net"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -241,6 +243,11 @@ type phase struct {
 	// Expected says whether failures here are unavoidable (the fault
 	// concerns these connections).
 	Expected string
+	// Settled is how long after the fault's action the pair carried a
+	// verified stream again (fault spans).
+	Settled float64 `json:",omitempty"`
+	// The sidecars' ferry_connections_total at the span's ends.
+	outcomes0, outcomes1 map[string]float64
 }
 
 // churn: a steady mix while the mesh changes under it, one change after
@@ -261,6 +268,7 @@ func (e *env) churn(p params, dur time.Duration, name string) *scenario {
 	}
 	// The load's clock: its ticks are timed from its "start" line.
 	l0 := time.Now()
+	e.logf("churn load clock starts at %s", l0.UTC().Format("15:04:05.000"))
 	at := func() float64 { return time.Since(l0).Seconds() }
 	gap := p.Gap
 	type fault struct {
@@ -288,7 +296,7 @@ func (e *env) churn(p params, dur time.Duration, name string) *scenario {
 			time.Sleep(time.Second)
 			return e.startEcho()
 		}},
-		{"agent restarted", "the -dev agent restarts empty (new CA and trust domain, no services): the harness re-registers the services as consul-k8s would; new connections fail until both sidecars follow", func() error {
+		{"agent restarted", "the -dev agent restarts empty (new CA and trust domain, no services): the harness re-registers the services as consul-k8s would; until then the client sidecar resets connections to the VIP no service holds (unknown_virtual_ip), and handshakes fail until both sidecars have the new CA", func() error {
 			e.tb.Consul.Stop()
 			if err := e.tb.Consul.Start(); err != nil {
 				return err
@@ -306,37 +314,41 @@ func (e *env) churn(p params, dur time.Duration, name string) *scenario {
 			return nil
 		}},
 	}
-	if p.Mode == "quick" {
-		// The -dev agent comes back with a new CA and trust domain, and
-		// in one CI run connections still failed in the span after the
-		// quick run's short settle time (6 of ~50,000): under
-		// investigation (docs/reliability.md). The full run and the soak
-		// keep the fault; the quick run, which gates every submission,
-		// leaves it out until that is understood.
-		faults = faults[:len(faults)-1]
-	}
 	var spans []phase
-	spans = append(spans, phase{Name: "steady (before any fault)", From: 0})
+	spans = append(spans, phase{Name: "steady (before any fault)", From: 0, outcomes0: e.outcomes()})
+	// end closes the current span with the sidecars' outcome counters.
+	end := func() {
+		sp := &spans[len(spans)-1]
+		sp.To, sp.outcomes1 = at(), e.outcomes()
+	}
 	time.Sleep(gap)
 	for round := 0; ; round++ {
 		for _, f := range faults {
 			if at()+gap.Seconds()+5 > dur.Seconds() {
 				goto done
 			}
-			spans[len(spans)-1].To = at()
+			end()
 			e.sampler.mark(f.name)
-			ph := phase{Name: f.name, From: at(), Expected: f.expected}
+			ph := phase{Name: f.name, From: at(), Expected: f.expected, outcomes0: spans[len(spans)-1].outcomes1}
 			if round > 0 {
 				ph.Name += fmt.Sprintf(" (round %d)", round+1)
 			}
 			if err := f.do(); err != nil {
 				s.failf("%s: %v", f.name, err)
 			}
-			// The phase of a fault includes the time the mesh takes to
-			// settle after it (a third of the gap).
-			time.Sleep(gap / 3)
-			ph.To = at()
-			spans = append(spans, ph, phase{Name: "steady after " + ph.Name, From: at()})
+			// The phase of a fault lasts until the pair is seen carrying
+			// a verified stream again (the readiness signal), and at
+			// least a third of the gap: failures observed after that
+			// count against the steady span.
+			done := time.Now()
+			if err := e.probe(); err != nil {
+				s.failf("%s: the pair did not carry a verified stream again: %v", f.name, err)
+			}
+			ph.Settled = time.Since(done).Seconds()
+			time.Sleep(time.Until(done.Add(gap / 3)))
+			spans = append(spans, ph)
+			end()
+			spans = append(spans, phase{Name: "steady after " + ph.Name, From: at(), outcomes0: spans[len(spans)-1].outcomes1})
 			time.Sleep(gap - gap/3)
 		}
 		if !p.Repeat {
@@ -344,6 +356,7 @@ func (e *env) churn(p params, dur time.Duration, name string) *scenario {
 		}
 	}
 done:
+	end()
 	spans[len(spans)-1].To = dur.Seconds() + 1
 	if err := pr.Wait(dur + time.Minute); err != nil {
 		s.failf("load did not finish: %v", err)
@@ -366,8 +379,14 @@ done:
 		}
 	}
 	s.count(res)
+	fails := parseFails(pr.Output())
+	e.loadLogs = append(e.loadLogs, pr.Output())
 	for i := range spans {
 		d := spans[i].Delta
+		if sum := summarizeFails(fails, spans[i].From, spans[i].To); sum != "" {
+			s.detailf("%s: failures seen by the app: %s; the sidecars' refusals and errors: %s", spans[i].Name, sum,
+				outcomeDelta(spans[i].outcomes0, spans[i].outcomes1))
+		}
 		bad := d.ConnectFail + d.Reset + d.Stalled + d.Other + d.StreamBreaks
 		if bad > 0 && spans[i].Expected == "" {
 			s.Findings = append(s.Findings, fmt.Sprintf("%s: %d connect failures, %d resets, %d stalls, %d other, %d long streams broken (goal: 0)", spans[i].Name, d.ConnectFail, d.Reset, d.Stalled, d.Other, d.StreamBreaks))
@@ -701,3 +720,113 @@ func sampleLines(log string, n int) []string {
 // refactor when this was written).
 const killTruncation = "KNOWN DEFECT (not failed on): SIGKILL of the client-side sidecar: %d of the 4 app streams saw a clean EOF, not a reset: " +
 	"the kernel closed the dead sidecar's app-side socket with a FIN because it held no unread data. Fix: SO_LINGER {on,0} on app-side sockets while live, cleared before a graceful close."
+
+// failLine is one "fail T kind error" line of a load client.
+type failLine struct {
+	T         float64
+	Kind, Err string
+}
+
+func parseFails(out string) []failLine {
+	var fs []failLine
+	for _, l := range strings.Split(out, "\n") {
+		rest, ok := strings.CutPrefix(l, "fail ")
+		if !ok {
+			continue
+		}
+		f := strings.SplitN(rest, " ", 3)
+		if len(f) < 3 {
+			continue
+		}
+		t, err := strconv.ParseFloat(f[0], 64)
+		if err != nil {
+			continue
+		}
+		fs = append(fs, failLine{t, f[1], f[2]})
+	}
+	return fs
+}
+
+var addrRE = regexp.MustCompile(`[0-9]+(\.[0-9]+){3}:[0-9]+|\b[0-9]+\b`)
+
+// summarizeFails groups the failures in [from, to] by kind and error (with
+// addresses and numbers blanked) and gives when the first and last were.
+func summarizeFails(fs []failLine, from, to float64) string {
+	type group struct {
+		n           int
+		first, last float64
+	}
+	groups := map[string]*group{}
+	var keys []string
+	for _, f := range fs {
+		if f.T < from || f.T > to {
+			continue
+		}
+		k := f.Kind + ": " + addrRE.ReplaceAllString(f.Err, "N")
+		g := groups[k]
+		if g == nil {
+			g = &group{first: f.T}
+			groups[k] = g
+			keys = append(keys, k)
+		}
+		g.n++
+		g.last = f.T
+	}
+	var parts []string
+	for _, k := range keys {
+		g := groups[k]
+		parts = append(parts, fmt.Sprintf("%d× `%s` (%.1f–%.1f s)", g.n, k, g.first, g.last))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// outcomes reads ferry_connections_total of both sidecars, keyed
+// "client|server direction outcome".
+func (e *env) outcomes() map[string]float64 {
+	m := map[string]float64{}
+	for _, sc := range []*sidecar{e.fcli, e.fsrv} {
+		side := strings.Fields(strings.Trim(strings.SplitN(sc.name, "(", 2)[1], ")"))[0]
+		_, body := e.admin(sc.pod, "GET", "/metrics")
+		for _, l := range strings.Split(body, "\n") {
+			rest, ok := strings.CutPrefix(l, "ferry_connections_total{")
+			if !ok {
+				continue
+			}
+			labels, val, ok := strings.Cut(rest, "} ")
+			if !ok {
+				continue
+			}
+			v, err := strconv.ParseFloat(strings.TrimSpace(val), 64)
+			if err != nil {
+				continue
+			}
+			var dir, out string
+			for _, kv := range strings.Split(labels, ",") {
+				k, v, _ := strings.Cut(kv, "=")
+				switch k {
+				case "direction":
+					dir = strings.Trim(v, `"`)
+				case "outcome":
+					out = strings.Trim(v, `"`)
+				}
+			}
+			m[side+" "+dir+" "+out] += v
+		}
+	}
+	return m
+}
+
+// outcomeDelta names the outcomes other than ok that grew between a and b.
+func outcomeDelta(a, b map[string]float64) string {
+	var parts []string
+	for k, v := range b {
+		if d := v - a[k]; d > 0 && !strings.HasSuffix(k, " ok") {
+			parts = append(parts, fmt.Sprintf("%s %.0f", k, d))
+		}
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, ", ")
+}

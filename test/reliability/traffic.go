@@ -119,6 +119,31 @@ type counters struct {
 	BytesVerified atomic.Int64
 	mu            sync.Mutex
 	firstErr      map[outcome]string
+	// t0 and the fail* fields time every failure on the load's clock
+	// ("fail T kind error" lines), so the harness can say what a span's
+	// failures were; at most maxFailLines a second.
+	t0       time.Time
+	failSec  int64
+	failSent int
+}
+
+const maxFailLines = 50
+
+func (c *counters) logFail(o outcome, err error) {
+	if c.t0.IsZero() {
+		return
+	}
+	t := time.Since(c.t0).Seconds()
+	c.mu.Lock()
+	if sec := int64(t); sec != c.failSec {
+		c.failSec, c.failSent = sec, 0
+	}
+	c.failSent++
+	ok := c.failSent <= maxFailLines
+	c.mu.Unlock()
+	if ok {
+		fmt.Printf("fail %.3f %s %v\n", t, outcomeNames[o], err)
+	}
 }
 
 type snapshot struct {
@@ -159,6 +184,7 @@ func (c *counters) add(o outcome, err error) {
 		c.Other.Add(1)
 	}
 	if o != okClean && err != nil {
+		c.logFail(o, err)
 		c.mu.Lock()
 		if c.firstErr == nil {
 			c.firstErr = map[outcome]string{}
@@ -287,7 +313,7 @@ func runStreams(c loadConf) error {
 	defer cancel()
 	t0 := time.Now()
 	fmt.Println("start")
-	var cnt counters
+	cnt := counters{t0: t0}
 	var wg sync.WaitGroup
 	for i := range c.streams {
 		wg.Add(1)
