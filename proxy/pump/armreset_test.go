@@ -95,7 +95,6 @@ func isReset(err error) bool {
 	return errno == unix.ECONNRESET
 }
 
-
 // The cost ferry adds per plain leg: one setsockopt to arm, one to disarm.
 //
 //	go test -run '^$' -bench ArmReset ./proxy/pump
