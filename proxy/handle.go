@@ -16,6 +16,9 @@ import (
 func (p *Proxy) handleOutbound(ln *listener.Listener, c *net.TCPConn) {
 	const dir = "outbound"
 	start := time.Now()
+	// From here on a crash of ferry resets the app's connection instead
+	// of ending it with a FIN (see pump.ArmReset); refusals reset anyway.
+	pump.ArmReset(c)
 	src := addrPortOf(c.RemoteAddr())
 	local := addrPortOf(c.LocalAddr())
 	dst, err := listener.OriginalDst(c)
@@ -190,6 +193,15 @@ func (p *Proxy) connect(down net.Conn, dial DialFunc, info ConnInfo, start time.
 		reset(down)
 		return
 	}
+
+	// Plain TCP legs (the app's, a passthrough destination, a permissive
+	// inbound client) are reset by the kernel if ferry dies mid-stream;
+	// the pump disarms them before a clean close. The outbound app leg
+	// was armed when it was accepted.
+	if info.Direction == Inbound {
+		pump.ArmReset(down)
+	}
+	pump.ArmReset(up)
 
 	_, untrack := p.reg.track(info, cancel)
 	active := p.m.Active.With(dir)

@@ -324,7 +324,7 @@ func NewMetrics() *Metrics {
 		m.AcceptErrors.With(d.String())
 		m.Connections.With(d.String(), "ok")
 	}
-	for _, c := range []Collector{m.Connections, m.SentBytes, m.ReceivedBytes, m.Active, m.DialErrors, m.AcceptErrors, m.Duration} {
+	for _, c := range []Collector{m.Connections, m.SentBytes, m.ReceivedBytes, m.Active, m.DialErrors, m.AcceptErrors, m.Duration, processCollector{}} {
 		m.Set.Register(c)
 	}
 	return m

@@ -16,6 +16,7 @@ import (
 	"github.com/ferrymesh/ferry/dns"
 	"github.com/ferrymesh/ferry/ktls"
 	"github.com/ferrymesh/ferry/proxy"
+	"github.com/ferrymesh/ferry/proxy/consulguard"
 	"github.com/ferrymesh/ferry/proxy/intentions"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
@@ -277,6 +278,15 @@ func agentClient(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) (*api.C
 	if cfg.Token != "" {
 		acfg.Token = cfg.Token
 	}
+	// Bounded answers (proxy/consulguard): a broken agent's huge, endless
+	// or never-sent answer must not grow ferry's memory or freeze a watch.
+	// (A unix:// address gets consul/api's own client, unguarded.)
+	hc, err := api.NewHttpClient(acfg.Transport, acfg.TLSConfig)
+	if err != nil {
+		return nil, "", fmt.Errorf("run: consul client: %w", err)
+	}
+	hc.Transport = consulguard.New(hc.Transport, consulguard.Config{})
+	acfg.HttpClient = hc
 	client, err := api.NewClient(acfg)
 	if err != nil {
 		return nil, "", fmt.Errorf("run: consul client: %w", err)

@@ -19,7 +19,7 @@ const module = "github.com/ferrymesh/ferry/"
 // and keep docs/architecture.md's table in step.
 var rules = map[string][]string{
 	// The wiring: flags → Config → run.
-	"cmd/ferry": {"dns", "proxy", "proxy/catalog", "proxy/intentions", "redirect", "listener", "mtls", "cni", "inject", "proxy/servers", "ktls"},
+	"cmd/ferry": {"dns", "proxy", "proxy/catalog", "proxy/intentions", "redirect", "listener", "mtls", "cni", "inject", "proxy/servers", "ktls", "proxy/consulguard"},
 
 	// The sidecar: routing, the acceptors, the sidecar's wiring.
 	"proxy": {"listener", "mtls", "ktls", "proxy/pump", "proxy/tunnel", "proxy/catalog", "proxy/intentions", "proxy/expose", "proxy/mergedmetrics"},
@@ -28,7 +28,8 @@ var rules = map[string][]string{
 	// The byte mover, the mesh view: leaves.
 	"proxy/pump": {},
 	// Agentless mode: the Consul servers, failover, ACL login.
-	"proxy/servers":       {},
+	"proxy/servers":       {"proxy/consulguard"},
+	"proxy/consulguard":   {}, // bounded Consul API answers under consul/api
 	"proxy/catalog":       {},
 	"proxy/intentions":    {},
 	"proxy/expose":        {}, // Expose.Paths: plain-HTTP listeners for probes

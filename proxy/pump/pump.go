@@ -81,6 +81,9 @@ type Stats struct {
 // EOF and could act on it (a partial upload taken as complete). Only the
 // idle timeout closes cleanly: nothing was in flight.
 //
+// Crash: legs armed with ArmReset are reset by the kernel if the process
+// dies mid-connection; Pump disarms them right before a clean close.
+//
 // Idle: with idle > 0 the connection is closed after idle without a byte
 // received on either side (checked every idle/4: closed between idle and
 // 1.5×idle after the last byte).
@@ -156,6 +159,8 @@ func (p *pump) abort(cause error) {
 			abortConn(p.b)
 			return
 		}
+		disarm(p.a)
+		disarm(p.b)
 		p.a.Close()
 		p.b.Close()
 	})
@@ -408,6 +413,41 @@ func abortConn(c net.Conn) {
 		tc.Close()
 	}
 	c.Close()
+}
+
+// ArmReset makes the kernel reset c, a plain TCP leg (not TLS: a TLS
+// peer already takes a FIN without close_notify for an abort), if the
+// process dies while the connection is live: SO_LINGER {on, 0}. The
+// kernel closes a dead process's sockets, and without it a socket with
+// nothing unread is closed with a FIN, which the app cannot tell from a
+// clean end of stream (a SIGKILLed or OOM-killed sidecar would pass for a
+// completed response). Pump clears it before it closes a connection
+// cleanly (see disarm); a half-close is a FIN either way, since shutdown
+// does not look at SO_LINGER. Callers arm the app-side legs as soon as they
+// have them.
+func ArmReset(c net.Conn) {
+	if tc := plainTCP(c); tc != nil {
+		_ = tc.SetLinger(0)
+	}
+}
+
+// disarm undoes ArmReset before a clean close, so that the close is a FIN
+// (with unsent data still delivered) rather than a reset.
+func disarm(c net.Conn) {
+	if tc := plainTCP(c); tc != nil {
+		_ = tc.SetLinger(-1)
+	}
+}
+
+// plainTCP is the TCP connection under c when no TLS layer is in between.
+func plainTCP(c net.Conn) *net.TCPConn {
+	if tc, ok := c.(*net.TCPConn); ok {
+		return tc // the common case, without the walk
+	}
+	if under[*tls.Conn](c) != nil {
+		return nil
+	}
+	return TCPOf(c)
 }
 
 // TCPOf returns the TCP connection under c (through *tls.Conn, BatchConn

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferrymesh/ferry/proxy/consulguard"
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 )
@@ -92,7 +93,8 @@ func (p *Pool) Client() (*api.Client, error) {
 	}
 	c.Token = ""
 	c.TokenFile = ""
-	c.HttpClient = &http.Client{Transport: p}
+	// Bounded answers, as for the agent (proxy/consulguard).
+	c.HttpClient = &http.Client{Transport: consulguard.New(p, consulguard.Config{})}
 	return api.NewClient(c)
 }
 

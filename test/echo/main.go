@@ -84,6 +84,14 @@ func server(args []string) error {
 				head := make([]byte, len(*resetToken))
 				m, err := io.ReadFull(c, head)
 				read += int64(m)
+				if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {
+					// A reset is reported once by the kernel: the echo
+					// below would read a clean EOF after it.
+					if *report {
+						fmt.Printf("end %d read=%d err=%s\n", k, read, err)
+					}
+					return
+				}
 				c.Write(head[:m])
 				if err == nil && string(head) == *resetToken {
 					// The client's next byte says the echo arrived: a

@@ -316,6 +316,8 @@ type procStat struct {
 	FDs     int     `json:"fds"`
 	Threads int     `json:"threads"`
 	CPU     float64 `json:"cpu_s"` // utime+stime
+	// Goroutines is ferry_goroutines from /metrics (-1: no answer).
+	Goroutines int `json:"goroutines"`
 }
 
 func readProc(pid int) procStat {
@@ -366,6 +368,10 @@ func (s *sidecar) stat(t0 time.Time) procStat {
 	default:
 	}
 	st := readProc(pr.PID())
+	st.Goroutines = -1
+	if st.Alive {
+		st.Goroutines = goroutines(s.pod)
+	}
 	st.T = time.Since(t0).Seconds()
 	return st
 }
@@ -436,6 +442,7 @@ func (s *sampler) peak(cli bool, from, to float64) procStat {
 		p.RSSKiB = max(p.RSSKiB, x.RSSKiB)
 		p.FDs = max(p.FDs, x.FDs)
 		p.Threads = max(p.Threads, x.Threads)
+		p.Goroutines = max(p.Goroutines, x.Goroutines)
 		p.CPU = max(p.CPU, x.CPU)
 	}
 	return p

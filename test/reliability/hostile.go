@@ -16,13 +16,15 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-var hostileKinds = []string{"tls-garbage", "tls-truncated", "tls-oversized", "tls-no-cert", "random", "protocols", "admin", "dns-udp", "dns-tcp", "slowloris", "slow-reader"}
+var hostileKinds = []string{"tls-garbage", "tls-truncated", "tls-oversized", "tls-no-cert", "tunnel-frames", "random", "protocols", "admin", "dns-udp", "dns-tcp", "slowloris", "slow-reader"}
 
 type hostileResult struct {
 	Kind      string `json:"kind"`
@@ -43,8 +45,18 @@ func hostileMain(args []string) error {
 	n := fs.Int("n", 200, "attempts (slowloris: connections held)")
 	parallel := fs.Int("parallel", 16, "attempts at once")
 	hold := fs.Duration("hold", 5*time.Second, "slowloris and slow-reader: how long to hold")
+	certFile := fs.String("cert", "", "tunnel-frames: a leaf certificate (PEM) the peer trusts")
+	keyFile := fs.String("key", "", "tunnel-frames: its private key (PEM)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	var leaf []tls.Certificate
+	if *certFile != "" {
+		c, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			return err
+		}
+		leaf = []tls.Certificate{c}
 	}
 	raiseNofile()
 	res := hostileResult{Kind: *kind, Status: map[int]int64{}}
@@ -128,6 +140,32 @@ func hostileMain(args []string) error {
 				} else {
 					closed.Add(1)
 				}
+				c.Close()
+			}
+		case "tunnel-frames":
+			// An authenticated peer (a valid leaf) that negotiates the
+			// tunnel protocol and then breaks it.
+			if c := dial(); c != nil {
+				tc := tls.Client(c, &tls.Config{Certificates: leaf, InsecureSkipVerify: true, NextProtos: []string{"ferry/1"}})
+				tc.SetDeadline(time.Now().Add(3 * time.Second))
+				if err := tc.Handshake(); err != nil || tc.ConnectionState().NegotiatedProtocol != "ferry/1" {
+					closed.Add(1)
+					c.Close()
+					return
+				}
+				f := badFrames[i%len(badFrames)]
+				tc.SetDeadline(time.Time{})
+				send(tc, f.b)
+				switch f.end {
+				case "close_notify":
+					tc.CloseWrite()
+				case "rst":
+					c.(*net.TCPConn).SetLinger(0)
+					c.Close()
+					closed.Add(1)
+					return
+				}
+				note(tc)
 				c.Close()
 			}
 		case "protocols":
@@ -307,4 +345,59 @@ func clientHello(rng *rand.Rand) []byte {
 		return []byte{0x16, 0x03, 0x01}
 	}
 	return buf[:n]
+}
+
+// badFrames are malformed proxy/tunnel sessions after the handshake (a
+// frame is type, 24-bit length, payload; OPEN is type 2, DATA 0, EOF 1,
+// RESET 3). end says how the client then ends: "" leaves it to ferry.
+var badFrames = func() []struct {
+	b   []byte
+	end string
+} {
+	open := []byte{2, 0, 0, 0}
+	cat := func(ps ...[]byte) []byte {
+		var out []byte
+		for _, p := range ps {
+			out = append(out, p...)
+		}
+		return out
+	}
+	return []struct {
+		b   []byte
+		end string
+	}{
+		{[]byte{0, 0, 0, 5, 'h', 'e', 'l', 'l', 'o'}, ""},                        // DATA before OPEN
+		{[]byte{2, 0, 0, 4, 'a', 'b', 'c', 'd'}, ""},                             // OPEN with a length
+		{cat(open, []byte{9, 0, 0, 0}), ""},                                      // unknown type
+		{cat(open, []byte{1, 0, 0, 5}, []byte("hello")), ""},                     // EOF with a length
+		{cat(open, []byte{3, 0, 0, 7}), ""},                                      // RESET with a length
+		{cat(open, []byte{0, 0, 0, 2, 'h', 'i'}, open), ""},                      // OPEN inside a tunnel
+		{cat(open, []byte{0, 0, 3, 0xe8}, []byte("ten bytes!")), "close_notify"}, // DATA cut short
+		{cat(open, []byte{0, 0}), "close_notify"},                                // header cut short
+		{cat(open, []byte{0, 0xff, 0xff, 0xff}, make([]byte, 64<<10)), "rst"},    // maximal frame, then RST
+	}
+}()
+
+// leafFiles writes the agent's current leaf for service to PEM files and
+// returns the hostile client's flags for them, and what removes them.
+func (e *env) leafFiles(service string) ([]string, func(), error) {
+	leaf, _, err := e.tb.Consul.Client.Agent().ConnectCALeaf(service, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	dir, err := os.MkdirTemp("", "ferry-rel-leaf-")
+	if err != nil {
+		return nil, nil, err
+	}
+	cleanup := func() { os.RemoveAll(dir) }
+	cert, key := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(cert, []byte(leaf.CertPEM), 0o600); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	if err := os.WriteFile(key, []byte(leaf.PrivateKeyPEM), 0o600); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	return []string{"-cert", cert, "-key", key}, cleanup, nil
 }

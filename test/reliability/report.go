@@ -5,6 +5,7 @@ import (
 	"image/color"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"gonum.org/v1/plot"
@@ -16,7 +17,7 @@ func writeReport(dir, name string, rd runData) (string, error) {
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	w("# ferry reliability — %s (%s mode)\n\n", rd.Started.Format("2006-01-02 15:04 MST"), rd.Params.Mode)
-	w("`make reliability%s` ran %v. Every app connection is a stream of random chunks, each echoed back and compared byte for byte, so a lost, corrupted or silently truncated byte is counted, not guessed. Sidecar figures are read from `/proc/<pid>` (VmRSS, open fds, threads); ferry exposes no goroutine count.\n\n",
+	w("`make reliability%s` ran %v. Every app connection is a stream of random chunks, each echoed back and compared byte for byte, so a lost, corrupted or silently truncated byte is counted, not guessed. Sidecar figures are read from `/proc/<pid>` (VmRSS, open fds, threads) and goroutines from ferry's `/metrics` (`ferry_goroutines`; - where the sidecar did not answer).\n\n",
 		map[string]string{"quick": " QUICK=1", "full": "", "soak": " SOAK=" + rd.Params.Soak.String()}[rd.Params.Mode], rd.Duration.Round(1e9))
 	w("| scenario | verdict | connections attempted | failed | reset | truncated | corrupted | bytes verified |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, s := range rd.Scenarios {
@@ -48,14 +49,14 @@ func writeReport(dir, name string, rd runData) (string, error) {
 		}
 		w("\n")
 		if len(s.Stats) > 0 {
-			w("| sidecar | reading | alive | RSS (KiB) | fds | threads | CPU s |\n|---|---|---|---:|---:|---:|---:|\n")
+			w("| sidecar | reading | alive | RSS (KiB) | fds | goroutines | threads | CPU s |\n|---|---|---|---:|---:|---:|---:|---:|\n")
 			for _, k := range []string{"client", "server"} {
 				for _, when := range []string{"before", "during", "idle", "slowloris", "slow readers", "peak", "after"} {
 					st, ok := s.Stats[k][when]
 					if !ok {
 						continue
 					}
-					w("| %s | %s | %v | %d | %d | %d | %.2f |\n", k, when, st.Alive, st.RSSKiB, st.FDs, st.Threads, st.CPU)
+					w("| %s | %s | %v | %d | %d | %s | %d | %.2f |\n", k, when, st.Alive, st.RSSKiB, st.FDs, goroutineStr(st.Goroutines), st.Threads, st.CPU)
 				}
 			}
 			w("\n")
@@ -103,6 +104,7 @@ func writeCharts(dir, name string, rd runData) [][2]string {
 	}{
 		{"rss", "Sidecar memory (VmRSS) over the run", "MiB", func(s procStat) float64 { return float64(s.RSSKiB) / 1024 }},
 		{"fds", "Sidecar open file descriptors over the run", "fds", func(s procStat) float64 { return float64(s.FDs) }},
+		{"goroutines", "Sidecar goroutines over the run", "goroutines", func(s procStat) float64 { return float64(s.Goroutines) }},
 	} {
 		file := name + "-" + c.suffix + ".png"
 		if err := timeline(filepath.Join(dir, file), c.title, c.unit, rd, c.val); err != nil {
@@ -133,7 +135,7 @@ func timeline(file, title, unit string, rd runData, val func(procStat) float64) 
 	}{{"client-side ferry", rd.Client, color.RGBA{0x1f, 0x77, 0xb4, 0xff}}, {"server-side ferry", rd.Server, color.RGBA{0x2c, 0xa0, 0x2c, 0xff}}} {
 		var pts plotter.XYs
 		for _, s := range side.xs {
-			if s.Alive {
+			if s.Alive && val(s) >= 0 { // -1: no reading
 				pts = append(pts, plotter.XY{X: s.T, Y: val(s)})
 				ymax = max(ymax, val(s))
 			}
@@ -162,4 +164,11 @@ func timeline(file, title, unit string, rd runData, val func(procStat) float64) 
 	}
 	p.Y.Min = 0
 	return p.Save(10*vg.Inch, 4*vg.Inch, file)
+}
+
+func goroutineStr(n int) string {
+	if n < 0 {
+		return "-"
+	}
+	return strconv.Itoa(n)
 }
