@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -71,6 +72,15 @@ type Sidecar struct {
 	// expose serves the registration's Expose.Paths (the kubelet's
 	// probes, rewritten by the injector to 2030x/2040x/2050x).
 	expose *expose.Server
+	// checks finds the agent's Expose.Checks listeners (agent mode only).
+	checks *checkExposer
+	// exposeMu serializes applyExposed; regPaths and checkPaths are
+	// what it last served.
+	exposeMu   sync.Mutex
+	regPaths   []expose.Path
+	checkPaths []expose.Path
+	checksErr  string
+	exposeErr  string
 	// merged serves ferry's and the app's metrics on
 	// envoy_prometheus_bind_addr.
 	merged *mergedmetrics.Server
@@ -117,6 +127,23 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	}
 	s.proxy = New(cfg.Proxy)
 	s.expose = expose.New(expose.Config{Logger: log.Named("expose")})
+	if ar, ok := cfg.Registration.(AgentRegistration); ok && ar.Agent != nil {
+		s.checks = &checkExposer{agent: ar.Agent, log: log.Named("expose")}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			t := time.NewTicker(exposeChecksPoll)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					s.applyExposed(nil)
+				}
+			}
+		}()
+	}
 	s.merged = mergedmetrics.NewServer(cfg.PromScrapePath, mergedmetrics.Config{
 		Own: s.proxy.Metrics().Set.WritePrometheus, ServiceURL: cfg.PromServiceMetricsURL}, log.Named("metrics"))
 	src := catalog.ConsulSource{Client: cfg.Client}
@@ -258,11 +285,7 @@ func (s *Sidecar) apply(svc *api.AgentService) error {
 	if err := s.proxy.Apply(eps); err != nil {
 		return err
 	}
-	// A port that cannot be opened is logged and retried on the next
-	// version; it must not take the data path down with it.
-	if err := s.expose.Apply(exposedPaths(svc)); err != nil {
-		s.log.Error("serving exposed paths", "error", err)
-	}
+	s.applyExposed(svc)
 	promAddr, _ := svc.Proxy.Config["envoy_prometheus_bind_addr"].(string)
 	if err := s.merged.Apply(promAddr); err != nil {
 		s.log.Error("serving merged metrics", "error", err)
@@ -342,6 +365,46 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		s.view.Close()
 	})
 	return err
+}
+
+// applyExposed serves the registration's Expose.Paths and, in agent mode,
+// the listeners of its exposed checks; svc is a new registration, nil to
+// re-read the checks only. A port that cannot be opened is logged and
+// retried on the next call; it must not take the data path down with it.
+func (s *Sidecar) applyExposed(svc *api.AgentService) {
+	s.exposeMu.Lock()
+	defer s.exposeMu.Unlock()
+	if svc != nil {
+		s.regPaths = exposedPaths(svc)
+		if s.checks != nil && !s.checks.set(svc) {
+			s.checkPaths = nil
+		}
+	}
+	if s.checks != nil {
+		ctx, cancel := context.WithTimeout(s.ctx, 10*time.Second)
+		paths, err := s.checks.paths(ctx)
+		cancel()
+		switch {
+		case err != nil:
+			// Keep the listeners the agent's checks had: a blip in
+			// reaching the agent must not fail them.
+			if msg := err.Error(); msg != s.checksErr && s.ctx.Err() == nil {
+				s.log.Warn("exposed checks not refreshed", "error", err)
+				s.checksErr = msg
+			}
+		default:
+			s.checksErr = ""
+			s.checkPaths = paths
+		}
+	}
+	err := s.expose.Apply(append(slices.Clone(s.regPaths), s.checkPaths...))
+	switch {
+	case err == nil:
+		s.exposeErr = ""
+	case svc != nil || err.Error() != s.exposeErr: // the poll repeats itself
+		s.log.Error("serving exposed paths", "error", err)
+		s.exposeErr = err.Error()
+	}
 }
 
 // exposedPaths are the registration's Expose.Paths, to the app at its

@@ -120,8 +120,9 @@ func serverTLS(a *agentlessConfig) (*tls.Config, error) {
 }
 
 // start reads the proxy ID and logs in, retrying (and saying why through
-// readyErr) until it succeeds; false when a signal came first.
-func (s *serverConn) start(sigs <-chan os.Signal, log hclog.Logger) bool {
+// readyErr) until it succeeds; false when a signal, /quitquitquit or
+// /graceful_shutdown came first (there is nothing to drain yet).
+func (s *serverConn) start(sigs <-chan os.Signal, lc *lifecycle, log hclog.Logger) bool {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	stop := make(chan struct{})
@@ -129,6 +130,13 @@ func (s *serverConn) start(sigs <-chan os.Signal, log hclog.Logger) bool {
 	go func() {
 		select {
 		case <-sigs:
+			log.Info("signal received before the login succeeded: exiting")
+			cancel()
+		case <-lc.quit:
+			log.Info("quitquitquit before the login succeeded: exiting")
+			cancel()
+		case <-lc.shutdown:
+			log.Info("graceful shutdown before the login succeeded: exiting")
 			cancel()
 		case <-stop:
 		}

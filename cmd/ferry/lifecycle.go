@@ -38,6 +38,9 @@ type lifecycle struct {
 	quit               chan struct{} // /quitquitquit: exit now
 	shutdown           chan struct{} // /graceful_shutdown: the SIGTERM sequence
 	quitOnce, shutOnce sync.Once
+	// started: the listener is up (agentless starts it before the login,
+	// serve must not start it again).
+	started bool
 }
 
 func newLifecycle() *lifecycle {
@@ -84,12 +87,13 @@ func (l *lifecycle) server(cfg runConfig, ready func() error) http.Handler {
 	return mux
 }
 
-// startLifecycle starts the lifecycle listener when configured (nil, nil
-// when not).
+// start starts the lifecycle listener when configured and not yet
+// started (nil, nil when not).
 func (l *lifecycle) start(cfg runConfig, ready func() error, log hclog.Logger) (*proxy.Admin, error) {
-	if cfg.GracefulAddr == "" {
+	if cfg.GracefulAddr == "" || l.started {
 		return nil, nil
 	}
+	l.started = true
 	a, err := proxy.StartAdmin(cfg.GracefulAddr, l.server(cfg, ready), log)
 	if err != nil {
 		return nil, fmt.Errorf("lifecycle listener: %w", err)

@@ -247,8 +247,18 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		}
 		defer admin.Close()
 		log.Info("admin listening", "addr", admin.Addr())
+		// The lifecycle listener too: a native sidecar's startup hook
+		// sees "not ready" rather than a refused connection, and
+		// /graceful_shutdown ends a login that does not succeed.
+		lca, err := lc.start(cfg, late.Ready, log.Named("lifecycle"))
+		if err != nil {
+			return fmt.Errorf("run: %w", err)
+		}
+		if lca != nil {
+			defer lca.Close()
+		}
 		defer srv.close(log)
-		if !srv.start(sigs, log) {
+		if !srv.start(sigs, lc, log) {
 			return nil
 		}
 		client = srv.client

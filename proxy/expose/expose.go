@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/netip"
 	"net/url"
 	"slices"
 	"strconv"
@@ -27,6 +28,15 @@ type Path struct {
 	LocalAddress string
 	// Protocol is "http" (the default) or "http2" (h2c, both legs).
 	Protocol string
+	// AnyPath serves every path (Path is ignored): the listener of an
+	// agent check exposed by Expose.Checks, whose original target
+	// Consul's HTTP API does not give; Sources must then restrict it to
+	// the agent.
+	AnyPath bool
+	// Sources, when set, are the only client addresses served; others
+	// have their connection closed without an answer, as Envoy's filter
+	// chain match on source ranges drops them.
+	Sources []netip.Prefix
 }
 
 // Config configures a Server. Zero values get defaults.
@@ -87,7 +97,7 @@ func New(cfg Config) *Server {
 func (s *Server) Apply(paths []Path) error {
 	want := map[int][]Path{}
 	for _, p := range paths {
-		if p.ListenerPort <= 0 || p.ListenerPort > 65535 || p.LocalPathPort <= 0 || p.LocalPathPort > 65535 || !strings.HasPrefix(p.Path, "/") {
+		if p.ListenerPort <= 0 || p.ListenerPort > 65535 || p.LocalPathPort <= 0 || p.LocalPathPort > 65535 || (!p.AnyPath && !strings.HasPrefix(p.Path, "/")) {
 			s.log.Warn("ignoring exposed path", "listener_port", p.ListenerPort, "path", p.Path, "local_path_port", p.LocalPathPort)
 			continue
 		}
@@ -147,10 +157,18 @@ func (s *Server) Close() error {
 func signature(ps []Path) string {
 	parts := make([]string, 0, len(ps))
 	for _, p := range ps {
-		parts = append(parts, fmt.Sprintf("%s->%s:%d/%s", p.Path, p.LocalAddress, p.LocalPathPort, protocol(p)))
+		parts = append(parts, fmt.Sprintf("%s->%s:%d/%s%v", routeKey(p), p.LocalAddress, p.LocalPathPort, protocol(p), p.Sources))
 	}
 	slices.Sort(parts)
 	return strings.Join(parts, ",")
+}
+
+// routeKey is the path a route matches; "*" is every path.
+func routeKey(p Path) string {
+	if p.AnyPath {
+		return "*"
+	}
+	return p.Path
 }
 
 func protocol(p Path) string {
@@ -170,11 +188,15 @@ func (s *Server) start(n int, ps []Path) (*port, error) {
 	var trs []*http.Transport
 	h2 := false
 	for _, p := range ps {
-		if _, dup := routes[p.Path]; dup {
+		key := routeKey(p)
+		if _, dup := routes[key]; dup {
 			continue // first one wins, as a route table would
 		}
 		h, tr := s.forwarder(p)
-		routes[p.Path] = h
+		if len(p.Sources) > 0 {
+			h = onlyFrom(p.Sources, h)
+		}
+		routes[key] = h
 		trs = append(trs, tr)
 		h2 = h2 || protocol(p) == "http2"
 	}
@@ -184,6 +206,9 @@ func (s *Server) start(n int, ps []Path) (*port, error) {
 			// Exact path only: the query string is in r.URL.RawQuery,
 			// not in Path; no prefix, no cleaning.
 			h, ok := routes[r.URL.Path]
+			if !ok {
+				h, ok = routes["*"]
+			}
 			if !ok {
 				http.NotFound(w, r)
 				return
@@ -206,6 +231,23 @@ func (s *Server) start(n int, ps []Path) (*port, error) {
 		}
 	}()
 	return p, nil
+}
+
+// onlyFrom serves h to clients in sources and drops the others'
+// connections unanswered.
+func onlyFrom(sources []netip.Prefix, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ap, err := netip.ParseAddrPort(r.RemoteAddr)
+		if err == nil {
+			for _, pfx := range sources {
+				if pfx.Contains(ap.Addr().Unmap()) {
+					h.ServeHTTP(w, r)
+					return
+				}
+			}
+		}
+		panic(http.ErrAbortHandler)
+	})
 }
 
 func (p *port) stop() {

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -208,5 +209,37 @@ func TestExposedPortInUse(t *testing.T) {
 	}
 	if s.Addr(other) == nil {
 		t.Error("the other port was not opened")
+	}
+}
+
+// TestExposeCheckListener: an Expose.Checks listener (AnyPath) forwards
+// every path, but only to clients in Sources; others have their
+// connection dropped unanswered.
+func TestExposeCheckListener(t *testing.T) {
+	app := fakeApp(t, false)
+	s := newServer(t)
+	n := freePort(t)
+	allowed := []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	if err := s.Apply([]Path{{ListenerPort: n, AnyPath: true, LocalPathPort: app, Sources: allowed}}); err != nil {
+		t.Fatal(err)
+	}
+	c := &http.Client{Timeout: 5 * time.Second}
+	u := "http://127.0.0.1:" + strconv.Itoa(n)
+	if code, body := get(t, c, "GET", u+"/health?x=1", ""); code != 200 || body != "HTTP/1.1 GET /health?x=1 " {
+		t.Fatalf("check path: %d %q", code, body)
+	}
+	if code, body := get(t, c, "GET", u+"/other", ""); code != 200 || body != "HTTP/1.1 GET /other? " {
+		t.Fatalf("another path: %d %q", code, body)
+	}
+
+	// The same listener for 10.0.0.0/8 only: the loopback client is dropped.
+	other := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	if err := s.Apply([]Path{{ListenerPort: n, AnyPath: true, LocalPathPort: app, Sources: other}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Get(u + "/health")
+	if err == nil {
+		resp.Body.Close()
+		t.Fatalf("a client outside Sources got %d", resp.StatusCode)
 	}
 }
