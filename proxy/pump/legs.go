@@ -44,3 +44,13 @@ type KernelTLS interface {
 
 // framedOf returns the Framed leg under c, or nil.
 func framedOf(c any) Framed { return under[Framed](c) }
+
+// kernelTLSOf returns the KernelTLS leg under c, or nil. A framed leg over
+// a kernel TLS session (a tunnel) is not one: its socket carries frames
+// and other connections' bytes, never this stream as it is.
+func kernelTLSOf(c any) KernelTLS {
+	if framedOf(c) != nil {
+		return nil
+	}
+	return under[KernelTLS](c)
+}

@@ -181,7 +181,7 @@ func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 	if d == nil || s == nil {
 		return copyBuffered(dst, src, ctr)
 	}
-	k := under[KernelTLS](src)
+	k := kernelTLSOf(src)
 	var written int64
 	for {
 		n, fallback, err := spliceCopy(d, s, pipes)
@@ -214,7 +214,7 @@ func spliceable(c net.Conn) *net.TCPConn {
 	if tc, ok := c.(*net.TCPConn); ok {
 		return tc
 	}
-	if k := under[KernelTLS](c); k != nil {
+	if k := kernelTLSOf(c); k != nil {
 		return k.TCPConn()
 	}
 	return nil
