@@ -101,7 +101,11 @@ func TestKTLSTunnels(t *testing.T) {
 
 	// 1: bulk both ways, each half-closed after its stream.
 	c, s, out := k.connect(t, svc)
+	cpu0, wall0 := processCPU(), time.Now()
 	testkit.ExchangeBothWays(t, c, s, streamSize())
+	gb := float64(2*streamSize()) / 1e9
+	t.Logf("tunnel, %s: %.1f CPU-s/GB, %.1f s/GB wall (both apps and both sidecars, one process)",
+		want, (processCPU()-cpu0).Seconds()/gb, time.Since(wall0).Seconds()/gb)
 	check(t, out, streamSize(), streamSize())
 
 	// 2: half-close in order: the request's end reaches the server app,
