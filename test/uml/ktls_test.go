@@ -52,6 +52,7 @@ var proxyTests = []string{
 	"TestKTLSServerTicketsResumeUserSpaceClients",
 	"TestKTLSTunnels",
 	"TestKTLSTunnelsOneEndOff",
+	"TestKTLSTunnelGoAwayReplays",
 }
 
 // TestKTLSUnderUML builds the ktls package's tests as a static binary and
@@ -75,6 +76,7 @@ func TestProxyKTLSUnderUML(t *testing.T) {
 		// The default configuration (tunnels on): one kernel tunnel
 		// session carried the first three connections.
 		`ktls_tunnel_test.go:\d+: 3 tunnels over one session, counted ktls on both sidecars`,
+		`goaway_test.go:\d+: replayed after GOAWAY; sessions counted ktls on both sidecars`,
 	} {
 		if !regexp.MustCompile(line).Match(out) {
 			t.Errorf("no line %q inside UML", line)
