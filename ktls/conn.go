@@ -234,6 +234,15 @@ func (c *Conn) Write(p []byte) (int, error) {
 	return c.tcp.Write(p)
 }
 
+// Buffered is the application data this Conn holds in user space (read
+// with a control record) that the socket no longer has: a caller that
+// splices the socket must read these through Read first.
+func (c *Conn) Buffered() int {
+	c.readMu.Lock()
+	defer c.readMu.Unlock()
+	return len(c.pending)
+}
+
 // WriteBuffers writes b in one writev(2) (net.Buffers consumes what it
 // wrote): the kernel fills its records across the buffers, so a small
 // header before a large payload costs no record of its own.

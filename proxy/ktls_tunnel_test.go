@@ -21,6 +21,10 @@ import (
 // the session is in the kernel on both ends; here the handoff is refused
 // and both ends carry the same tunnels in user space (fallback).
 
+// replayMaxForTest bounds what a client tunnel copies instead of splicing
+// (tunnel's replay copy, 64 KiB, plus a chunk in flight).
+const replayMaxForTest = 128 << 10
+
 type ktlsTunnels struct {
 	router  *MeshRouter
 	in      *Proxy
@@ -55,6 +59,11 @@ func startKTLSTunnels(t *testing.T, client, server KTLS) *ktlsTunnels {
 
 // connect carries one app connection through both sidecars (a tunnel).
 func (k *ktlsTunnels) connect(t *testing.T, svc catalog.Service) (clientApp, serverApp *net.TCPConn, out *pumpRun) {
+	clientApp, serverApp, out, _ = k.connectTunnel(t, svc)
+	return clientApp, serverApp, out
+}
+
+func (k *ktlsTunnels) connectTunnel(t *testing.T, svc catalog.Service) (clientApp, serverApp *net.TCPConn, out *pumpRun, tun *tunnel.Conn) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -63,7 +72,7 @@ func (k *ktlsTunnels) connect(t *testing.T, svc catalog.Service) (clientApp, ser
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tunnelUnderConn(up) == nil {
+	if tun = tunnelUnderConn(up); tun == nil {
 		t.Fatalf("the connection is not a tunnel: %T", up)
 	}
 	clientApp, a := testkit.TCPPair(t)
@@ -73,7 +82,7 @@ func (k *ktlsTunnels) connect(t *testing.T, svc catalog.Service) (clientApp, ser
 	case <-time.After(10 * time.Second):
 		t.Fatal("the server sidecar did not connect the app")
 	}
-	return clientApp, serverApp, out
+	return clientApp, serverApp, out, tun
 }
 
 func tunnelUnderConn(c net.Conn) *tunnel.Conn {
@@ -100,13 +109,24 @@ func TestKTLSTunnels(t *testing.T) {
 	}
 
 	// 1: bulk both ways, each half-closed after its stream.
-	c, s, out := k.connect(t, svc)
+	c, s, out, tun := k.connectTunnel(t, svc)
 	cpu0, wall0 := processCPU(), time.Now()
 	testkit.ExchangeBothWays(t, c, s, streamSize())
 	gb := float64(2*streamSize()) / 1e9
 	t.Logf("tunnel, %s: %.1f CPU-s/GB, %.1f s/GB wall (both apps and both sidecars, one process)",
 		want, (processCPU()-cpu0).Seconds()/gb, time.Since(wall0).Seconds()/gb)
 	check(t, out, streamSize(), streamSize())
+	// In the kernel the client sidecar's tunnel splices the payloads both
+	// ways (frame-aware splice): all but the replay copy's first chunks
+	// (64 KiB at most, before the server's first frame).
+	spliced := tun.Spliced()
+	t.Logf("client sidecar's tunnel spliced %d of %d payload bytes", spliced, 2*streamSize())
+	if want == tlsModeKernel && spliced < 2*streamSize()-2*replayMaxForTest {
+		t.Errorf("spliced %d of %d bytes; want the payload spliced", spliced, 2*streamSize())
+	}
+	if want != tlsModeKernel && spliced != 0 {
+		t.Errorf("spliced %d bytes over a user-space session", spliced)
+	}
 
 	// 2: half-close in order: the request's end reaches the server app,
 	// which still answers; then the answer's end.

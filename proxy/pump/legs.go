@@ -54,3 +54,25 @@ func kernelTLSOf(c any) KernelTLS {
 	}
 	return under[KernelTLS](c)
 }
+
+// FrameSplicer is a framed leg (a tunnel) over a kernel TLS session that
+// moves its DATA payloads with splice(2) itself: the pump hands it the
+// other leg's socket instead of copying through buffers.
+type FrameSplicer interface {
+	// SpliceFrames reports whether this leg splices now (its session is
+	// in the kernel); if not, the pump copies through its Read and Write.
+	SpliceFrames() bool
+	// SpliceTo moves the leg's stream into dst until its EOF (nil error).
+	SpliceTo(dst *net.TCPConn) (int64, error)
+	// SpliceFrom moves src's stream into the leg until src's EOF (nil
+	// error); the pump then half-closes the leg as usual.
+	SpliceFrom(src *net.TCPConn) (int64, error)
+}
+
+// frameSplicerOf returns the FrameSplicer under c that splices now, or nil.
+func frameSplicerOf(c any) FrameSplicer {
+	if f := under[FrameSplicer](c); f != nil && f.SpliceFrames() {
+		return f
+	}
+	return nil
+}

@@ -178,6 +178,12 @@ func (p *pump) progress() uint64 {
 // the kernel has no decent pipe for this user it continues buffered.
 func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 	d, s := spliceable(dst), spliceable(src)
+	if f := frameSplicerOf(src); f != nil && d != nil {
+		return f.SpliceTo(d)
+	}
+	if f := frameSplicerOf(dst); f != nil && s != nil {
+		return f.SpliceFrom(s)
+	}
 	if d == nil || s == nil {
 		return copyBuffered(dst, src, ctr)
 	}

@@ -17,25 +17,41 @@ func sessionPair(t testing.TB) (client, server *tls.Conn) {
 	return testkit.TLSPair(t, func(c *net.TCPConn) net.Conn { return pump.NewBatchConn(c) })
 }
 
-// kernelSession stands for a *ktls.Conn over a plain socket: a Session,
-// a pump.KernelTLS leg (kernelLeg adds TCPConn), and a vector writer.
-type kernelSession struct {
+// fakeKernelSession stands for a *ktls.Conn over a plain socket: a Session,
+// a pump.KernelTLS leg (kernelLeg adds TCPConn), a vector writer, and a
+// kernel session whose payloads the tunnel splices.
+type fakeKernelSession struct {
 	*net.TCPConn
-	vectors atomic.Int32
+	copied atomic.Int64 // bytes through Read, Write and WriteBuffers
 }
 
-func newKernelSession(c *net.TCPConn) *kernelSession { return &kernelSession{TCPConn: c} }
+func newKernelSession(c *net.TCPConn) *fakeKernelSession { return &fakeKernelSession{TCPConn: c} }
 
-func (k *kernelSession) NetConn() net.Conn                    { return k.TCPConn }
-func (k *kernelSession) ConnectionState() tls.ConnectionState { return tls.ConnectionState{} }
+func (k *fakeKernelSession) NetConn() net.Conn                    { return k.TCPConn }
+func (k *fakeKernelSession) ConnectionState() tls.ConnectionState { return tls.ConnectionState{} }
 
-func (k *kernelSession) WriteBuffers(b *net.Buffers) (int64, error) {
-	k.vectors.Add(1)
-	return b.WriteTo(k.TCPConn)
+func (k *fakeKernelSession) WriteBuffers(b *net.Buffers) (int64, error) {
+	n, err := b.WriteTo(k.TCPConn)
+	k.copied.Add(n)
+	return n, err
 }
 
-// kernelLeg gives kernelSession pump.KernelTLS's TCPConn() method, which
+func (k *fakeKernelSession) Write(p []byte) (int, error) {
+	n, err := k.TCPConn.Write(p)
+	k.copied.Add(int64(n))
+	return n, err
+}
+
+func (k *fakeKernelSession) Read(p []byte) (int, error) {
+	n, err := k.TCPConn.Read(p)
+	k.copied.Add(int64(n))
+	return n, err
+}
+
+func (k *fakeKernelSession) Buffered() int { return 0 }
+
+// kernelLeg gives fakeKernelSession pump.KernelTLS's TCPConn() method, which
 // the embedded field's name rules out on the struct itself.
-type kernelLeg struct{ *kernelSession }
+type kernelLeg struct{ *fakeKernelSession }
 
-func (k kernelLeg) TCPConn() *net.TCPConn { return k.kernelSession.TCPConn }
+func (k kernelLeg) TCPConn() *net.TCPConn { return k.fakeKernelSession.TCPConn }

@@ -103,11 +103,13 @@ var errTunnelReset = fmt.Errorf("tunnel: peer reset the connection: %w", syscall
 // a pump.Framed and a pump.Aborter). Reads and writes each
 // come from one goroutine (the pump's halves); Close may come from any.
 type Conn struct {
-	tc    Session
-	r     io.Reader        // tc, or a plain stream in the frame fuzz test
-	batch *pump.BatchConn  // under a *tls.Conn: a frame header and its data in one write(2)
-	rw    *pump.ReadWaiter // under a *tls.Conn: gathers records crypto/tls already holds
-	vw    vectorWriter     // a kernel session: header and data in one writev(2)
+	tc      Session
+	r       io.Reader        // tc, or a plain stream in the frame fuzz test
+	batch   *pump.BatchConn  // under a *tls.Conn: a frame header and its data in one write(2)
+	rw      *pump.ReadWaiter // under a *tls.Conn: gathers records crypto/tls already holds
+	vw      vectorWriter     // a kernel session: header and data in one writev(2)
+	ks      kernelSession    // a kernel session: payloads spliced (splice.go)
+	spliced atomic.Int64
 
 	// reading side
 	hdr       [frameHeader]byte
@@ -144,6 +146,7 @@ func NewConn(tc Session, release func(clean bool)) *Conn {
 		// would not show: WaitFrame reads the header itself, and a read
 		// there is shallow (no TLS stack to keep grown).
 		t.vw = s
+		t.ks, _ = tc.(kernelSession)
 	}
 	return t
 }
