@@ -76,10 +76,27 @@ func tunnelGoAwayReplays(t *testing.T, k KTLS) {
 	if got := r.tunnels.With("reused").Value(); got != 1 {
 		t.Fatalf("reused sessions %d, want 1", got)
 	}
-	c.Write([]byte("two"))
-	c.(*tunnel.Conn).CloseWrite()
-	close(opened)
-	finish(c, "two")
+	if !k.Use {
+		c.Write([]byte("two"))
+		c.(*tunnel.Conn).CloseWrite()
+		close(opened)
+		finish(c, "two")
+	} else {
+		// Pumped from an app, as in the sidecar: on a kernel session the
+		// tunnel splices, and the replay copy must still hold "two".
+		app, a := testkit.TCPPair(t)
+		run := startPump(t, context.Background(), a, c, time.Minute)
+		app.Write([]byte("two"))
+		app.CloseWrite()
+		close(opened)
+		got, err := testkit.ReadAllTimeout(t, app, 10*time.Second)
+		if err != nil || string(got) != "two" {
+			t.Fatalf("echo %q, %v; want %q", got, err, "two")
+		}
+		if st := run.Wait(t, 10*time.Second); st.Err != nil || st.Sent != 3 || st.Received != 3 {
+			t.Errorf("client sidecar pump: %+v", st)
+		}
+	}
 	if got := r.tunnels.With("replayed").Value(); got != 1 {
 		t.Fatalf("replayed connections %d, want 1", got)
 	}

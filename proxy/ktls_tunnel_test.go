@@ -12,6 +12,7 @@ import (
 	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/ferrymesh/ferry/mtls/mtlstest"
 	"github.com/ferrymesh/ferry/proxy/catalog"
+	"github.com/ferrymesh/ferry/proxy/intentions"
 	"github.com/ferrymesh/ferry/proxy/tunnel"
 	"github.com/hashicorp/go-hclog"
 )
@@ -36,9 +37,14 @@ type ktlsTunnels struct {
 
 func startKTLSTunnels(t *testing.T, client, server KTLS) *ktlsTunnels {
 	t.Helper()
+	return startKTLSTunnelsWith(t, client, server, allowAll(t))
+}
+
+func startKTLSTunnelsWith(t *testing.T, client, server KTLS, w *intentions.Watcher) *ktlsTunnels {
+	t.Helper()
 	ca := mtlstest.NewCA(t)
 	inModes := NewTLSModeMetric()
-	acc := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256), Intentions: allowAll(t), Service: "api",
+	acc := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256), Intentions: w, Service: "api",
 		KTLS: server, TLSModes: inModes}
 	acc.Init()
 	apps := make(chan *net.TCPConn, 1)
@@ -248,5 +254,73 @@ func TestKTLSTunnelsOneEndOff(t *testing.T) {
 				t.Errorf("user-space sessions: inbound %d, outbound %d; want 1 and 1", in, o)
 			}
 		})
+	}
+}
+
+// An intention that starts denying the source closes the kernel tunnel
+// session under the pump (the server's revocation closes the socket): the
+// client app, mid-stream, reads a reset.
+func TestKTLSTunnelRevocation(t *testing.T) {
+	testkit.CheckLeaks(t)
+	deny := make(chan struct{})
+	fetch := func(ctx context.Context, index uint64) (intentions.Snapshot, error) {
+		switch index {
+		case 0:
+			return intentions.Snapshot{Index: 1, DefaultAllow: true}, nil
+		case 1:
+			select {
+			case <-deny:
+				return intentions.Snapshot{Index: 2, DefaultAllow: false}, nil
+			case <-ctx.Done():
+			}
+		default:
+			<-ctx.Done()
+		}
+		return intentions.Snapshot{}, ctx.Err()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	w, err := intentions.Watch(ctx, intentions.Config{Destination: "api", Fetch: fetch})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := startKTLSTunnelsWith(t, KTLS{Use: true}, KTLS{Use: true}, w)
+	c, s, _ := k.connect(t, k.svc)
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	s.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(s, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	close(deny)
+	if err := readUntilErr(t, c, 5*time.Second); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client app read %v after the revocation; want ECONNRESET", err)
+	}
+	testkit.Eventually(t, "revoked counted", func() bool { return counter(k.in, "inbound", "revoked") == 1 })
+	if m := agreedMode(t); k.inModes.With("inbound", m).Value() != 1 {
+		t.Errorf("inbound %s sessions %d, want 1", m, k.inModes.With("inbound", m).Value())
+	}
+}
+
+// The server sidecar's drain deadline cuts a kernel tunnel session with a
+// tunnel in flight as an abort: the client app reads a reset, never a
+// clean end.
+func TestKTLSTunnelDrainDeadlineResets(t *testing.T) {
+	testkit.CheckLeaks(t)
+	k := startKTLSTunnels(t, KTLS{Use: true}, KTLS{Use: true})
+	c, s, _ := k.connect(t, k.svc)
+	if _, err := s.Write([]byte("partial")); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, 7)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	k.in.Shutdown(ctx)
+	if err := readUntilErr(t, c, 5*time.Second); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client app read %v after the drain deadline; want ECONNRESET", err)
 	}
 }

@@ -53,6 +53,8 @@ var proxyTests = []string{
 	"TestKTLSTunnels",
 	"TestKTLSTunnelsOneEndOff",
 	"TestKTLSTunnelGoAwayReplays",
+	"TestKTLSTunnelRevocation",
+	"TestKTLSTunnelDrainDeadlineResets",
 }
 
 // TestKTLSUnderUML builds the ktls package's tests as a static binary and
