@@ -37,6 +37,7 @@ var kernelTests = []string{
 	"TestKernelHandoffRefused",
 	"TestKernelSmallSendBufferSlowReader",
 	"TestKernelTwoSidecarSplicePath",
+	"TestKernelWriteBuffers",
 }
 
 // proxyTests are the proxy package's kernel TLS data path tests: two
