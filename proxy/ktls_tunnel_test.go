@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -323,4 +324,54 @@ func TestKTLSTunnelDrainDeadlineResets(t *testing.T) {
 	if err := readUntilErr(t, c, 5*time.Second); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("client app read %v after the drain deadline; want ECONNRESET", err)
 	}
+}
+
+// -ktls=required with tunnels on: the kernel tunnel session is the only
+// one taken. Between two such sidecars tunnels work where the kernel can
+// (UML); here the handoff falls back and both ends refuse. A user-space
+// client (kTLS off, offering only ferry/1) is refused by the server.
+func TestKTLSTunnelsRequired(t *testing.T) {
+	req := KTLS{Use: true, Required: true}
+	t.Run("both required", func(t *testing.T) {
+		testkit.CheckLeaks(t)
+		k := startKTLSTunnels(t, req, req)
+		if agreedMode(t) != tlsModeKernel {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := k.router.dialTLS(ctx, k.addr, k.router.clientConfig(k.svc), false, nil)
+			if err == nil || !strings.Contains(err.Error(), "-ktls=required") {
+				t.Fatalf("dial: %v; want refused as not in the kernel", err)
+			}
+			return
+		}
+		for range 2 {
+			c, s, out := k.connect(t, k.svc)
+			testkit.ExchangeBothWays(t, c, s, 1<<20)
+			if st := out.Wait(t, 10*time.Second); st.Err != nil {
+				t.Errorf("client sidecar pump: %+v", st)
+			}
+		}
+		if in, o := k.inModes.With("inbound", tlsModeKernel).Value(), k.router.TLSModeMetric().With("outbound", tlsModeKernel).Value(); in != 1 || o != 1 {
+			t.Errorf("kernel sessions: inbound %d, outbound %d; want 1 and 1", in, o)
+		}
+		if r := k.router.tunnels.With("reused").Value(); r != 1 {
+			t.Errorf("tunnels reused %d; want 1", r)
+		}
+		t.Logf("required with tunnels: tunnels over kernel sessions")
+	})
+	t.Run("user-space client", func(t *testing.T) {
+		testkit.CheckLeaks(t)
+		k := startKTLSTunnels(t, KTLS{}, req)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		up, err := k.router.dialTLS(ctx, k.addr, k.router.clientConfig(k.svc), false, nil)
+		if err != nil {
+			t.Fatal(err) // the handshake completes; the server refuses after it
+		}
+		defer up.Close()
+		testkit.Eventually(t, "refused", func() bool { return counter(k.in, "inbound", "handshake_error") == 1 })
+		if got := k.inModes.With("inbound", tlsModeUser).Value(); got != 1 {
+			t.Errorf("inbound user-space sessions %d, want 1 (counted, then refused)", got)
+		}
+	})
 }

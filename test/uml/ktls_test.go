@@ -56,6 +56,7 @@ var proxyTests = []string{
 	"TestKTLSTunnelGoAwayReplays",
 	"TestKTLSTunnelRevocation",
 	"TestKTLSTunnelDrainDeadlineResets",
+	"TestKTLSTunnelsRequired",
 }
 
 // TestKTLSUnderUML builds the ktls package's tests as a static binary and
@@ -80,6 +81,7 @@ func TestProxyKTLSUnderUML(t *testing.T) {
 		// session carried the first three connections.
 		`ktls_tunnel_test.go:\d+: 3 tunnels over one session, counted ktls on both sidecars`,
 		`goaway_test.go:\d+: replayed after GOAWAY; sessions counted ktls on both sidecars`,
+		`ktls_tunnel_test.go:\d+: required with tunnels: tunnels over kernel sessions`,
 	} {
 		if !regexp.MustCompile(line).Match(out) {
 			t.Errorf("no line %q inside UML", line)
