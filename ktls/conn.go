@@ -234,6 +234,25 @@ func (c *Conn) Write(p []byte) (int, error) {
 	return c.tcp.Write(p)
 }
 
+// Buffered is the application data this Conn holds in user space (read
+// with a control record) that the socket no longer has: a caller that
+// splices the socket must read these through Read first.
+func (c *Conn) Buffered() int {
+	c.readMu.Lock()
+	defer c.readMu.Unlock()
+	return len(c.pending)
+}
+
+// WriteBuffers writes b in one writev(2) (net.Buffers consumes what it
+// wrote): the kernel fills its records across the buffers, so a small
+// header before a large payload costs no record of its own.
+func (c *Conn) WriteBuffers(b *net.Buffers) (int64, error) {
+	if c.closeNotifySent.Load() {
+		return 0, errClosed
+	}
+	return b.WriteTo(c.tcp)
+}
+
 // sendRecord writes one record of type typ (not application data).
 func (c *Conn) sendRecord(typ byte, body []byte) error {
 	oob := recordTypeCmsg(typ)

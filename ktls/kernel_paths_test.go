@@ -197,3 +197,40 @@ func TestKernelTwoSidecarSplicePath(t *testing.T) {
 		}
 	}
 }
+
+// WriteBuffers (a tunnel's DATA header and payload in one writev) gives
+// the peer exactly the bytes in order, across records, to crypto/tls and
+// to a kernel peer; Buffered is 0 with nothing held from a control record.
+func TestKernelWriteBuffers(t *testing.T) {
+	for _, server := range []side{user, kern} {
+		t.Run(sideName(server), func(t *testing.T) {
+			p := newTLSPair(t, pairOpts{client: kern, server: server})
+			k := p.client.(*Conn)
+			var want []byte
+			go func() {
+				for i := range 4 {
+					hdr := []byte{0, 1, 144, byte(i)}
+					payload := bytes.Repeat([]byte{byte('a' + i)}, 100<<10+i)
+					bufs := net.Buffers{hdr, payload}
+					if _, err := k.WriteBuffers(&bufs); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+				k.CloseWrite()
+			}()
+			for i := range 4 {
+				want = append(want, 0, 1, 144, byte(i))
+				want = append(want, bytes.Repeat([]byte{byte('a' + i)}, 100<<10+i)...)
+			}
+			p.server.SetReadDeadline(time.Now().Add(20 * time.Second))
+			got, err := io.ReadAll(p.server)
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("read %d bytes, %v; want the %d written, in order", len(got), err, len(want))
+			}
+			if n := k.Buffered(); n != 0 {
+				t.Fatalf("Buffered %d; want 0", n)
+			}
+		})
+	}
+}

@@ -20,10 +20,20 @@ import (
 // away, the client replays the connection on a fresh session, and the app
 // sees its bytes echoed and nothing else (audit F14). Before, the
 // connection failed after its connect had succeeded.
-func TestTunnelGoAwayReplays(t *testing.T) {
+func TestTunnelGoAwayReplays(t *testing.T) { tunnelGoAwayReplays(t, KTLS{}) }
+
+// The same between sidecars that agree on kernel TLS tunnel sessions
+// (KTLSTunnelALPN): the GOAWAY, the server's close_notify and its drain of
+// the crossing OPEN go through the kernel session (under UML), and the
+// replay gets a fresh kernel session.
+func TestKTLSTunnelGoAwayReplays(t *testing.T) { tunnelGoAwayReplays(t, KTLS{Use: true}) }
+
+func tunnelGoAwayReplays(t *testing.T, k KTLS) {
 	testkit.CheckLeaks(t)
 	ca := mtlstest.NewCA(t)
-	acc := &MeshAcceptor{Identity: ca.Identity(t, "db", mtlstest.EC256), Intentions: allowAll(t), Service: "db"}
+	modes := NewTLSModeMetric()
+	acc := &MeshAcceptor{Identity: ca.Identity(t, "db", mtlstest.EC256), Intentions: allowAll(t), Service: "db",
+		KTLS: k, TLSModes: modes}
 	acc.Init()
 	acc.maxAge = time.Nanosecond // every session ends after its first tunnel
 	// The server decides only once the client's next OPEN is on its way:
@@ -33,6 +43,7 @@ func TestTunnelGoAwayReplays(t *testing.T) {
 	p := startProxy(t, Config{Acceptor: acc}, testkit.EchoServer(t))
 	in, _ := p.Addrs()
 	r := NewMeshRouter(nil, ca.Identity(t, "web", mtlstest.EC256), nil)
+	r.SetKTLS(k)
 	t.Cleanup(r.Close)
 	route := r.Upstream(catalog.Service{Name: "db", Datacenter: ca.Datacenter}, true, netip.MustParseAddrPort(in.String()))
 
@@ -65,12 +76,37 @@ func TestTunnelGoAwayReplays(t *testing.T) {
 	if got := r.tunnels.With("reused").Value(); got != 1 {
 		t.Fatalf("reused sessions %d, want 1", got)
 	}
-	c.Write([]byte("two"))
-	c.(*tunnel.Conn).CloseWrite()
-	close(opened)
-	finish(c, "two")
+	if !k.Use {
+		c.Write([]byte("two"))
+		c.(*tunnel.Conn).CloseWrite()
+		close(opened)
+		finish(c, "two")
+	} else {
+		// Pumped from an app, as in the sidecar: on a kernel session the
+		// tunnel splices, and the replay copy must still hold "two".
+		app, a := testkit.TCPPair(t)
+		run := startPump(t, context.Background(), a, c, time.Minute)
+		app.Write([]byte("two"))
+		app.CloseWrite()
+		close(opened)
+		got, err := testkit.ReadAllTimeout(t, app, 10*time.Second)
+		if err != nil || string(got) != "two" {
+			t.Fatalf("echo %q, %v; want %q", got, err, "two")
+		}
+		if st := run.Wait(t, 10*time.Second); st.Err != nil || st.Sent != 3 || st.Received != 3 {
+			t.Errorf("client sidecar pump: %+v", st)
+		}
+	}
 	if got := r.tunnels.With("replayed").Value(); got != 1 {
 		t.Fatalf("replayed connections %d, want 1", got)
 	}
 	testkit.Eventually(t, "both connections ok at the server", func() bool { return counter(p, "inbound", "ok") == 2 })
+	want := tlsModeUser
+	if k.Use {
+		want = agreedMode(t)
+	}
+	if in, out := modes.With("inbound", want).Value(), r.TLSModeMetric().With("outbound", want).Value(); in != 2 || out != 2 {
+		t.Errorf("%s sessions: inbound %d, outbound %d; want 2 and 2 (the first and the replay's)", want, in, out)
+	}
+	t.Logf("replayed after GOAWAY; sessions counted %s on both sidecars", want)
 }

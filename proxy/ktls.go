@@ -8,25 +8,24 @@ import (
 
 	"github.com/ferrymesh/ferry/ktls"
 	"github.com/ferrymesh/ferry/proxy/pump"
+	"github.com/ferrymesh/ferry/proxy/tunnel"
 )
 
 // Kernel TLS between ferry sidecars (docs/ktls.md).
 //
 // Agreement is by ALPN, so a foreign peer (Envoy, Consul's built-in proxy,
-// a connect-native app) never offers KTLSALPN and meets exactly the
+// a connect-native app) never offers a kernel token and meets exactly the
 // user-space TLS it met before. A ferry client whose kernel can do kTLS
-// offers it on one-connection sessions (tunnels off, see below); a ferry
-// server whose kernel can selects it; both then hand the session to the
-// kernel after the handshake and the pump splices between the app's
-// socket and the kTLS socket. kTLS is wire-transparent: if one end's
-// handoff is refused, that end goes on in user space and the other cannot
-// tell.
-//
-// Tunnels stay in user space: a tunnel session multiplexes frames, which
-// splice cannot carry without a frame-aware loop, and tunnels exist for
-// the connection rate (one handshake for many connections), which a
-// per-connection kTLS session gives up. So a ferry client offers KTLSALPN
-// only when it does not tunnel (-tunnels=false).
+// offers KTLSTunnelALPN before tunnel.ALPN when it tunnels (the default),
+// and KTLSALPN when it does not (-tunnels=false); a ferry server whose
+// kernel can selects it; both then hand the session to the kernel after
+// the handshake. On a one-connection session the pump splices between the
+// app's socket and the kTLS socket; on a tunnel session the tunnel's
+// frames go through the kTLS socket (the kernel seals and opens them, the
+// payload is copied through ferry as on a user-space tunnel). kTLS is
+// wire-transparent: if one end's handoff is refused, that end goes on in
+// user space and the other cannot tell. An old ferry peer knows neither
+// token and gets a user-space tunnel (tunnel.ALPN) as before.
 
 // The pump splices a kernel TLS session's socket because *ktls.Conn is a
 // pump.KernelTLS leg.
@@ -36,11 +35,21 @@ var _ pump.KernelTLS = (*ktls.Conn)(nil)
 // to the kernel. It carries the app's bytes as they are (no tunnel frames).
 const KTLSALPN = "ferry/1+ktls"
 
+// KTLSTunnelALPN marks a tunnel session (proxy/tunnel: tunnel.ALPN's
+// frames, reuse, GOAWAY) that both ferry ends hand to the kernel.
+const KTLSTunnelALPN = "ferry/tunnel+ktls"
+
+// kernelALPN reports whether proto is one of the kernel TLS tokens.
+func kernelALPN(proto string) bool { return proto == KTLSALPN || proto == KTLSTunnelALPN }
+
+// tunnelALPN reports whether proto carries tunnels.
+func tunnelALPN(proto string) bool { return proto == tunnel.ALPN || proto == KTLSTunnelALPN }
+
 // KTLS is the sidecar's kernel TLS policy, decided once at start
 // (ktls.Decide).
 type KTLS struct {
-	// Use: offer (outbound, without tunnels) and accept (inbound)
-	// kernel TLS sessions with ferry peers.
+	// Use: offer (outbound) and accept (inbound) kernel TLS sessions,
+	// tunnel or one-connection, with ferry peers.
 	Use bool
 	// Required: refuse every mTLS session that does not end up in the
 	// kernel (a foreign peer, a ferry peer without kTLS, a refused
@@ -76,7 +85,7 @@ func newKTLSHandoff(use bool, raw net.Conn) *ktls.Handoff {
 }
 
 // handOff moves a completed session into the kernel when it negotiated
-// KTLSALPN, before any application byte. It returns the session to use and
+// KTLSALPN or KTLSTunnelALPN, before any application byte. It returns the session to use and
 // its mode. A refused handoff (ktls.CanFallBack) keeps tc, in user space,
 // with mode fallback and the reason in err; any other error means the
 // connection is unusable and must be closed.
@@ -84,7 +93,7 @@ func handOff(h *ktls.Handoff, tc *tls.Conn) (net.Conn, string, error) {
 	if h == nil {
 		return tc, tlsModeUser, nil
 	}
-	if tc.ConnectionState().NegotiatedProtocol != KTLSALPN {
+	if !kernelALPN(tc.ConnectionState().NegotiatedProtocol) {
 		h.Abandon()
 		return tc, tlsModeUser, nil
 	}

@@ -359,21 +359,36 @@ func TestInboundKTLSALPN(t *testing.T) {
 	a.Init()
 	srv := mtlstest.StartServer(t, a.cfg)
 	client := ca.Identity(t, "web", mtlstest.EC256)
+	noTunnels := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256), KTLS: KTLS{Use: true}, DisableTunnels: true}
+	noTunnels.Init()
+	off := &MeshAcceptor{Identity: ca.Identity(t, "api", mtlstest.EC256)}
+	off.Init()
 	for _, tc := range []struct {
 		name   string
 		offer  []string
 		expect string
+		a      *MeshAcceptor
 	}{
-		{"connect-native h2", []string{"h2"}, ""},
-		{"no ALPN", nil, ""},
-		{"tunnel peer", []string{tunnel.ALPN}, tunnel.ALPN},
-		{"ktls peer", []string{KTLSALPN}, KTLSALPN},
-		{"both", []string{tunnel.ALPN, KTLSALPN}, KTLSALPN},
+		// A server without tunnels, or without kernel TLS, never selects
+		// a token it cannot serve: the client's next choice is taken.
+		{"ktls tunnel peer, server without tunnels", []string{KTLSTunnelALPN, tunnel.ALPN}, "", noTunnels},
+		{"ktls tunnel peer, server ktls off", []string{KTLSTunnelALPN, tunnel.ALPN}, tunnel.ALPN, off},
+		{"connect-native h2", []string{"h2"}, "", nil},
+		{"no ALPN", nil, "", nil},
+		{"tunnel peer", []string{tunnel.ALPN}, tunnel.ALPN, nil},
+		{"ktls peer", []string{KTLSALPN}, KTLSALPN, nil},
+		{"both", []string{tunnel.ALPN, KTLSALPN}, KTLSALPN, nil},
+		{"ktls tunnel peer", []string{KTLSTunnelALPN, tunnel.ALPN}, KTLSTunnelALPN, nil},
+		{"ktls tunnel peer, tunnel first", []string{tunnel.ALPN, KTLSTunnelALPN}, KTLSTunnelALPN, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := client.ClientConfig(ca.ID("api"))
 			cfg.NextProtos = tc.offer
-			cs, err, sr := srv.Dial(t, cfg)
+			s := srv
+			if tc.a != nil {
+				s = mtlstest.StartServer(t, tc.a.cfg)
+			}
+			cs, err, sr := s.Dial(t, cfg)
 			mtlstest.MustOK(t, err, sr)
 			if cs.NegotiatedProtocol != tc.expect {
 				t.Fatalf("negotiated %q, want %q", cs.NegotiatedProtocol, tc.expect)

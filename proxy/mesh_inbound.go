@@ -89,6 +89,9 @@ func (a *MeshAcceptor) Init() {
 		a.Logger = hclog.NewNullLogger()
 	}
 	var protos []string
+	if a.KTLS.Use && !a.DisableTunnels {
+		protos = append(protos, KTLSTunnelALPN)
+	}
 	if a.KTLS.Use {
 		protos = append(protos, KTLSALPN)
 	}
@@ -163,23 +166,22 @@ func (a *MeshAcceptor) AcceptInbound(ctx context.Context, raw *net.TCPConn) (Acc
 		}
 		return Accepted{Conn: conn}, &Refused{Outcome: "handshake_error", Reason: "kernel TLS required", Err: err}
 	}
-	if conn != net.Conn(tc) {
-		return a.admit(raw, conn, id, src, nil)
-	}
-	if tc.ConnectionState().NegotiatedProtocol == tunnel.ALPN {
-		ss := &inboundSession{a: a, raw: raw, tc: tc, id: id, src: src, created: time.Now(),
+	// conn is the kernel session, or tc (user space, or after a refused
+	// handoff): a tunnel session runs the same over either.
+	if sess, ok := conn.(tunnel.Session); ok && tunnelALPN(tc.ConnectionState().NegotiatedProtocol) {
+		ss := &inboundSession{a: a, raw: raw, tc: sess, id: id, src: src, created: time.Now(),
 			gen: a.Identity.Generation(), released: make(chan bool, 1)}
-		_ = tc.SetReadDeadline(deadline)
-		stop := expireOnDone(ctx, tc)
-		err := tunnel.ReadOpen(tc)
+		_ = sess.SetReadDeadline(deadline)
+		stop := expireOnDone(ctx, sess)
+		err := tunnel.ReadOpen(sess)
 		stop()
-		_ = tc.SetReadDeadline(time.Time{})
+		_ = sess.SetReadDeadline(time.Time{})
 		if err != nil {
-			return Accepted{Conn: tc}, &Refused{Outcome: "handshake_error", Reason: "no tunnel OPEN before the handshake timeout", Err: err}
+			return Accepted{Conn: sess}, &Refused{Outcome: "handshake_error", Reason: "no tunnel OPEN before the handshake timeout", Err: err}
 		}
-		return a.admit(raw, tunnel.NewConn(tc, ss.release), id, src, ss.next)
+		return a.admit(raw, tunnel.NewConn(sess, ss.release), id, src, ss.next)
 	}
-	return a.admit(raw, tc, id, src, nil)
+	return a.admit(raw, conn, id, src, nil)
 }
 
 // admit decides one connection (or one tunnel of a session) by the
@@ -223,7 +225,7 @@ func (a *MeshAcceptor) admit(raw *net.TCPConn, conn net.Conn, id mtls.SpiffeID, 
 type inboundSession struct {
 	a        *MeshAcceptor
 	raw      *net.TCPConn
-	tc       *tls.Conn
+	tc       tunnel.Session // user-space or kernel TLS
 	id       mtls.SpiffeID
 	src      string
 	created  time.Time

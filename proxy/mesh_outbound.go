@@ -77,7 +77,8 @@ func NewMeshRouter(view *catalog.View, identity *mtls.Identity, log hclog.Logger
 func (r *MeshRouter) DisableTunnels() { r.pool = nil }
 
 // SetKTLS sets the kernel TLS policy. Call before use. The router offers
-// kernel TLS (KTLSALPN) only without tunnels (see ktls.go).
+// kernel TLS tunnel sessions (KTLSTunnelALPN) with tunnels, one-connection
+// kernel sessions (KTLSALPN) without (see ktls.go).
 func (r *MeshRouter) SetKTLS(k KTLS) { r.ktls = k }
 
 // TLSModeMetric counts mTLS sessions by direction and mode; the inbound
@@ -247,18 +248,17 @@ func (r *MeshRouter) dialTLS(ctx context.Context, addr string, cfg *tls.Config, 
 		conn.Close()
 		return nil, fmt.Errorf("session with %s: %w", addr, err)
 	}
-	if conn != net.Conn(tc) {
-		return conn, nil
-	}
-	if pool != nil && cs.NegotiatedProtocol == tunnel.ALPN {
-		t, err := r.openTunnel(tc, key, time.Now(), gen, redial)
+	// conn is the kernel session, or tc after a refused handoff: a tunnel
+	// runs the same over either.
+	if sess, ok := conn.(tunnel.Session); ok && pool != nil && tunnelALPN(cs.NegotiatedProtocol) {
+		t, err := r.openTunnel(sess, key, time.Now(), gen, redial)
 		if err != nil {
 			return nil, fmt.Errorf("tunnel to %s: %w", addr, err)
 		}
 		r.tunnels.With("new").Inc()
 		return t, nil
 	}
-	return tc, nil
+	return conn, nil
 }
 
 // handshake dials addr and completes the handshake. When cfg offers kernel
@@ -270,7 +270,7 @@ func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config
 		return nil, nil, err
 	}
 	var tc *tls.Conn
-	h := newKTLSHandoff(r.ktls.Use && slices.Contains(cfg.NextProtos, KTLSALPN), raw)
+	h := newKTLSHandoff(r.ktls.Use && slices.ContainsFunc(cfg.NextProtos, kernelALPN), raw)
 	if h != nil {
 		tc = h.Client(cfg)
 	} else {
@@ -285,7 +285,7 @@ func (r *MeshRouter) handshake(ctx context.Context, addr string, cfg *tls.Config
 
 // openTunnel starts a tunnel on session tc; when the tunnel ends cleanly
 // the session goes back to the pool under key.
-func (r *MeshRouter) openTunnel(tc *tls.Conn, key string, created time.Time, gen uint64, redial func() (net.Conn, error)) (net.Conn, error) {
+func (r *MeshRouter) openTunnel(tc tunnel.Session, key string, created time.Time, gen uint64, redial func() (net.Conn, error)) (net.Conn, error) {
 	pool := r.pool
 	t := tunnel.NewClientConn(tc, func(clean bool) {
 		if clean {
@@ -320,6 +320,9 @@ func (r *MeshRouter) clientConfig(svc catalog.Service) *tls.Config {
 	}
 	c := r.identity.ClientConfig(mtls.ServiceID(td, dc, svc.Name))
 	switch {
+	case r.pool != nil && r.ktls.Use:
+		// An old ferry server selects tunnel.ALPN, a foreign one nothing.
+		c.NextProtos = []string{KTLSTunnelALPN, tunnel.ALPN}
 	case r.pool != nil:
 		c.NextProtos = []string{tunnel.ALPN}
 	case r.ktls.Use:

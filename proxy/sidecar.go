@@ -111,9 +111,6 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 	if cfg.Client == nil || cfg.Registration == nil {
 		return nil, errors.New("sidecar: need a Consul client and a proxy registration")
 	}
-	if cfg.KTLS.Required && !cfg.DisableTunnels {
-		return nil, errors.New("sidecar: kernel TLS required, but tunnels stay in user space: turn tunnels off (-tunnels=false)")
-	}
 	log := cfg.Proxy.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()

@@ -87,7 +87,7 @@ func decideKTLS(ctx context.Context, cfg runConfig, log hclog.Logger) (proxy.KTL
 	case !use:
 		log.Info("kernel TLS not used: mTLS sessions stay in user space", "ktls", cfg.KTLS, "reason", reason)
 	case cfg.Tunnels:
-		log.Info("kernel TLS available: accepted from ferry peers; not offered outbound while tunnels are on (they stay in user space; -tunnels=false offers it)", "ktls", cfg.KTLS)
+		log.Info("kernel TLS available: tunnel sessions offered to and accepted from ferry peers", "ktls", cfg.KTLS)
 	default:
 		log.Info("kernel TLS available: offered to and accepted from ferry peers", "ktls", cfg.KTLS)
 	}
@@ -146,7 +146,7 @@ func addRunFlags(fs *flag.FlagSet, c *runConfig) {
 	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "inbound TLS handshake deadline")
 	fs.BoolVar(&c.LiveRevocation, "live-revocation", true, "close established inbound connections whose source an intention change denies")
 	fs.BoolVar(&c.Tunnels, "tunnels", true, "between ferry sidecars, carry connections one after another over reused mTLS sessions (negotiated by ALPN; other peers are unaffected)")
-	fs.Func("ktls", "kernel TLS on mTLS sessions between ferry sidecars: auto (when the node's kernel has the tls module), off, or required (refuse to start without it, and refuse sessions that cannot use it; needs -tunnels=false). Negotiated by ALPN, only with -tunnels=false on the client side; other peers are unaffected (default auto)", func(v string) error {
+	fs.Func("ktls", "kernel TLS on mTLS sessions between ferry sidecars: auto (when the node's kernel has the tls module), off, or required (refuse to start without it, and refuse sessions that cannot use it). Negotiated by ALPN, for tunnel sessions and for one-connection sessions (-tunnels=false); other peers are unaffected (default auto)", func(v string) error {
 		m, err := ktls.ParseMode(v)
 		if err != nil {
 			return err
@@ -177,8 +177,6 @@ func validateRunConfig(c runConfig) error {
 		return usageError("run: timeouts must be >= 0")
 	case hclog.LevelFromString(c.LogLevel) == hclog.NoLevel:
 		return usageError("run: unknown -log-level %q", c.LogLevel)
-	case c.KTLS == ktls.Required && c.Tunnels:
-		return usageError("run: -ktls=required needs -tunnels=false (tunnels stay in user-space TLS)")
 	}
 	if _, err := intentions.ParsePolicy(c.DefaultPolicy); err != nil {
 		return usageError("run: -default-intention-policy: %v", err)

@@ -11,7 +11,10 @@
 //   - the splice path (splice.go): socket to socket through pipes held only
 //     while data moves, from a pool that respects the UID's pipe budget:
 //     TCP→TCP, and to and from a KernelTLS leg's socket (a *ktls.Conn,
-//     whose records the kernel seals and opens; legs.go).
+//     whose records the kernel seals and opens; legs.go). SpliceChunk and
+//     SpliceChunkAfter lend the same pipes to a FrameSplicer leg (a tunnel
+//     over a kernel TLS session), which splices its frames' payloads
+//     itself.
 //   - the buffered path (pump.go): pooled 64 KiB buffers, 256 KiB while
 //     streaming, none while idle (GetBuffer and PutBuffer lend them out).
 //   - batched TLS writes (batchconn.go): BatchConn under a *tls.Conn sends
@@ -21,8 +24,9 @@
 //   - the idle watchdog (idle.go), read from kernel byte counters.
 //
 // Legs it knows by behaviour, not by type: Framed (a source that delivers
-// its stream in frames over a session, e.g. proxy/tunnel's tunnels) and
-// Aborter (a leg that aborts its own way). Both are found through NetConn()
+// its stream in frames over a session, e.g. proxy/tunnel's tunnels; never
+// spliced as the session under it), FrameSplicer (a framed leg that
+// splices its payloads itself) and Aborter (a leg that aborts its own way). Both are found through NetConn()
 // pass-through wrappers (TCPOf walks the same chain).
 //
 // Rules: pump imports nothing of ferry's (only the standard library and

@@ -112,3 +112,63 @@ func readErr(c net.Conn) error {
 		}
 	}
 }
+
+// framedOverKernelTLS stands for a tunnel over a kernel TLS session: its
+// socket carries frames, so the pump must copy through its Read and Write
+// even though a KernelTLS leg is under it.
+type framedOverKernelTLS struct {
+	*fakeKernelTLS
+	reads, writes atomic.Int32
+}
+
+func (f *framedOverKernelTLS) NetConn() net.Conn   { return f.fakeKernelTLS }
+func (f *framedOverKernelTLS) WaitFrame()          {}
+func (f *framedOverKernelTLS) FrameRemaining() int { return 0 }
+
+func (f *framedOverKernelTLS) Read(p []byte) (int, error) {
+	f.reads.Add(1)
+	return f.fakeKernelTLS.Read(p)
+}
+
+func (f *framedOverKernelTLS) Write(p []byte) (int, error) {
+	f.writes.Add(1)
+	return f.fakeKernelTLS.Write(p)
+}
+
+// A tunnel over a kernel TLS session is never spliced as if it were the
+// session: that would put the app's bytes on the session unframed.
+func TestPumpNeverSplicesUnderAFramedLeg(t *testing.T) {
+	testkit.CheckLeaks(t)
+	const n = 1 << 20
+	app, a := testkit.TCPPair(t)
+	sock, peer := testkit.TCPPair(t)
+	f := &framedOverKernelTLS{fakeKernelTLS: &fakeKernelTLS{Conn: sock, sock: sock, end: io.EOF}}
+	run := startPump(t, context.Background(), a, wrapped2{f}, time.Minute)
+
+	go func() {
+		io.Copy(app, &testkit.PatternReader{N: n, Seed: 1})
+		app.CloseWrite()
+	}()
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	testkit.CheckPattern(t, io.LimitReader(peer, n), n, 1)
+	if f.writes.Load() == 0 {
+		t.Errorf("no write through the framed leg: the app's bytes were spliced onto its session")
+	}
+	go func() {
+		io.Copy(peer, &testkit.PatternReader{N: n, Seed: 2})
+		peer.CloseWrite()
+	}()
+	app.SetReadDeadline(time.Now().Add(10 * time.Second))
+	testkit.CheckPattern(t, app, n, 2)
+	if f.reads.Load() < 2 {
+		t.Errorf("%d reads through the framed leg: the session was spliced to the app", f.reads.Load())
+	}
+	app.Close()
+	run.Wait(t, 5*time.Second)
+}
+
+// wrapped2 is a pass-through wrapper (the catalog's tracked conns) over a
+// framed leg.
+type wrapped2 struct{ *framedOverKernelTLS }
+
+func (w wrapped2) NetConn() net.Conn { return w.framedOverKernelTLS }

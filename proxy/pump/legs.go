@@ -44,3 +44,35 @@ type KernelTLS interface {
 
 // framedOf returns the Framed leg under c, or nil.
 func framedOf(c any) Framed { return under[Framed](c) }
+
+// kernelTLSOf returns the KernelTLS leg under c, or nil. A framed leg over
+// a kernel TLS session (a tunnel) is not one: its socket carries frames
+// and other connections' bytes, never this stream as it is.
+func kernelTLSOf(c any) KernelTLS {
+	if framedOf(c) != nil {
+		return nil
+	}
+	return under[KernelTLS](c)
+}
+
+// FrameSplicer is a framed leg (a tunnel) over a kernel TLS session that
+// moves its DATA payloads with splice(2) itself: the pump hands it the
+// other leg's socket instead of copying through buffers.
+type FrameSplicer interface {
+	// SpliceFrames reports whether this leg splices now (its session is
+	// in the kernel); if not, the pump copies through its Read and Write.
+	SpliceFrames() bool
+	// SpliceTo moves the leg's stream into dst until its EOF (nil error).
+	SpliceTo(dst *net.TCPConn) (int64, error)
+	// SpliceFrom moves src's stream into the leg until src's EOF (nil
+	// error); the pump then half-closes the leg as usual.
+	SpliceFrom(src *net.TCPConn) (int64, error)
+}
+
+// frameSplicerOf returns the FrameSplicer under c that splices now, or nil.
+func frameSplicerOf(c any) FrameSplicer {
+	if f := under[FrameSplicer](c); f != nil && f.SpliceFrames() {
+		return f
+	}
+	return nil
+}

@@ -183,10 +183,16 @@ func (p *pump) progress() uint64 {
 // the kernel has no decent pipe for this user it continues buffered.
 func copyConn(dst, src net.Conn, ctr *atomic.Int64) (int64, error) {
 	d, s := spliceable(dst), spliceable(src)
+	if f := frameSplicerOf(src); f != nil && d != nil {
+		return f.SpliceTo(d)
+	}
+	if f := frameSplicerOf(dst); f != nil && s != nil {
+		return f.SpliceFrom(s)
+	}
 	if d == nil || s == nil {
 		return copyBuffered(dst, src, ctr)
 	}
-	k := under[KernelTLS](src)
+	k := kernelTLSOf(src)
 	var written int64
 	for {
 		n, fallback, err := spliceCopy(d, s, pipes)
@@ -219,7 +225,7 @@ func spliceable(c net.Conn) *net.TCPConn {
 	if tc, ok := c.(*net.TCPConn); ok {
 		return tc
 	}
-	if k := under[KernelTLS](c); k != nil {
+	if k := kernelTLSOf(c); k != nil {
 		return k.TCPConn()
 	}
 	return nil

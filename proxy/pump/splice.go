@@ -188,3 +188,129 @@ func spliceCopy(dst, src *net.TCPConn, pp *pipePool) (written int64, fallback bo
 		// The pipe is empty again; keep it while data keeps coming.
 	}
 }
+
+// ErrNoPipe: SpliceChunk could get no usable pipe (over the pipe budget):
+// nothing moved; the caller copies this chunk through a buffer instead.
+var ErrNoPipe = errors.New("pump: no usable pipe")
+
+// SpliceChunk moves up to max bytes src→dst through a pooled pipe: it
+// waits for src without holding a pipe, splices what src has (at most
+// max) into the pipe and all of it out to dst. It returns 0, nil at src's
+// end, and src's splice error as is (EINVAL out of a kernel TLS socket: a
+// record that is not data comes next; nothing moved).
+func SpliceChunk(dst, src *net.TCPConn, max int) (int64, error) {
+	return spliceChunk(dst, src, max, nil)
+}
+
+// SpliceChunkAfter is SpliceChunk with before(n) called once the pipe
+// holds n bytes and before they go out (a frame header). When before
+// returns keep, the n bytes are not spliced out but read into buf (which
+// must hold max bytes) and returned as buf[:n] for the caller to write.
+func SpliceChunkAfter(dst, src *net.TCPConn, max int, buf []byte, before func(n int) (keep bool, err error)) (int64, []byte, error) {
+	var kept []byte
+	n, err := spliceChunk(dst, src, max, func(p *pipe, n int) (bool, error) {
+		keep, err := before(n)
+		if err != nil || !keep {
+			return false, err
+		}
+		for got := 0; got < n; {
+			m, rerr := unix.Read(p.r, buf[got:n])
+			if rerr == unix.EINTR {
+				continue
+			}
+			if rerr != nil {
+				return true, rerr
+			}
+			got += m
+		}
+		kept = buf[:n]
+		return true, nil
+	})
+	return n, kept, err
+}
+
+func spliceChunk(dst, src *net.TCPConn, max int, before func(p *pipe, n int) (done bool, err error)) (int64, error) {
+	srcRC, err := src.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	dstRC, err := dst.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var p *pipe
+	var n int64
+	var serr, perr error
+	rerr := srcRC.Read(func(fd uintptr) bool {
+		if p == nil {
+			if p, perr = pipes.get(); perr != nil {
+				return true
+			}
+		}
+		for {
+			n, serr = unix.Splice(int(fd), nil, p.w, nil, min(max, p.size), unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+			if serr != unix.EINTR {
+				break
+			}
+		}
+		if serr == unix.EAGAIN {
+			pipes.put(p) // wait for the peer without holding a pipe
+			p = nil
+			return false
+		}
+		return true
+	})
+	switch {
+	case perr != nil:
+		return 0, ErrNoPipe
+	case rerr != nil:
+		if p != nil {
+			p.close()
+		}
+		return 0, rerr
+	case serr != nil:
+		p.close() // nothing in it, but never reuse a pipe after an error
+		return 0, serr
+	case n == 0:
+		pipes.put(p)
+		return 0, nil
+	}
+	if before != nil {
+		done, err := before(p, int(n))
+		if err != nil {
+			p.close()
+			return 0, err
+		}
+		if done {
+			pipes.put(p)
+			return n, nil
+		}
+	}
+	remaining := int(n)
+	var merr error
+	werr := dstRC.Write(func(fd uintptr) bool {
+		for remaining > 0 {
+			m, e := unix.Splice(p.r, nil, int(fd), nil, remaining, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+			switch e {
+			case nil:
+				remaining -= int(m)
+			case unix.EINTR:
+			case unix.EAGAIN:
+				return false
+			default:
+				merr = e
+				return true
+			}
+		}
+		return true
+	})
+	if werr == nil {
+		werr = merr
+	}
+	if werr != nil {
+		p.close() // may hold data
+		return n - int64(remaining), werr
+	}
+	pipes.put(p)
+	return n, nil
+}

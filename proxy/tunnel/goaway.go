@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -66,7 +65,7 @@ type replay struct {
 // NewClientConn is NewConn for the client side, able to replay the
 // connection on a new tunnel from redial when the server answers its OPEN
 // with GOAWAY.
-func NewClientConn(tc *tls.Conn, release func(clean bool), redial func() (net.Conn, error)) *Conn {
+func NewClientConn(tc Session, release func(clean bool), redial func() (net.Conn, error)) *Conn {
 	t := NewConn(tc, release)
 	t.redial = redial
 	t.copyOK = redial != nil
@@ -199,7 +198,7 @@ const GoAwayLinger = time.Second
 // client closes or linger passes. Closing at once instead would answer
 // those bytes with a TCP reset, which can destroy the GOAWAY before the
 // client reads it.
-func GoAway(tc *tls.Conn, linger time.Duration) {
+func GoAway(tc Session, linger time.Duration) {
 	defer tc.Close()
 	_ = tc.SetWriteDeadline(time.Now().Add(resetTimeout))
 	if _, err := tc.Write([]byte{frameGoAway, 0, 0, 0}); err != nil {
@@ -212,5 +211,12 @@ func GoAway(tc *tls.Conn, linger time.Duration) {
 	}
 	_ = tcp.CloseWrite()
 	_ = tcp.SetReadDeadline(time.Now().Add(linger))
+	if _, kernel := tc.(vectorWriter); kernel {
+		// The kernel opens the records: read through the session, which
+		// takes the client's close_notify (a control record that read(2)
+		// on the socket stops at with EIO) and stops at its end.
+		_, _ = io.Copy(io.Discard, tc)
+		return
+	}
 	_, _ = io.Copy(io.Discard, tcp)
 }

@@ -183,3 +183,95 @@ func TestGoAwayCopyDroppedOnAccept(t *testing.T) {
 		t.Fatalf("copy kept after the server's first frame: %d bytes, copyOK %v", len(ct.kept), ct.copyOK)
 	}
 }
+
+// The same replay when the tunnel is over a kernel TLS session and the
+// app's bytes come in by splice (SpliceFrom): until the server's first
+// frame, chunks are read out of the pipe into the replay's copy, so a
+// GOAWAY still replays them on the new session; past the bound there is
+// no replay, as with copies.
+func TestGoAwayReplaySpliced(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		send     int
+		replayed bool
+	}{
+		{"small request", 5, true},
+		{"request at the bound", replayMax, true},
+		{"copy outgrew the bound", replayMax + 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			testkit.CheckLeaks(t)
+			a, b := testkit.TCPPair(t)
+			a2, b2 := testkit.TCPPair(t)
+			cs, ss := kernelLeg{newKernelSession(a)}, kernelLeg{newKernelSession(b)}
+			cs2, ss2 := kernelLeg{newKernelSession(a2)}, kernelLeg{newKernelSession(b2)}
+			redial := func() (net.Conn, error) {
+				nt := NewConn(cs2, func(bool) { cs2.Close() })
+				if err := WriteOpen(nt); err != nil {
+					return nil, err
+				}
+				return nt, nil
+			}
+			ct := NewClientConn(cs, func(bool) { cs.Close() }, redial)
+			if err := WriteOpen(ct); err != nil {
+				t.Fatal(err)
+			}
+			// The app's bytes, spliced in.
+			app, in := testkit.TCPPair(t)
+			msg := bytes.Repeat([]byte("y"), tc.send)
+			go func() {
+				app.Write(msg)
+				app.CloseWrite()
+			}()
+			if _, err := ct.SpliceFrom(in); err != nil {
+				t.Fatalf("splice from the app: %v", err)
+			}
+			if err := ct.CloseWrite(); err != nil {
+				t.Fatalf("close write: %v", err)
+			}
+			go GoAway(ss, GoAwayLinger)
+			srvErr := make(chan error, 1)
+			go func() {
+				defer ss2.Close()
+				if err := ReadOpen(ss2); err != nil {
+					srvErr <- err
+					return
+				}
+				st := NewConn(ss2, func(bool) {})
+				got, err := io.ReadAll(st)
+				if err == nil {
+					_, err = st.Write(got)
+				}
+				if err == nil {
+					err = st.CloseWrite()
+				}
+				srvErr <- err
+			}()
+			// The answer, spliced out to the app.
+			out, app2 := testkit.TCPPair(t)
+			done := make(chan error, 1)
+			go func() {
+				_, err := ct.SpliceTo(out)
+				out.CloseWrite()
+				done <- err
+			}()
+			app2.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got, _ := io.ReadAll(app2)
+			err := <-done
+			ct.Close()
+			if tc.replayed {
+				if err != nil || !bytes.Equal(got, msg) {
+					t.Fatalf("replayed tunnel: %d bytes back, %v; want the %d sent", len(got), err, len(msg))
+				}
+				if err := <-srvErr; err != nil {
+					t.Fatalf("new session's server: %v", err)
+				}
+			} else {
+				if !errors.Is(err, syscall.ECONNRESET) {
+					t.Fatalf("error %v; want a reset", err)
+				}
+				cs2.Close()
+			}
+		})
+	}
+}

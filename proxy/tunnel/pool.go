@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"crypto/tls"
 	"sync"
 	"time"
 
@@ -23,7 +22,7 @@ type Pool struct {
 }
 
 type pooledSession struct {
-	tc        *tls.Conn
+	tc        Session
 	created   time.Time
 	idleSince time.Time
 	gen       uint64
@@ -36,7 +35,7 @@ func NewPool(generation func() uint64) *Pool {
 
 // Get returns an idle session for addr that is still good to carry a
 // tunnel, closing the stale ones it meets, or nil.
-func (p *Pool) Get(addr string) (*tls.Conn, time.Time, uint64) {
+func (p *Pool) Get(addr string) (Session, time.Time, uint64) {
 	now, gen := p.now(), p.generation()
 	for {
 		p.mu.Lock()
@@ -59,7 +58,7 @@ func (p *Pool) Get(addr string) (*tls.Conn, time.Time, uint64) {
 }
 
 // Put keeps a session whose tunnel ended cleanly, or closes it.
-func (p *Pool) Put(addr string, tc *tls.Conn, created time.Time, gen uint64) {
+func (p *Pool) Put(addr string, tc Session, created time.Time, gen uint64) {
 	now := p.now()
 	if now.Sub(created) >= p.age || gen != p.generation() {
 		tc.Close()
@@ -90,7 +89,7 @@ func (p *Pool) Put(addr string, tc *tls.Conn, created time.Time, gen uint64) {
 // are left.
 func (p *Pool) expire() {
 	now := p.now()
-	var stale []*tls.Conn
+	var stale []Session
 	p.mu.Lock()
 	for addr, list := range p.conns {
 		kept := list[:0]
@@ -139,7 +138,7 @@ func (p *Pool) CloseAll() {
 // server sends nothing between tunnels but a GOAWAY, so anything there (a
 // GOAWAY, a close_notify, a FIN, a reset) means the session is over. One
 // that ends just after this check is the replay's case (goaway.go).
-func quiet(tc *tls.Conn) bool {
+func quiet(tc Session) bool {
 	tcp := pump.TCPOf(tc)
 	if tcp == nil {
 		return false

@@ -74,6 +74,24 @@ const (
 	ServerMaxAge = 2 * tunnelMaxAge
 )
 
+// Session is what a tunnel session runs over: a *tls.Conn (user-space
+// TLS), or a *ktls.Conn whose records the kernel seals and opens (a
+// session agreed as kernel TLS, see proxy/ktls.go). Frames and their rules
+// are the same over both.
+type Session interface {
+	net.Conn
+	// CloseWrite sends close_notify (and, for a kernel session, a FIN).
+	CloseWrite() error
+	ConnectionState() tls.ConnectionState
+}
+
+// vectorWriter is a session that writes several buffers in one writev(2)
+// (*ktls.Conn): a DATA header and its payload then fill the same records,
+// and the header costs no record, seal and syscall of its own.
+type vectorWriter interface {
+	WriteBuffers(b *net.Buffers) (int64, error)
+}
+
 // errTunnelBroken marks a session that ended inside a tunnel.
 var errTunnelBroken = errors.New("tunnel: session ended without the peer's EOF frame")
 
@@ -85,10 +103,13 @@ var errTunnelReset = fmt.Errorf("tunnel: peer reset the connection: %w", syscall
 // a pump.Framed and a pump.Aborter). Reads and writes each
 // come from one goroutine (the pump's halves); Close may come from any.
 type Conn struct {
-	tc    *tls.Conn
-	r     io.Reader        // tc, or a plain stream in the frame fuzz test
-	batch *pump.BatchConn  // under tc: a frame header and its data in one write(2)
-	rw    *pump.ReadWaiter // under tc: gathers records crypto/tls already holds
+	tc      Session
+	r       io.Reader        // tc, or a plain stream in the frame fuzz test
+	batch   *pump.BatchConn  // under a *tls.Conn: a frame header and its data in one write(2)
+	rw      *pump.ReadWaiter // under a *tls.Conn: gathers records crypto/tls already holds
+	vw      vectorWriter     // a kernel session: header and data in one writev(2)
+	ks      kernelSession    // a kernel session: payloads spliced (splice.go)
+	spliced atomic.Int64
 
 	// reading side
 	hdr       [frameHeader]byte
@@ -114,10 +135,19 @@ type Conn struct {
 // NewConn starts a tunnel over session tc (after OPEN: WriteOpen on the
 // client, ReadOpen on the server). release is called once, by Close:
 // clean means both EOFs went by and the session may carry another tunnel.
-func NewConn(tc *tls.Conn, release func(clean bool)) *Conn {
+func NewConn(tc Session, release func(clean bool)) *Conn {
 	t := &Conn{tc: tc, r: tc, release: release}
-	t.batch = pump.BatchOf(tc)
-	t.rw = pump.NewReadWaiter(tc)
+	switch s := tc.(type) {
+	case *tls.Conn:
+		t.batch = pump.BatchOf(s)
+		t.rw = pump.NewReadWaiter(s)
+	case vectorWriter:
+		// A kernel session buffers nothing in user space that the socket
+		// would not show: WaitFrame reads the header itself, and a read
+		// there is shallow (no TLS stack to keep grown).
+		t.vw = s
+		t.ks, _ = tc.(kernelSession)
+	}
 	return t
 }
 
@@ -302,6 +332,11 @@ func (t *Conn) writeFrameLocked(typ byte, p []byte) error {
 		pump.PutBuffer(bp)
 		return err
 	}
+	if t.vw != nil {
+		bufs := net.Buffers{hdr[:], p}
+		_, err := t.vw.WriteBuffers(&bufs)
+		return err
+	}
 	if t.batch != nil {
 		t.batch.Begin()
 	}
@@ -381,7 +416,7 @@ func (t *Conn) NetConn() net.Conn { return t.session() }
 
 // session is the TLS session carrying the connection now: the replay's
 // after a GOAWAY.
-func (t *Conn) session() *tls.Conn {
+func (t *Conn) session() Session {
 	if nt := t.next.Load(); nt != nil {
 		return nt.session()
 	}
@@ -396,7 +431,7 @@ func (t *Conn) SetWriteDeadline(d time.Time) error { return t.session().SetWrite
 
 // ReadOpen reads the client's OPEN for the next tunnel. io.EOF (or a
 // close_notify) means the client closed an idle session: not an error.
-func ReadOpen(tc *tls.Conn) error {
+func ReadOpen(tc Session) error {
 	var hdr [frameHeader]byte
 	if _, err := io.ReadFull(tc, hdr[:]); err != nil {
 		return err // io.EOF only when nothing of a header came

@@ -37,6 +37,7 @@ var kernelTests = []string{
 	"TestKernelHandoffRefused",
 	"TestKernelSmallSendBufferSlowReader",
 	"TestKernelTwoSidecarSplicePath",
+	"TestKernelWriteBuffers",
 }
 
 // proxyTests are the proxy package's kernel TLS data path tests: two
@@ -50,6 +51,12 @@ var proxyTests = []string{
 	"TestKTLSRevocation",
 	"TestKTLSRequiredRefusesUserSpace",
 	"TestKTLSServerTicketsResumeUserSpaceClients",
+	"TestKTLSTunnels",
+	"TestKTLSTunnelsOneEndOff",
+	"TestKTLSTunnelGoAwayReplays",
+	"TestKTLSTunnelRevocation",
+	"TestKTLSTunnelDrainDeadlineResets",
+	"TestKTLSTunnelsRequired",
 }
 
 // TestKTLSUnderUML builds the ktls package's tests as a static binary and
@@ -70,6 +77,11 @@ func TestProxyKTLSUnderUML(t *testing.T) {
 	for _, line := range []string{
 		`=== RUN +TestKTLSTwoSidecars/both_ends\r?\n\s+ktls_test.go:\d+: sessions counted as ktls \(inbound 1, outbound 1\)`,
 		`=== RUN +TestKTLSTwoSidecars/client_ktls_off\r?\n\s+ktls_test.go:\d+: sessions counted as userspace \(inbound 1, outbound 1\)`,
+		// The default configuration (tunnels on): one kernel tunnel
+		// session carried the first three connections.
+		`ktls_tunnel_test.go:\d+: 3 tunnels over one session, counted ktls on both sidecars`,
+		`goaway_test.go:\d+: replayed after GOAWAY; sessions counted ktls on both sidecars`,
+		`ktls_tunnel_test.go:\d+: required with tunnels: tunnels over kernel sessions`,
 	} {
 		if !regexp.MustCompile(line).Match(out) {
 			t.Errorf("no line %q inside UML", line)
