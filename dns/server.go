@@ -42,6 +42,7 @@ type Server struct {
 	closeErr error
 	wg       sync.WaitGroup
 	stopped  chan struct{} // closed by Close; ends the ctx watcher
+	closeEnd chan struct{} // closed when the first Close has finished
 }
 
 // New checks cfg and returns a server that is not listening yet.
@@ -71,16 +72,17 @@ func New(cfg Config) (*Server, error) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
-		cfg:     cfg,
-		log:     log,
-		cache:   newCache(cfg.CacheSize, cfg.CacheMaxTTL, cfg.CacheNegativeTTL, time.Now),
-		nonce:   nonce,
-		sem:     make(chan struct{}, cfg.MaxInflight),
-		flights: make(map[cacheKey]*flight),
-		ctx:     ctx,
-		cancel:  cancel,
-		addr:    cfg.Addr,
-		stopped: make(chan struct{}),
+		cfg:      cfg,
+		log:      log,
+		cache:    newCache(cfg.CacheSize, cfg.CacheMaxTTL, cfg.CacheNegativeTTL, time.Now),
+		nonce:    nonce,
+		sem:      make(chan struct{}, cfg.MaxInflight),
+		flights:  make(map[cacheKey]*flight),
+		ctx:      ctx,
+		cancel:   cancel,
+		addr:     cfg.Addr,
+		stopped:  make(chan struct{}),
+		closeEnd: make(chan struct{}),
 	}
 	if dv, ok := cfg.Mesh.(datacenterView); ok {
 		s.dcView = dv
@@ -184,7 +186,11 @@ func (s *Server) Close() error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		s.wg.Wait()
+		// The first Close may still be shutting down (the ctx watcher
+		// runs one of its own): wait for its end, then take its result.
+		<-s.closeEnd
+		s.mu.Lock()
+		defer s.mu.Unlock()
 		return s.closeErr
 	}
 	s.closed = true
@@ -209,6 +215,7 @@ func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closeErr = err
 	s.mu.Unlock()
+	close(s.closeEnd)
 	return err
 }
 
