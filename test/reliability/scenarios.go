@@ -367,8 +367,13 @@ done:
 		s.failf("%v", err)
 		return s
 	}
+	// Every span's delta comes from the load's totals as counted; the
+	// reclassification below must not leak into the last span, whose end
+	// is the totals themselves.
 	for i := range spans {
 		spans[i].Delta = delta(ticks, res, spans[i].From, spans[i].To, !strings.HasPrefix(spans[i].Name, "steady"))
+	}
+	for i := range spans {
 		// A SIGKILLed app's sockets are closed by the kernel, with a FIN
 		// when nothing was left unread: its clients see a clean end, with
 		// or without a proxy between. Not ferry's to turn into a reset.
