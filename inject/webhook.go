@@ -2,17 +2,15 @@ package inject
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"sync"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/certfile"
 	"github.com/hashicorp/go-hclog"
 	admissionv1 "k8s.io/api/admission/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -142,78 +140,9 @@ func (w *Webhook) Review(ctx context.Context, req *admissionv1.AdmissionRequest)
 	return deny(http.StatusInternalServerError, "ferry inject: patch: %v", err)
 }
 
-// CertReloader serves the certificate in CertFile and KeyFile, reloading
-// them when either file changes (cert-manager and kubelet secret updates
-// replace them in place). A pair that fails to load keeps the previous one
-// in service.
-type CertReloader struct {
-	CertFile, KeyFile string
-	Log               hclog.Logger
-
-	mu   sync.Mutex
-	cert *tls.Certificate
-	seen [2]fileStamp
-}
-
-type fileStamp struct {
-	mod  time.Time
-	size int64
-}
-
-func stamp(path string) (fileStamp, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return fileStamp{}, err
-	}
-	return fileStamp{fi.ModTime(), fi.Size()}, nil
-}
-
-// Load (re)reads the pair now; the first call must succeed.
-func (c *CertReloader) Load() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.loadLocked()
-}
-
-func (c *CertReloader) loadLocked() error {
-	sc, err1 := stamp(c.CertFile)
-	sk, err2 := stamp(c.KeyFile)
-	if err := errors.Join(err1, err2); err != nil {
-		return fmt.Errorf("inject: webhook certificate: %w", err)
-	}
-	if c.cert != nil && c.seen == [2]fileStamp{sc, sk} {
-		return nil
-	}
-	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
-	if err != nil {
-		return fmt.Errorf("inject: webhook certificate: %w", err)
-	}
-	if c.cert != nil && c.Log != nil {
-		c.Log.Info("webhook certificate reloaded", "cert", c.CertFile)
-	}
-	c.cert, c.seen = &cert, [2]fileStamp{sc, sk}
-	return nil
-}
-
-// GetCertificate is for tls.Config: it checks the files on each handshake
-// (two stats) and reloads them when they changed.
-func (c *CertReloader) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := c.loadLocked(); err != nil {
-		if c.cert == nil {
-			return nil, err
-		}
-		if c.Log != nil {
-			c.Log.Warn("keeping the previous webhook certificate", "error", err)
-		}
-	}
-	return c.cert, nil
-}
-
 // Serve runs the webhook over TLS on ln until ctx is done, then shuts down
 // with a deadline for requests in flight.
-func (w *Webhook) Serve(ctx context.Context, ln net.Listener, certs *CertReloader) error {
+func (w *Webhook) Serve(ctx context.Context, ln net.Listener, certs *certfile.Reloader) error {
 	if err := certs.Load(); err != nil {
 		return err
 	}
@@ -223,7 +152,7 @@ func (w *Webhook) Serve(ctx context.Context, ln net.Listener, certs *CertReloade
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
-		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate},
+		TLSConfig:         certfile.ServerConfig(certs, nil),
 		ErrorLog:          w.logger().StandardLogger(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug}),
 	}
 	done := make(chan error, 1)

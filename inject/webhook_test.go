@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ferrymesh/ferry/internal/certfile"
 	"github.com/hashicorp/go-hclog"
 	admissionv1 "k8s.io/api/admission/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -202,7 +203,9 @@ func TestWebhookServeReloadsCertificate(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	w := testWebhook(nil, nil)
-	go func() { done <- w.Serve(ctx, ln, &CertReloader{CertFile: cf, KeyFile: kf, Log: hclog.NewNullLogger()}) }()
+	go func() {
+		done <- w.Serve(ctx, ln, &certfile.Reloader{CertFile: cf, KeyFile: kf, Log: hclog.NewNullLogger(), What: "webhook certificate"})
+	}()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {

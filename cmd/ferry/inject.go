@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"github.com/ferrymesh/ferry/inject"
+	"github.com/ferrymesh/ferry/internal/certfile"
 	"github.com/hashicorp/go-hclog"
 	"github.com/miekg/dns"
 )
@@ -220,5 +221,5 @@ func runInjectWebhook(f *injectFlags, cfg inject.Config, stderr io.Writer) error
 	defer stop()
 	log.Info("serving the admission webhook", "addr", ln.Addr().String(), "path", "/mutate")
 	w := &inject.Webhook{Config: cfg, Namespaces: nsLabels, Log: log}
-	return w.Serve(ctx, ln, &inject.CertReloader{CertFile: f.certFile, KeyFile: f.keyFile, Log: log})
+	return w.Serve(ctx, ln, &certfile.Reloader{CertFile: f.certFile, KeyFile: f.keyFile, Log: log, What: "webhook certificate"})
 }
