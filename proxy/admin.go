@@ -15,7 +15,25 @@ import (
 // ready) and GET /metrics (Prometheus text format).
 func AdminHandler(ready func() error, metrics Collector) http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("GET /ready", readyFunc(ready))
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		metrics.WritePrometheus(w)
+	})
+	return mux
+}
+
+// ReadyHandler serves GET /ready alone, as AdminHandler does; every other
+// path is 404. It is for a listener off loopback (the kubelet's readiness
+// probe on the pod IP), where the metrics have no business.
+func ReadyHandler(ready func() error) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ready", readyFunc(ready))
+	return mux
+}
+
+func readyFunc(ready func() error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("Cache-Control", "no-store")
 		if err := ready(); err != nil {
@@ -24,12 +42,7 @@ func AdminHandler(ready func() error, metrics Collector) http.Handler {
 			return
 		}
 		fmt.Fprintln(w, "ready")
-	})
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		metrics.WritePrometheus(w)
-	})
-	return mux
+	}
 }
 
 // Admin is the admin HTTP server.

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -58,6 +59,9 @@ type SidecarConfig struct {
 	// -telemetry-prom-service-metrics-url).
 	PromScrapePath        string
 	PromServiceMetricsURL string
+	// PromTLS, when set, makes that listener HTTPS only
+	// (-telemetry-prom-{cert-file,key-file,ca-certs-path}).
+	PromTLS *tls.Config
 }
 
 // Sidecar is the whole sidecar: the data path plus the mesh view it routes
@@ -142,7 +146,7 @@ func StartSidecar(cfg SidecarConfig) (*Sidecar, error) {
 		}()
 	}
 	s.merged = mergedmetrics.NewServer(cfg.PromScrapePath, mergedmetrics.Config{
-		Own: s.proxy.Metrics().Set.WritePrometheus, ServiceURL: cfg.PromServiceMetricsURL}, log.Named("metrics"))
+		Own: s.proxy.Metrics().Set.WritePrometheus, ServiceURL: cfg.PromServiceMetricsURL}, cfg.PromTLS, log.Named("metrics"))
 	src := catalog.ConsulSource{Client: cfg.Client}
 	var retryMax time.Duration // 0: the view's default
 	if _, ok := cfg.Registration.(CatalogRegistration); ok {

@@ -52,6 +52,7 @@ type dataplaneConfig struct {
 	PromServiceMetricsURL  string
 	PromRetention          string
 	PromCACertsPath        string
+	PromCACertsFile        string
 	PromCertFile           string
 	PromKeyFile            string
 	CheckProxyHealth       bool
@@ -176,8 +177,8 @@ func parseDataplane(args []string, getenv func(string) string, stderr io.Writer)
 	d.integer(&dp.ConsulDNSBindPort, "consul-dns-bind-port", "DP_CONSUL_DNS_BIND_PORT", -1, "DNS port (-1: no DNS)")
 	d.str(&dp.EnvoyAdminBindAddr, "envoy-admin-bind-address", "DP_ENVOY_ADMIN_BIND_ADDRESS", "127.0.0.1", "admin (/ready, /metrics) address")
 	d.integer(&dp.EnvoyAdminBindPort, "envoy-admin-bind-port", "DP_ENVOY_ADMIN_BIND_PORT", 19000, "admin port")
-	d.str(&dp.EnvoyReadyBindAddr, "envoy-ready-bind-address", "DP_ENVOY_READY_BIND_ADDRESS", "", "readiness listener address (not implemented yet)")
-	d.integer(&dp.EnvoyReadyBindPort, "envoy-ready-bind-port", "DP_ENVOY_READY_BIND_PORT", 0, "readiness listener port (not implemented yet)")
+	d.str(&dp.EnvoyReadyBindAddr, "envoy-ready-bind-address", "DP_ENVOY_READY_BIND_ADDRESS", "", "readiness listener address, serving GET /ready alone (consul-k8s: the pod IP)")
+	d.integer(&dp.EnvoyReadyBindPort, "envoy-ready-bind-port", "DP_ENVOY_READY_BIND_PORT", 0, "readiness listener port (0: none; consul-k8s: 21000 with use-proxy-health-check)")
 
 	d.str(&dp.GracefulAddr, "graceful-addr", "DP_GRACEFUL_ADDR", "127.0.0.1", "lifecycle endpoint address")
 	d.integer(&dp.GracefulPort, "graceful-port", "DP_GRACEFUL_PORT", 20300, "lifecycle endpoint port (opened when a lifecycle flag is given)")
@@ -187,12 +188,13 @@ func parseDataplane(args []string, getenv func(string) string, stderr io.Writer)
 	d.integer(&dp.ShutdownGracePeriod, "shutdown-grace-period-seconds", "DP_SHUTDOWN_GRACE_PERIOD_SECONDS", 0, "seconds outbound keeps serving after SIGTERM or the shutdown path (inbound closed); then -drain-timeout")
 	d.integer(&dp.StartupGracePeriod, "startup-grace-period-seconds", "DP_STARTUP_GRACE_PERIOD_SECONDS", 0, "seconds the startup path waits for ready")
 	d.str(&dp.PromScrapePath, "telemetry-prom-scrape-path", "DP_TELEMETRY_PROM_SCRAPE_PATH", "/metrics", "path of the merged metrics on the registration's envoy_prometheus_bind_addr")
-	d.integer(&dp.PromMergePort, "telemetry-prom-merge-port", "DP_TELEMETRY_PROM_MERGE_PORT", 20100, "(not implemented yet)")
+	d.integer(&dp.PromMergePort, "telemetry-prom-merge-port", "DP_TELEMETRY_PROM_MERGE_PORT", 20100, "accepted: ferry merges on envoy_prometheus_bind_addr itself, with no second listener")
 	d.str(&dp.PromServiceMetricsURL, "telemetry-prom-service-metrics-url", "DP_TELEMETRY_PROM_SERVICE_METRICS_URL", "", "the app's metrics, merged into the scrape (failing: HTTP 500)")
-	d.str(&dp.PromRetention, "telemetry-prom-retention-time", "DP_TELEMETRY_PROM_RETENTION_TIME", "60s", "(not implemented yet)")
-	d.str(&dp.PromCACertsPath, "telemetry-prom-ca-certs-path", "DP_TELEMETRY_PROM_CA_CERTS_PATH", "", "(not implemented yet)")
-	d.str(&dp.PromCertFile, "telemetry-prom-cert-file", "DP_TELEMETRY_PROM_CERT_FILE", "", "(not implemented yet)")
-	d.str(&dp.PromKeyFile, "telemetry-prom-key-file", "DP_TELEMETRY_PROM_KEY_FILE", "", "(not implemented yet)")
+	d.str(&dp.PromRetention, "telemetry-prom-retention-time", "DP_TELEMETRY_PROM_RETENTION_TIME", "60s", "accepted: ferry's metrics are cumulative counters and gauges, never aggregated over a window")
+	d.str(&dp.PromCACertsPath, "telemetry-prom-ca-certs-path", "DP_TELEMETRY_PROM_CA_CERTS_PATH", "", "CA file or directory verifying the scraper's client certificate when it gives one (with -telemetry-prom-cert-file: HTTPS only)")
+	d.str(&dp.PromCACertsFile, "telemetry-prom-ca-certs-file", "DP_TELEMETRY_PROM_CA_CERTS_FILE", "", "CA file, as -telemetry-prom-ca-certs-path (consul-k8s passes both)")
+	d.str(&dp.PromCertFile, "telemetry-prom-cert-file", "DP_TELEMETRY_PROM_CERT_FILE", "", "certificate the merged metrics are served with over HTTPS (reloaded when it changes)")
+	d.str(&dp.PromKeyFile, "telemetry-prom-key-file", "DP_TELEMETRY_PROM_KEY_FILE", "", "its private key")
 	fs.BoolVar(&dp.CheckProxyHealth, "check-proxy-health", false, "GET the admin /ready (3 s timeout) and exit 0 only if ready")
 
 	var ignored []string
@@ -242,6 +244,16 @@ func parseDataplane(args []string, getenv func(string) string, stderr io.Writer)
 	}
 	c.CheckProxyHealth = dp.CheckProxyHealth
 	c.PromScrapePath, c.PromServiceMetricsURL = dp.PromScrapePath, dp.PromServiceMetricsURL
+	c.PromCACertsPath, c.PromCertFile, c.PromKeyFile = dp.PromCACertsPath, dp.PromCertFile, dp.PromKeyFile
+	if c.PromCACertsPath == "" {
+		c.PromCACertsPath = dp.PromCACertsFile
+	}
+	if dp.EnvoyReadyBindPort != 0 {
+		// consul-dataplane adds no listener without an address; ferry
+		// listens on every address then rather than leave a readiness
+		// probe failing.
+		c.ReadyAddr = joinHostPort(dp.EnvoyReadyBindAddr, dp.EnvoyReadyBindPort)
+	}
 	if dp.ConsulDNSBindPort > 0 {
 		c.DNSAddr = net.JoinHostPort(dp.ConsulDNSBindAddr, strconv.Itoa(dp.ConsulDNSBindPort))
 	} else {
@@ -308,16 +320,6 @@ func runDataplane(args []string, stdout, stderr io.Writer) error {
 func logDataplaneGaps(dp dataplaneConfig, log hclog.Logger) {
 	if len(dp.Ignored) > 0 {
 		log.Info("consul-dataplane: Envoy-only arguments accepted and ignored", "args", strings.Join(dp.Ignored, " "))
-	}
-	var todo []string
-	if dp.PromCACertsPath != "" || dp.PromCertFile != "" || dp.PromKeyFile != "" {
-		todo = append(todo, "TLS on the merged metrics (-telemetry-prom-{ca-certs-path,cert-file,key-file})")
-	}
-	if dp.EnvoyReadyBindPort != 0 {
-		todo = append(todo, "-envoy-ready-bind-port")
-	}
-	if len(todo) > 0 {
-		log.Warn("consul-dataplane: not implemented yet by ferry; accepted", "features", strings.Join(todo, ", "))
 	}
 }
 

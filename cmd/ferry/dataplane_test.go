@@ -174,6 +174,39 @@ func TestParseDataplaneOther(t *testing.T) {
 					t.Errorf("%q", c.AdminAddr)
 				}
 			}},
+		{name: "readiness listener (use-proxy-health-check)", args: append([]string{"-envoy-ready-bind-port=21000"}, base...),
+			env: map[string]string{"DP_ENVOY_READY_BIND_ADDRESS": "198.18.0.5"},
+			check: func(t *testing.T, c runConfig, _ dataplaneConfig) {
+				if c.ReadyAddr != "198.18.0.5:21000" {
+					t.Errorf("ready addr %q", c.ReadyAddr)
+				}
+			}},
+		{name: "readiness port without address", args: append([]string{"-envoy-ready-bind-port=21000"}, base...),
+			check: func(t *testing.T, c runConfig, _ dataplaneConfig) {
+				if c.ReadyAddr != ":21000" {
+					t.Errorf("ready addr %q", c.ReadyAddr)
+				}
+			}},
+		{name: "no readiness listener by default", args: base,
+			check: func(t *testing.T, c runConfig, _ dataplaneConfig) {
+				if c.ReadyAddr != "" {
+					t.Errorf("ready addr %q", c.ReadyAddr)
+				}
+			}},
+		{name: "metrics TLS", args: append([]string{"-telemetry-prom-ca-certs-path=/ca", "-telemetry-prom-cert-file=/c", "-telemetry-prom-key-file=/k"}, base...),
+			check: func(t *testing.T, c runConfig, _ dataplaneConfig) {
+				if c.PromCACertsPath != "/ca" || c.PromCertFile != "/c" || c.PromKeyFile != "/k" {
+					t.Errorf("%q %q %q", c.PromCACertsPath, c.PromCertFile, c.PromKeyFile)
+				}
+			}},
+		{name: "metrics TLS as consul-k8s passes it", args: append([]string{"-telemetry-prom-ca-certs-file=/ca.pem", "-telemetry-prom-ca-certs-path=", "-telemetry-prom-cert-file=/c", "-telemetry-prom-key-file=/k"}, base...),
+			check: func(t *testing.T, c runConfig, _ dataplaneConfig) {
+				if c.PromCACertsPath != "/ca.pem" {
+					t.Errorf("CA %q", c.PromCACertsPath)
+				}
+			}},
+		{name: "metrics TLS without a CA", args: append([]string{"-telemetry-prom-cert-file=/c", "-telemetry-prom-key-file=/k"}, base...), wantErr: "needs all of"},
+		{name: "metrics TLS without a key", args: append([]string{"-telemetry-prom-ca-certs-path=/ca", "-telemetry-prom-cert-file=/c"}, base...), wantErr: "needs all of"},
 		{name: "check-proxy-health alone", args: []string{"-check-proxy-health"},
 			check: func(t *testing.T, _ runConfig, dp dataplaneConfig) {
 				if !dp.CheckProxyHealth {

@@ -102,4 +102,19 @@ func (l *lifecycle) start(cfg runConfig, ready func() error, log hclog.Logger) (
 	return a, nil
 }
 
+// startReady serves GET /ready alone on cfg.ReadyAddr (nil, nil when
+// unset). It opens with the admin listener, so the kubelet sees "not
+// ready" rather than a refused connection while ferry starts.
+func startReady(cfg runConfig, ready func() error, log hclog.Logger) (*proxy.Admin, error) {
+	if cfg.ReadyAddr == "" {
+		return nil, nil
+	}
+	a, err := proxy.StartAdmin(cfg.ReadyAddr, proxy.ReadyHandler(ready), log)
+	if err != nil {
+		return nil, fmt.Errorf("readiness listener: %w", err)
+	}
+	log.Info("readiness listening", "addr", a.Addr(), "path", "/ready")
+	return a, nil
+}
+
 func joinHostPort(host string, port int) string { return net.JoinHostPort(host, strconv.Itoa(port)) }

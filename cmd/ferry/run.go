@@ -2,18 +2,14 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/ferrymesh/ferry/dns"
 	"github.com/ferrymesh/ferry/ktls"
 	"github.com/ferrymesh/ferry/proxy"
 	"github.com/ferrymesh/ferry/proxy/consulguard"
@@ -21,60 +17,6 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 )
-
-// defaultMaxConnections bounds each listener by default: unbounded, a
-// connection flood ends in EMFILE for the whole process (app connections
-// through the outbound listener, DNS, the Consul watches share the fd
-// table). 10,000 established per listener, about 2 fds each, keeps inbound
-// and outbound together within a 65,536 RLIMIT_NOFILE.
-const defaultMaxConnections = 10000
-
-// runConfig is everything `ferry run` needs, from flags and environment.
-type runConfig struct {
-	ProxyID, SidecarFor string
-	HTTPAddr, Token     string
-	Inbound, Outbound   string // listener overrides ("" = from the registration)
-	LocalApp            string
-	AdminAddr           string
-	MaxConnections      int
-	ProxyUID            int
-	ConnectTimeout      time.Duration
-	IdleTimeout         time.Duration
-	DrainTimeout        time.Duration
-	LogLevel            string
-	Permissive          bool
-	HandshakeTimeout    time.Duration
-	LiveRevocation      bool
-	Tunnels             bool
-	KTLS                ktls.Mode
-	VirtualCIDRs        prefixFlag
-	DNSAddr             string
-	DNSRecursors        repeatedFlag
-	ClusterDomain       string
-	ConsulDNSAddr       string
-	ConsulDNSMore       []string // agentless: the servers' DNS
-	DefaultPolicy       string
-	LogJSON             bool
-	// Lifecycle (consul-dataplane's, lifecycle.go): the shutdown grace
-	// period (inbound closed, outbound serving) before the drain, the
-	// lifecycle listener ("" = none) and its paths.
-	ShutdownGracePeriod  time.Duration
-	StartupGracePeriod   time.Duration
-	GracefulAddr         string
-	GracefulShutdownPath string
-	GracefulStartupPath  string
-	CheckProxyHealth     bool
-	// Merged metrics on the registration's envoy_prometheus_bind_addr
-	// (consul-dataplane's -telemetry-prom-*).
-	PromScrapePath        string
-	PromServiceMetricsURL string
-	// Agentless, when set, talks to Consul servers instead of a local
-	// agent (the consul-dataplane command line, dataplane.go).
-	Agentless *agentlessConfig
-
-	// kernelTLS is -ktls as decided at start (decideKTLS).
-	kernelTLS proxy.KTLS
-}
 
 // decideKTLS runs the start-up kernel TLS check for -ktls and says once
 // what it found. -ktls=required fails here when the kernel cannot.
@@ -92,96 +34,6 @@ func decideKTLS(ctx context.Context, cfg runConfig, log hclog.Logger) (proxy.KTL
 		log.Info("kernel TLS available: offered to and accepted from ferry peers", "ktls", cfg.KTLS)
 	}
 	return proxy.KTLS{Use: use, Required: cfg.KTLS == ktls.Required}, nil
-}
-
-func parseRunFlags(args []string, stderr io.Writer) (runConfig, error) {
-	var c runConfig
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	addRunFlags(fs, &c)
-	// The consul-dataplane command line has its own spelling of these.
-	fs.DurationVar(&c.ShutdownGracePeriod, "shutdown-grace-period", 0, "on SIGTERM or the lifecycle shutdown path, close the inbound listener at once but keep outbound serving this long, then drain for -drain-timeout (consul-dataplane's -shutdown-grace-period-seconds)")
-	fs.DurationVar(&c.StartupGracePeriod, "startup-grace-period", 0, "how long the lifecycle startup path waits for ready")
-	fs.StringVar(&c.GracefulAddr, "graceful-addr", "", "lifecycle HTTP address (e.g. 127.0.0.1:20600) serving -graceful-shutdown-path and -graceful-startup-path (empty disables)")
-	fs.StringVar(&c.GracefulShutdownPath, "graceful-shutdown-path", "/graceful_shutdown", "lifecycle path that starts the graceful shutdown")
-	fs.StringVar(&c.GracefulStartupPath, "graceful-startup-path", "/graceful_startup", "lifecycle path that answers once ready (or 503 after -startup-grace-period)")
-	fs.BoolVar(&c.CheckProxyHealth, "check-proxy-health", false, "GET the admin /ready of a running ferry (-admin-addr, 3 s timeout) and exit 0 only if it is ready")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return c, &exitError{code: 0, err: errHelp}
-		}
-		return c, &exitError{code: 2, err: err}
-	}
-	switch {
-	case fs.NArg() > 0:
-		return c, usageError("run: unexpected arguments %q", fs.Args())
-	case c.CheckProxyHealth:
-		return c, nil // the injector's startupProbe: only -admin-addr matters
-	case c.ProxyID == "" && c.SidecarFor == "":
-		return c, usageError("run: one of -proxy-id or -sidecar-for is required")
-	case c.ProxyID != "" && c.SidecarFor != "":
-		return c, usageError("run: -proxy-id and -sidecar-for are mutually exclusive")
-	}
-	return c, validateRunConfig(c)
-}
-
-// addRunFlags defines ferry run's own flags on fs (shared with the
-// consul-dataplane command line).
-func addRunFlags(fs *flag.FlagSet, c *runConfig) {
-	fs.StringVar(&c.ProxyID, "proxy-id", os.Getenv("CONNECT_PROXY_ID"), "ID of the proxy's registration with the local agent (env CONNECT_PROXY_ID)")
-	fs.StringVar(&c.SidecarFor, "sidecar-for", os.Getenv("CONNECT_SIDECAR_FOR"), "ID of the service whose sidecar this is; finds the one connect-proxy for it (env CONNECT_SIDECAR_FOR)")
-	fs.StringVar(&c.HTTPAddr, "http-addr", "", "Consul agent HTTP address (default: env CONSUL_HTTP_ADDR, else 127.0.0.1:8500)")
-	fs.StringVar(&c.Token, "token", "", "Consul ACL token (default: env CONSUL_HTTP_TOKEN)")
-	fs.StringVar(&c.Inbound, "inbound-addr", "", "inbound listen address (default: 0.0.0.0:<bind_port or proxy port>)")
-	fs.StringVar(&c.Outbound, "outbound-addr", "", "outbound listen address (default: 127.0.0.1:<OutboundListenerPort or 15001>); on a loopback address, the other family's loopback ([::1] or 127.0.0.1) at the same port is bound too, where the pod has IPv6")
-	fs.StringVar(&c.LocalApp, "local-app", "", "local application address (default: <LocalServiceAddress or 127.0.0.1>:<LocalServicePort>)")
-	fs.StringVar(&c.AdminAddr, "admin-addr", "127.0.0.1:19000", "admin HTTP address (/ready, /metrics)")
-	fs.IntVar(&c.MaxConnections, "max-connections", defaultMaxConnections, "per-listener cap on established connections; new ones past it are reset (0 = no cap). Inbound connections still in their handshake do not count: they have their own budget (a tenth of the cap, 16 to 256; 32 per source IP, per /64 for IPv6; the oldest is reset past it)")
-	fs.IntVar(&c.ProxyUID, "proxy-uid", 5995, "UID the redirect rules exempt (ferry redirect -proxy-uid); ferry warns at start when it runs as another, whose own connections would loop")
-	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", proxy.DefaultConnectTimeout, "upstream and local-app connect timeout")
-	fs.DurationVar(&c.IdleTimeout, "idle-timeout", proxy.DefaultIdleTimeout, "close a connection after this long without traffic in either direction (0 = never)")
-	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM/SIGINT, how long established connections may finish")
-	fs.StringVar(&c.LogLevel, "log-level", "info", "trace, debug, info, warn or error")
-	fs.BoolVar(&c.Permissive, "permissive", false, "let inbound clients that do not speak TLS through to the app (Consul's permissive MutualTLSMode); default: refuse them")
-	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "inbound TLS handshake deadline")
-	fs.BoolVar(&c.LiveRevocation, "live-revocation", true, "close established inbound connections whose source an intention change denies")
-	fs.BoolVar(&c.Tunnels, "tunnels", true, "between ferry sidecars, carry connections one after another over reused mTLS sessions (negotiated by ALPN; other peers are unaffected)")
-	fs.Func("ktls", "kernel TLS on mTLS sessions between ferry sidecars: auto (when the node's kernel has the tls module), off, or required (refuse to start without it, and refuse sessions that cannot use it). Negotiated by ALPN, for tunnel sessions and for one-connection sessions (-tunnels=false); other peers are unaffected (default auto)", func(v string) error {
-		m, err := ktls.ParseMode(v)
-		if err != nil {
-			return err
-		}
-		c.KTLS = m
-		return nil
-	})
-	fs.Var(&c.VirtualCIDRs, "virtual-cidr", "CIDR in which a service's `virtual` tagged address (its Kubernetes ClusterIP) is honoured, repeatable, e.g. the cluster's service range 10.96.0.0/12 (default: any address)")
-	fs.StringVar(&c.DNSAddr, "dns-addr", dns.DefaultAddr, "DNS server address, UDP and TCP (empty disables); on a loopback address, the other family's loopback at the same port is bound too, where the pod has IPv6")
-	fs.Var(&c.DNSRecursors, "dns-recursor", "DNS recursor IP[:port] for names outside the mesh, repeatable (default: the nameservers of /etc/resolv.conf except ferry itself: with -dns-addr on loopback or a wildcard, every loopback nameserver, which the DNS redirect sends back to ferry)")
-	fs.StringVar(&c.ClusterDomain, "cluster-domain", dns.DefaultClusterDomain, "Kubernetes cluster domain (<svc>.<ns>.svc.<domain> names)")
-	fs.StringVar(&c.ConsulDNSAddr, "consul-dns-addr", "", "Consul agent DNS address for .consul names the sidecar does not answer itself (SRV, TXT, ...); default: the recursors")
-	fs.StringVar(&c.DefaultPolicy, "default-intention-policy", "", "allow or deny: the decision when no intention matches (default: the agent's default_intention_policy, else its ACL default policy, else deny)")
-}
-
-// validateRunConfig checks the values shared by both command lines.
-func validateRunConfig(c runConfig) error {
-	switch {
-	case c.MaxConnections < 0:
-		return usageError("run: -max-connections must be >= 0")
-	case c.ProxyUID < 0:
-		return usageError("run: -proxy-uid must be >= 0")
-	case c.ConnectTimeout <= 0:
-		return usageError("run: -connect-timeout must be > 0")
-	case c.HandshakeTimeout <= 0:
-		return usageError("run: -handshake-timeout must be > 0")
-	case c.IdleTimeout < 0 || c.DrainTimeout < 0 || c.ShutdownGracePeriod < 0 || c.StartupGracePeriod < 0:
-		return usageError("run: timeouts must be >= 0")
-	case hclog.LevelFromString(c.LogLevel) == hclog.NoLevel:
-		return usageError("run: unknown -log-level %q", c.LogLevel)
-	}
-	if _, err := intentions.ParsePolicy(c.DefaultPolicy); err != nil {
-		return usageError("run: -default-intention-policy: %v", err)
-	}
-	return nil
 }
 
 func runRun(args []string, stdout, stderr io.Writer) error {
@@ -245,6 +97,13 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 		}
 		defer admin.Close()
 		log.Info("admin listening", "addr", admin.Addr())
+		rd, err := startReady(cfg, late.Ready, log.Named("ready"))
+		if err != nil {
+			return fmt.Errorf("run: %w", err)
+		}
+		if rd != nil {
+			defer rd.Close()
+		}
 		// The lifecycle listener too: a native sidecar's startup hook
 		// sees "not ready" rather than a refused connection, and
 		// /graceful_shutdown ends a login that does not succeed.
@@ -325,6 +184,10 @@ func agentClient(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) (*api.C
 func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.Client, reg proxy.Registration, id string, late *lateAdmin, lc *lifecycle) error {
 	log = log.With("proxy_id", id)
 
+	promTLS, err := promTLSConfig(cfg, log.Named("metrics"))
+	if err != nil {
+		return fmt.Errorf("run: %w", err)
+	}
 	sc, err := proxy.StartSidecar(proxy.SidecarConfig{
 		Client:       client,
 		ProxyID:      id,
@@ -346,6 +209,7 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 		DefaultIntentionPolicy: intentions.Policy(cfg.DefaultPolicy),
 		PromScrapePath:         cfg.PromScrapePath,
 		PromServiceMetricsURL:  cfg.PromServiceMetricsURL,
+		PromTLS:                promTLS,
 	})
 	if err != nil {
 		return fmt.Errorf("run: %w", err)
@@ -370,6 +234,14 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 		}
 		defer admin.Close()
 		log.Info("admin listening", "addr", admin.Addr())
+		rd, err := startReady(cfg, p.Ready, log.Named("ready"))
+		if err != nil {
+			sc.Shutdown(canceledContext())
+			return fmt.Errorf("run: %w", err)
+		}
+		if rd != nil {
+			defer rd.Close()
+		}
 	}
 
 	lca, err := lc.start(cfg, p.Ready, log.Named("lifecycle"))
@@ -429,29 +301,6 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 	if runErr != nil {
 		return fmt.Errorf("run: %w", runErr)
 	}
-	return nil
-}
-
-// prefixFlag is a repeatable CIDR flag.
-type prefixFlag []netip.Prefix
-
-func (l *prefixFlag) String() string {
-	if l == nil {
-		return ""
-	}
-	out := make([]string, len(*l))
-	for i, p := range *l {
-		out[i] = p.String()
-	}
-	return strings.Join(out, ",")
-}
-
-func (l *prefixFlag) Set(v string) error {
-	p, err := netip.ParsePrefix(strings.TrimSpace(v))
-	if err != nil {
-		return fmt.Errorf("not a CIDR: %w", err)
-	}
-	*l = append(*l, p.Masked())
 	return nil
 }
 

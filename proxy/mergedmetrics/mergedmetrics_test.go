@@ -8,7 +8,9 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/ferrymesh/ferry/internal/testkit"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 )
@@ -26,7 +28,7 @@ func TestMergedScrape(t *testing.T) {
 		io.WriteString(w, "# TYPE app_requests_total counter\napp_requests_total{code=\"200\"} 7\n# TYPE ferry_connections_total counter\nferry_connections_total{direction=\"app\"} 1")
 	}))
 	t.Cleanup(app.Close)
-	s := NewServer("/metrics", Config{Own: func(w io.Writer) { io.WriteString(w, own) }, ServiceURL: app.URL + "/metrics"}, nil)
+	s := NewServer("/metrics", Config{Own: func(w io.Writer) { io.WriteString(w, own) }, ServiceURL: app.URL + "/metrics"}, nil, nil)
 	t.Cleanup(func() { s.Close() })
 	if err := s.Apply("127.0.0.1:0"); err != nil {
 		t.Fatal(err)
@@ -99,5 +101,36 @@ func TestMergedScrapeBadAppPage(t *testing.T) {
 	h.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	if rec.Code != 200 || !strings.Contains(rec.Body.String(), `ferry_connections_total{direction="inbound"} 3`) {
 		t.Fatalf("own only: %d %s", rec.Code, rec.Body.String())
+	}
+}
+
+// TestMergedScrapeTLS: with a TLS config the listener serves HTTPS only;
+// a plain HTTP scrape gets no page.
+func TestMergedScrapeTLS(t *testing.T) {
+	srvTLS, cliTLS := testkit.SelfSignedTLS(t)
+	s := NewServer("/metrics", Config{Own: func(w io.Writer) { io.WriteString(w, own) }}, srvTLS, nil)
+	t.Cleanup(func() { s.Close() })
+	if err := s.Apply("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	tr := &http.Transport{TLSClientConfig: cliTLS}
+	t.Cleanup(tr.CloseIdleConnections)
+	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	resp, err := c.Get(fmt.Sprintf("https://%s/metrics", s.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "ferry_connections_total") {
+		t.Fatalf("HTTPS scrape: %d %s", resp.StatusCode, body)
+	}
+	plain := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	if resp, err := plain.Get(fmt.Sprintf("http://%s/metrics", s.Addr())); err == nil {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if strings.Contains(string(b), "ferry_connections_total") {
+			t.Fatalf("plain HTTP scrape served the page: %d", resp.StatusCode)
+		}
 	}
 }

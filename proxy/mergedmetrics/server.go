@@ -1,6 +1,7 @@
 package mergedmetrics
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -17,6 +18,7 @@ type Server struct {
 	path string
 	h    http.Handler
 	log  hclog.Logger
+	tls  *tls.Config
 
 	mu     sync.Mutex
 	closed bool
@@ -26,15 +28,16 @@ type Server struct {
 	done   chan struct{}
 }
 
-// NewServer returns a Server listening nowhere until Apply.
-func NewServer(path string, cfg Config, log hclog.Logger) *Server {
+// NewServer returns a Server listening nowhere until Apply; with tlsCfg
+// it serves HTTPS only (consul-dataplane's -telemetry-prom-cert-file).
+func NewServer(path string, cfg Config, tlsCfg *tls.Config, log hclog.Logger) *Server {
 	if path == "" {
 		path = "/metrics"
 	}
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Server{path: path, h: Handler(cfg), log: log}
+	return &Server{path: path, h: Handler(cfg), log: log, tls: tlsCfg}
 }
 
 // Apply listens on addr ("" stops listening).
@@ -56,6 +59,9 @@ func (s *Server) Apply(addr string) error {
 	if err != nil {
 		return fmt.Errorf("merged metrics: listen %s: %w", addr, err)
 	}
+	if s.tls != nil {
+		ln = tls.NewListener(ln, s.tls)
+	}
 	mux := http.NewServeMux()
 	mux.Handle("GET "+s.path, s.h)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
@@ -68,7 +74,7 @@ func (s *Server) Apply(addr string) error {
 		}
 	}()
 	s.srv, s.ln, s.done = srv, ln, done
-	s.log.Info("merged metrics listening", "addr", ln.Addr(), "path", s.path)
+	s.log.Info("merged metrics listening", "addr", ln.Addr(), "path", s.path, "tls", s.tls != nil)
 	return nil
 }
 

@@ -43,7 +43,7 @@ func TestInjectWebhookKubeAPIServer(t *testing.T) {
 	ferry := testbed.FerryBinary(t)
 	dir := t.TempDir()
 
-	caPEM, certFile, keyFile := webhookCerts(t, dir)
+	caPEM, certFile, keyFile := servingCerts(t, dir, net.IPv4(127, 0, 0, 1))
 	tokenFile := filepath.Join(dir, "token")
 	resolv := filepath.Join(dir, "resolv.conf")
 	writeFile(t, tokenFile, k.Token+"\n")
@@ -204,9 +204,9 @@ func pollUntil(t *testing.T, what string, ok func() bool) {
 	}
 }
 
-// webhookCerts makes a CA (the caBundle) and a serving certificate for
-// 127.0.0.1 signed by it.
-func webhookCerts(t *testing.T, dir string) (caPEM []byte, certFile, keyFile string) {
+// servingCerts makes a CA (the webhook's caBundle) and a serving
+// certificate for ips signed by it, in dir.
+func servingCerts(t *testing.T, dir string, ips ...net.IP) (caPEM []byte, certFile, keyFile string) {
 	t.Helper()
 	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "ferry-inject-e2e-ca"},
@@ -220,7 +220,7 @@ func webhookCerts(t *testing.T, dir string) (caPEM []byte, certFile, keyFile str
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "ferry-inject"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses: ips, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		KeyUsage: x509.KeyUsageDigitalSignature}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 	if err != nil {
