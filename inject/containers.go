@@ -34,6 +34,8 @@ type plan struct {
 	scrapePath                 string
 	serviceMetricsPort         int
 	serviceMetricsPath         string
+	promCAFile, promCAPath     string
+	promCertFile, promKeyFile  string
 	resources                  corev1.ResourceRequirements
 	userVolumes                []corev1.Volume
 	userMounts                 []corev1.VolumeMount
@@ -109,6 +111,9 @@ func resolve(cfg Config, s settings) (*plan, error) {
 	}
 	p.serviceMetricsPort, err = s.port(AnnotationServiceMetricsPort, svcPort, true)
 	errs = append(errs, err)
+	p.promCAFile, p.promCAPath = s.str(AnnotationPrometheusCAFile, ""), s.str(AnnotationPrometheusCAPath, "")
+	p.promCertFile, p.promKeyFile = s.str(AnnotationPrometheusCertFile, ""), s.str(AnnotationPrometheusKeyFile, "")
+	errs = append(errs, p.checkPromTLS())
 
 	p.resources = *cfg.SidecarResources.DeepCopy()
 	if p.resources.Limits == nil {
@@ -372,6 +377,13 @@ func (p *plan) sidecarArgs() []string {
 		args = append(args, "-telemetry-prom-merge-port="+strconv.Itoa(p.mergedPort),
 			fmt.Sprintf("-telemetry-prom-service-metrics-url=http://127.0.0.1:%d%s", p.serviceMetricsPort, p.serviceMetricsPath))
 	}
+	if p.metrics && p.promCertFile != "" {
+		// consul-k8s's four arguments, but whenever metrics are on:
+		// consul-k8s passes them only with merging, and otherwise
+		// serves the page in the clear although TLS was asked for.
+		args = append(args, "-telemetry-prom-ca-certs-file="+p.promCAFile, "-telemetry-prom-ca-certs-path="+p.promCAPath,
+			"-telemetry-prom-cert-file="+p.promCertFile, "-telemetry-prom-key-file="+p.promKeyFile)
+	}
 	if p.dns {
 		args = append(args, "-consul-dns-bind-port="+strconv.Itoa(dnsBindPort))
 	}
@@ -379,6 +391,23 @@ func (p *plan) sidecarArgs() []string {
 		args = append(append(args, "--"), p.extraArgs...)
 	}
 	return args
+}
+
+// checkPromTLS refuses half a TLS setup for the metrics, with consul-k8s's
+// messages.
+func (p *plan) checkPromTLS() error {
+	if p.promCAFile == "" && p.promCAPath == "" && p.promCertFile == "" && p.promKeyFile == "" {
+		return nil
+	}
+	switch {
+	case p.promCAFile == "" && p.promCAPath == "":
+		return fmt.Errorf("must set one of %q or %q when providing prometheus TLS config", AnnotationPrometheusCAFile, AnnotationPrometheusCAPath)
+	case p.promCertFile == "":
+		return fmt.Errorf("must set %q when providing prometheus TLS config", AnnotationPrometheusCertFile)
+	case p.promKeyFile == "":
+		return fmt.Errorf("must set %q when providing prometheus TLS config", AnnotationPrometheusKeyFile)
+	}
+	return nil
 }
 
 func tokenMount(pod *corev1.Pod) (corev1.VolumeMount, bool) {

@@ -81,6 +81,12 @@ func TestPodRefuses(t *testing.T) {
 			return testPod(map[string]string{AnnotationExcludeOutboundCIDRs: "10.0.0.0/33"})
 		}, "10.0.0.0/33"},
 		{"bad user volumes", func() *corev1.Pod { return testPod(map[string]string{AnnotationUserVolume: "{"}) }, AnnotationUserVolume},
+		{"metrics TLS without a CA", func() *corev1.Pod {
+			return testPod(map[string]string{AnnotationEnableMetrics: "true", AnnotationPrometheusCertFile: "/c", AnnotationPrometheusKeyFile: "/k"})
+		}, "must set one of"},
+		{"metrics TLS without a key", func() *corev1.Pod {
+			return testPod(map[string]string{AnnotationEnableMetrics: "true", AnnotationPrometheusCAFile: "/ca", AnnotationPrometheusCertFile: "/c"})
+		}, AnnotationPrometheusKeyFile},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -337,5 +343,40 @@ func TestPodServiceNamePortsNotJudged(t *testing.T) {
 	}
 	if _, _, err := Pod(testConfig(), Namespace{Name: "ns"}, testPod(map[string]string{AnnotationExcludeOutboundPorts: "http:1x"})); err == nil {
 		t.Error("a malformed range end was not refused")
+	}
+}
+
+// TestPodMetricsTLS: the prometheus-{ca-file,ca-path,cert-file,key-file}
+// annotations become consul-k8s's four arguments whenever metrics are on
+// (consul-k8s: only with merging), and nothing without metrics.
+func TestPodMetricsTLS(t *testing.T) {
+	tlsAnn := map[string]string{AnnotationPrometheusCAFile: "/certs/ca.pem", AnnotationPrometheusCertFile: "/certs/tls.crt", AnnotationPrometheusKeyFile: "/certs/tls.key"}
+	want := "-telemetry-prom-ca-certs-file=/certs/ca.pem -telemetry-prom-ca-certs-path= -telemetry-prom-cert-file=/certs/tls.crt -telemetry-prom-key-file=/certs/tls.key"
+	for _, c := range []struct {
+		name    string
+		metrics map[string]string
+		want    bool
+	}{
+		{"metrics and merging", map[string]string{AnnotationEnableMetrics: "true", AnnotationEnableMetricsMerging: "true"}, true},
+		{"metrics alone", map[string]string{AnnotationEnableMetrics: "true"}, true},
+		{"no metrics", nil, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ann := map[string]string{}
+			for k, v := range tlsAnn {
+				ann[k] = v
+			}
+			for k, v := range c.metrics {
+				ann[k] = v
+			}
+			out, _, err := Pod(testConfig(), Namespace{Name: "ns"}, testPod(ann))
+			if err != nil {
+				t.Fatal(err)
+			}
+			args := strings.Join(container(t, out.Spec.Containers, sidecarName).Args, " ")
+			if got := strings.Contains(args, want); got != c.want {
+				t.Errorf("args %q: TLS arguments present %v, want %v", args, got, c.want)
+			}
+		})
 	}
 }

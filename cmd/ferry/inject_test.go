@@ -7,7 +7,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ferrymesh/ferry/inject"
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -117,5 +120,73 @@ func TestInjectDeployManifestFlags(t *testing.T) {
 	fs := newInjectFlagSet(&f, io.Discard)
 	if err := fs.Parse(command[2:]); err != nil || fs.NArg() != 0 || !f.webhook {
 		t.Fatalf("parse %q: %v (args %q)", command[2:], err, fs.Args())
+	}
+}
+
+// TestInjectedSidecarArgsParse: the sidecar ferry inject writes runs
+// `/ferry run` with consul-dataplane's arguments and environment; with
+// every sidecar annotation that changes them, ferry parses them into what
+// the annotations asked (the readiness listener on the pod IP, TLS on the
+// merged metrics, lifecycle, DNS).
+func TestInjectedSidecarArgsParse(t *testing.T) {
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "ns", Annotations: map[string]string{
+			inject.AnnotationInject:               "true",
+			inject.AnnotationUseProxyHealthCheck:  "true",
+			inject.AnnotationEnableMetrics:        "true",
+			inject.AnnotationEnableMetricsMerging: "true",
+			inject.AnnotationPrometheusCAPath:     "/certs/cas",
+			inject.AnnotationPrometheusCertFile:   "/certs/tls.crt",
+			inject.AnnotationPrometheusKeyFile:    "/certs/tls.key",
+		}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app",
+			Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}},
+	}
+	cfg := inject.DefaultConfig()
+	cfg.DNS.Nameservers = []string{"10.96.0.10"}
+	out, _, err := inject.Pod(cfg, inject.Namespace{Name: "ns"}, pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sc *corev1.Container
+	for i, c := range out.Spec.Containers {
+		if c.Name == "consul-dataplane" {
+			sc = &out.Spec.Containers[i]
+		}
+	}
+	if sc == nil {
+		t.Fatal("no sidecar")
+	}
+	// The kubelet's environment: field references resolved.
+	env := map[string]string{}
+	for _, e := range sc.Env {
+		switch {
+		case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.podIP":
+			env[e.Name] = "198.18.0.5"
+		case e.ValueFrom != nil:
+			env[e.Name] = "x"
+		default:
+			env[e.Name] = e.Value
+		}
+	}
+	args := sc.Args
+	if len(args) > 0 && args[0] == "run" {
+		args = args[1:]
+	}
+	c, _, err := parseDataplane(args, func(k string) string { return env[k] }, io.Discard)
+	if err != nil {
+		t.Fatalf("parse %q: %v", args, err)
+	}
+	if c.ReadyAddr != "198.18.0.5:21000" {
+		t.Errorf("ready addr %q, want the pod IP's 21000 (the sidecar's readiness probe)", c.ReadyAddr)
+	}
+	if p := sc.ReadinessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Port.IntValue() != 21000 || p.HTTPGet.Path != "/ready" {
+		t.Errorf("readiness probe %+v", sc.ReadinessProbe)
+	}
+	if c.PromCACertsPath != "/certs/cas" || c.PromCertFile != "/certs/tls.crt" || c.PromKeyFile != "/certs/tls.key" {
+		t.Errorf("metrics TLS %q %q %q", c.PromCACertsPath, c.PromCertFile, c.PromKeyFile)
+	}
+	if c.PromServiceMetricsURL != "http://127.0.0.1:8080/metrics" || c.GracefulAddr != "127.0.0.1:20600" || c.DNSAddr != "127.0.0.1:8600" {
+		t.Errorf("service metrics %q, lifecycle %q, DNS %q", c.PromServiceMetricsURL, c.GracefulAddr, c.DNSAddr)
 	}
 }
