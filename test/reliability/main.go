@@ -93,6 +93,7 @@ func harnessMain(args []string) error {
 	conns := fs.Int("conns", 0, "connections of the concurrency scenario (default 1000 quick, 9500 full)")
 	scens := fs.String("scenarios", "", "comma-separated subset: "+strings.Join(allScenarios, ","))
 	tag := fs.String("tag", "", "suffix for the report name")
+	hold := fs.Duration("hold", 0, "how long the slowloris and slow-reader clients are held (default 4s quick, 15s full)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: go run ./test/reliability [flags]   (needs root: it builds network namespaces)\n")
 		fs.PrintDefaults()
@@ -112,6 +113,9 @@ func harnessMain(args []string) error {
 	p := paramsFor(*quick)
 	if *conns > 0 {
 		p.Conns = min(*conns, 9500)
+	}
+	if *hold > 0 {
+		p.Hold = *hold
 	}
 	if *scens != "" {
 		for _, sc := range strings.Split(*scens, ",") {
