@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -53,6 +54,17 @@ func TestExposedPathProbe(t *testing.T) {
 	}
 	if code, _, err := get("http://" + ip + ":20300/other"); err != nil || code != 404 {
 		t.Fatalf("other path on 20300: %d %v, want 404", code, err)
+	}
+	if code, body, err := get("http://" + ip + ":20300/healthz"); err != nil || code != 200 || body != "app GET /healthz?" {
+		t.Fatalf("probe without a query string: %d %q %v", code, body, err)
+	}
+	// The port is plain HTTP: a kubelet speaking TLS to it gets no page.
+	tlsc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
+		DialContext:     tr.DialContext,
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	if resp, err := tlsc.Get("https://" + ip + ":20300/healthz"); err == nil {
+		resp.Body.Close()
+		t.Fatalf("TLS to the exposed port answered: %d", resp.StatusCode)
 	}
 	// The app's own port is redirected to the mTLS inbound: plain HTTP fails.
 	if code, body, err := get(fmt.Sprintf("http://%s:%d/healthz", ip, mtAppPort)); err == nil {
