@@ -102,19 +102,26 @@ func (l *lifecycle) start(cfg runConfig, ready func() error, log hclog.Logger) (
 	return a, nil
 }
 
-// startReady serves GET /ready alone on cfg.ReadyAddr (nil, nil when
-// unset). It opens with the admin listener, so the kubelet sees "not
-// ready" rather than a refused connection while ferry starts.
-func startReady(cfg runConfig, ready func() error, log hclog.Logger) (*proxy.Admin, error) {
-	if cfg.ReadyAddr == "" {
-		return nil, nil
-	}
-	a, err := proxy.StartAdmin(cfg.ReadyAddr, proxy.ReadyHandler(ready), log)
+// startAdmin starts the admin listener (with POST /quitquitquit) and,
+// with -ready-addr, the readiness listener serving GET /ready alone. They
+// open together, so the kubelet sees "not ready" rather than a refused
+// connection while ferry starts. The returned func closes both.
+func startAdmin(cfg runConfig, l *lifecycle, ready func() error, metrics proxy.Collector, log hclog.Logger) (func(), error) {
+	admin, err := proxy.StartAdmin(cfg.AdminAddr, l.admin(proxy.AdminHandler(ready, metrics)), log.Named("admin"))
 	if err != nil {
+		return nil, err
+	}
+	log.Info("admin listening", "addr", admin.Addr())
+	if cfg.ReadyAddr == "" {
+		return func() { admin.Close() }, nil
+	}
+	rd, err := proxy.StartAdmin(cfg.ReadyAddr, proxy.ReadyHandler(ready), log.Named("ready"))
+	if err != nil {
+		admin.Close()
 		return nil, fmt.Errorf("readiness listener: %w", err)
 	}
-	log.Info("readiness listening", "addr", a.Addr(), "path", "/ready")
-	return a, nil
+	log.Info("readiness listening", "addr", rd.Addr(), "path", "/ready")
+	return func() { rd.Close(); admin.Close() }, nil
 }
 
 func joinHostPort(host string, port int) string { return net.JoinHostPort(host, strconv.Itoa(port)) }

@@ -91,19 +91,11 @@ func runProxy(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal) error {
 			return fmt.Errorf("run: %w", err)
 		}
 		late = &lateAdmin{pre: srv.readyErr, extra: srv}
-		admin, err := proxy.StartAdmin(cfg.AdminAddr, lc.admin(proxy.AdminHandler(late.Ready, late)), log.Named("admin"))
+		closeAdmin, err := startAdmin(cfg, lc, late.Ready, late, log)
 		if err != nil {
 			return fmt.Errorf("run: %w", err)
 		}
-		defer admin.Close()
-		log.Info("admin listening", "addr", admin.Addr())
-		rd, err := startReady(cfg, late.Ready, log.Named("ready"))
-		if err != nil {
-			return fmt.Errorf("run: %w", err)
-		}
-		if rd != nil {
-			defer rd.Close()
-		}
+		defer closeAdmin()
 		// The lifecycle listener too: a native sidecar's startup hook
 		// sees "not ready" rather than a refused connection, and
 		// /graceful_shutdown ends a login that does not succeed.
@@ -227,21 +219,12 @@ func serve(cfg runConfig, log hclog.Logger, sigs <-chan os.Signal, client *api.C
 	if late != nil {
 		late.set(p)
 	} else {
-		admin, err := proxy.StartAdmin(cfg.AdminAddr, lc.admin(proxy.AdminHandler(p.Ready, p.Metrics().Set)), log.Named("admin"))
+		closeAdmin, err := startAdmin(cfg, lc, p.Ready, p.Metrics().Set, log)
 		if err != nil {
 			sc.Shutdown(canceledContext())
 			return fmt.Errorf("run: %w", err)
 		}
-		defer admin.Close()
-		log.Info("admin listening", "addr", admin.Addr())
-		rd, err := startReady(cfg, p.Ready, log.Named("ready"))
-		if err != nil {
-			sc.Shutdown(canceledContext())
-			return fmt.Errorf("run: %w", err)
-		}
-		if rd != nil {
-			defer rd.Close()
-		}
+		defer closeAdmin()
 	}
 
 	lca, err := lc.start(cfg, p.Ready, log.Named("lifecycle"))
