@@ -1,76 +1,18 @@
 package certfile
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/ferrymesh/ferry/internal/testkit"
 )
 
-// ca is a test CA that signs leaves.
-type ca struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newCA(t *testing.T, cn string) *ca {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &ca{cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// leaf returns a certificate for 127.0.0.1 signed by c.
-func (c *ca) leaf(t *testing.T, serial int64) tls.Certificate {
-	t.Helper()
-	certPEM, keyPEM := c.leafPEM(t, serial)
-	cert, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert
-}
-
-func (c *ca) leafPEM(t *testing.T, serial int64) (certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: "leaf"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
-}
+var localhost = net.IPv4(127, 0, 0, 1)
 
 // writeAt writes b to path with modification time mod, so a rewrite within
 // the file system's timestamp granularity is still seen as a change.
@@ -136,17 +78,17 @@ func dial(addr string, roots *x509.CertPool, certs ...tls.Certificate) (serial i
 // handshake, and the server certificate rotates in place.
 func TestServerConfigClientCertificates(t *testing.T) {
 	dir := t.TempDir()
-	serverCA, clientCA, otherCA := newCA(t, "server ca"), newCA(t, "client ca"), newCA(t, "other ca")
+	serverCA, clientCA, otherCA := testkit.NewCA(t, "server ca"), testkit.NewCA(t, "client ca"), testkit.NewCA(t, "other ca")
 	cf, kf := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
 	t0 := time.Now().Add(-time.Minute)
-	c1, k1 := serverCA.leafPEM(t, 1)
+	c1, k1 := serverCA.LeafPEM(t, 1, localhost)
 	writeAt(t, cf, c1, t0)
 	writeAt(t, kf, k1, t0)
 	caDir := filepath.Join(dir, "cas")
 	if err := os.Mkdir(caDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	writeAt(t, filepath.Join(caDir, "client.pem"), clientCA.pem, t0)
+	writeAt(t, filepath.Join(caDir, "client.pem"), clientCA.PEM, t0)
 
 	cert := &Reloader{CertFile: cf, KeyFile: kf}
 	cas := &CAPool{Path: caDir}
@@ -158,26 +100,26 @@ func TestServerConfigClientCertificates(t *testing.T) {
 	}
 	addr := serve(t, ServerConfig(cert, cas))
 	roots := x509.NewCertPool()
-	roots.AddCert(serverCA.cert)
+	roots.AddCert(serverCA.Cert)
 
 	if s, err := dial(addr, roots); err != nil || s != 1 {
 		t.Errorf("no client certificate: serial %d, %v; want served", s, err)
 	}
-	if _, err := dial(addr, roots, clientCA.leaf(t, 7)); err != nil {
+	if _, err := dial(addr, roots, clientCA.Leaf(t, 7, localhost)); err != nil {
 		t.Errorf("client certificate from the bundle: %v", err)
 	}
-	if _, err := dial(addr, roots, otherCA.leaf(t, 8)); err == nil {
+	if _, err := dial(addr, roots, otherCA.Leaf(t, 8, localhost)); err == nil {
 		t.Errorf("client certificate from another CA was accepted")
 	}
 
 	// The other CA joins the bundle (a new file in the directory).
-	writeAt(t, filepath.Join(caDir, "other.pem"), otherCA.pem, t0.Add(time.Second))
-	if _, err := dial(addr, roots, otherCA.leaf(t, 9)); err != nil {
+	writeAt(t, filepath.Join(caDir, "other.pem"), otherCA.PEM, t0.Add(time.Second))
+	if _, err := dial(addr, roots, otherCA.Leaf(t, 9, localhost)); err != nil {
 		t.Errorf("after the other CA joined the bundle: %v", err)
 	}
 
 	// The server certificate rotates.
-	c2, k2 := serverCA.leafPEM(t, 2)
+	c2, k2 := serverCA.LeafPEM(t, 2, localhost)
 	writeAt(t, cf, c2, t0.Add(10*time.Second))
 	writeAt(t, kf, k2, t0.Add(10*time.Second))
 	if s, err := dial(addr, roots); err != nil || s != 2 {
@@ -198,7 +140,7 @@ func TestCAPoolErrors(t *testing.T) {
 		t.Error("no PEM certificate: no error")
 	}
 	good := filepath.Join(dir, "ca.pem")
-	writeAt(t, good, newCA(t, "ca").pem, time.Now().Add(-time.Minute))
+	writeAt(t, good, testkit.NewCA(t, "ca").PEM, time.Now().Add(-time.Minute))
 	p := &CAPool{Path: good}
 	first, err := p.Pool()
 	if err != nil {

@@ -61,17 +61,14 @@ func TestExposeChecksAgent(t *testing.T) {
 	env := []string{"CONSUL_HTTP_ADDR=http://" + httpAddr}
 
 	var hits atomic.Int64
-	ln := meshListenIn(t, pod, "127.0.0.1:8080")
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	meshServeHTTP(t, pod, "127.0.0.1:8080", func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/health" {
 			http.NotFound(w, r)
 			return
 		}
 		hits.Add(1)
 		fmt.Fprint(w, "ok")
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
+	})
 
 	ip := pod.IP.String()
 	if err := client.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "web1", Name: "web", Port: 8080, Address: ip,

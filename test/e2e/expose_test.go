@@ -26,12 +26,9 @@ func TestExposedPathProbe(t *testing.T) {
 	kubelet := tb.AddPod(t, "kubelet")
 	r := tb.Register(t, testbed.Service{Name: "app", Pod: app, Port: mtAppPort,
 		Expose: api.ExposeConfig{Paths: []api.ExposePath{{ListenerPort: 20300, Path: "/healthz", LocalPathPort: mtAppPort}}}})
-	ln := meshListenIn(t, app, fmt.Sprintf(":%d", mtAppPort))
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	meshServeHTTP(t, app, fmt.Sprintf(":%d", mtAppPort), func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "app %s %s?%s", r.Method, r.URL.Path, r.URL.RawQuery)
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
+	})
 	meshSidecar(t, app, r.ProxyID)
 
 	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
@@ -72,6 +69,15 @@ func TestExposedPathProbe(t *testing.T) {
 	} else if strings.Contains(body, "app ") {
 		t.Fatal("reached the app")
 	}
+}
+
+// meshServeHTTP serves h on addr inside pod's network namespace (the
+// app of a test) until the test ends.
+func meshServeHTTP(t *testing.T, pod *testbed.Pod, addr string, h http.HandlerFunc) {
+	t.Helper()
+	srv := &http.Server{Handler: h}
+	go srv.Serve(meshListenIn(t, pod, addr))
+	t.Cleanup(func() { srv.Close() })
 }
 
 // meshListenIn opens a TCP listener inside pod's network namespace; it

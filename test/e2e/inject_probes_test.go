@@ -121,12 +121,9 @@ func TestInjectedProbesPass(t *testing.T) {
 
 	// The app answers its probes on both of its ports.
 	for _, port := range []int{8080, 9090} {
-		ln := meshListenIn(t, pod, fmt.Sprintf(":%d", port))
-		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		meshServeHTTP(t, pod, fmt.Sprintf(":%d", port), func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "app :%d %s %s", port, r.URL.Path, r.Header.Get("X-Probe"))
-		})}
-		go srv.Serve(ln)
-		t.Cleanup(func() { srv.Close() })
+		})
 	}
 	meshRestart(t, t, pod, r.ProxyID)
 

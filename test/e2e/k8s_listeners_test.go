@@ -36,12 +36,9 @@ func TestMergedMetricsTLSAndReadiness(t *testing.T) {
 
 	// The app's own metrics, which consul-k8s points
 	// -telemetry-prom-service-metrics-url at.
-	ln := meshListenIn(t, pod, "127.0.0.1:9102")
-	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	meshServeHTTP(t, pod, "127.0.0.1:9102", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "# TYPE app_requests_total counter\napp_requests_total{code=\"200\"} 7\n")
-	})}
-	go app.Serve(ln)
-	t.Cleanup(func() { app.Close() })
+	})
 
 	// The certificate ferry serves (for the pod IP) and the CA bundle a
 	// scraper's certificate is checked against, readable by UID 5995.
